@@ -1,0 +1,57 @@
+"""`largebatch` command line: one entry point, one module per sub-command.
+
+Each sub-command lives in its own module, which defines ``add_arguments(parser)`` and
+``run(args) -> int``. Modules are imported lazily so that ``largebatch --help`` is fast
+and a sub-command's heavy imports are paid only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("largebatch.demo", "train a small model on offline data with every optimizer and print a table"),
+    "groups": ("largebatch.optim.groups", "print which parameter gets which optimizer treatment"),
+    "train": ("largebatch.train.cli", "train a classifier (config file and/or flags)"),
+    "plot": ("largebatch.train.plot", "plot one or more run directories"),
+    "explosion": ("largebatch.analysis.cli", "gradient-explosion analysis of normalized networks (seed 003)"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    found = {}
+    for name, (module, help_) in COMMANDS.items():
+        try:
+            spec = importlib.util.find_spec(module)
+        except ModuleNotFoundError:  # parent package not installed
+            spec = None
+        if spec is not None:
+            found[name] = (module, help_)
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="largebatch", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in _available().items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
