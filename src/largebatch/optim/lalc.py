@@ -1,0 +1,77 @@
+"""LALC, layer-wise asymmetric learning-rate clipping (seed 003 Alg. 3 and Fig. 6).
+
+SPEC "LALC"::
+
+    d     = g + wd * w
+    buf   = momentum * buf + (1 - dampening) * d      # buf starts as d (torch.optim.SGD convention)
+    h     = buf                                       # nesterov: h = d + momentum * buf
+    local = eta * ||w|| / (||h|| + eps)
+    lr_k  = min(lr_t, local) if ||w|| * ||h|| > 0 else lr_t   # adapted tensors; lr_t otherwise
+    w     = w - lr_k * h
+
+The norm is that of the processed update ``h``, not of ``g`` (as the paper says). LALC never
+amplifies: ``lr_k <= lr_t``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._engine import LayerwiseOptimizer, check_nonneg, check_unit
+
+__all__ = ["LALC"]
+
+
+class LALC(LayerwiseOptimizer):
+    """Layer-wise asymmetric learning-rate clipping on top of ``torch.optim.SGD``'s direction.
+
+    Args:
+        lr: learning rate ``lr_t`` (the cap; LALC only ever lowers it).
+        momentum: SGD momentum (default 0.9).
+        eta: trust coefficient (default 0.01).
+        dampening: SGD dampening in [0, 1] (default 0).
+        nesterov: SGD's Nesterov direction ``h = d + momentum * buf``.
+        eps: added to ``||h||`` (default 1e-8).
+        weight_decay, adapt, path: as in :class:`~largebatch.optim.LARS`.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 0.01, dampening: float = 0.0,
+                 nesterov: bool = False, eps: float = 1e-8, weight_decay: float = 0.0, adapt: bool = True,
+                 path: str | None = None):
+        defaults = dict(lr=lr, momentum=momentum, eta=eta, dampening=dampening, nesterov=nesterov,
+                        eps=eps, weight_decay=weight_decay, adapt=adapt)
+        super().__init__(params, defaults, path=path)
+
+    def _validate_hparams(self, g):
+        check_unit("momentum", g["momentum"])
+        check_nonneg("eta", g["eta"])
+        check_unit("dampening", g["dampening"], closed=True)
+        check_nonneg("eps", g["eps"])
+        if g["nesterov"] and (g["momentum"] == 0 or g["dampening"] != 0):
+            raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
+
+    def _init_state(self, p, group):
+        if group["momentum"] == 0:
+            return {}
+        return {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                "momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    def _update(self, group, w, g, st, w_norm, g_norm, fin, P):
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        h = d = g.add_(w, alpha=wd) if wd != 0 else g     # g is already a private (masked) copy
+        if mu != 0:
+            buf = st["momentum_buffer"]
+            first = P.stack(st["step"]) == 0                # buf is 0 there: buf <- d
+            c = torch.where(fin, torch.where(first, 1.0, 1.0 - group["dampening"]), 0.0)
+            buf.mul_(P.coef(torch.where(fin, mu, 1.0))).addcmul_(d, P.coef(c))
+            st["step"].add_(P.coef(fin.float()))
+            h = d.add_(buf, alpha=mu) if group["nesterov"] else buf
+        if group["adapt"]:
+            h_norm = P.norm(h)
+            local = group["eta"] * w_norm / (h_norm + group["eps"])
+            lr_k = torch.where(w_norm * h_norm > 0, torch.clamp(local, max=lr), lr)
+        else:
+            lr_k = torch.full_like(g_norm, lr)
+        w.addcmul_(h, P.coef(torch.where(fin, -lr_k, 0.0)))
+        trust = lr_k / lr if lr > 0 else torch.ones_like(lr_k)
+        return trust, lr_k

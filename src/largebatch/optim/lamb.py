@@ -1,0 +1,77 @@
+"""LAMB (You et al. 2020, Alg. 2) and its trust-clipped variant LAMBC (Fong et al. 2020).
+
+SPEC "LAMB"::
+
+    m = b1 * m + (1 - b1) * g ;  v = b2 * v + (1 - b2) * g^2
+    r = (m / (1 - b1^(t+1))) / (sqrt(v / (1 - b2^(t+1))) + eps) + wd * w
+    trust = ||w|| / ||r||          # adapted tensors; 1 otherwise; optional clip to [0, max_trust]
+    w = w - lr_t * trust * r
+
+``t + 1`` is the tensor's number of applied updates (``state["step"]``; a step skipped for
+a non-finite gradient does not count). Zero-norm rule: trust = 1 where ``||w|| == 0`` or
+``||r|| == 0``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._engine import LayerwiseOptimizer, _check, _is_real, check_nonneg, check_unit, zero_norm_safe_ratio
+
+__all__ = ["LAMB"]
+
+
+class LAMB(LayerwiseOptimizer):
+    """Layer-wise Adaptive Moments for Batch training (SPEC "LAMB").
+
+    Args:
+        lr: learning rate ``lr_t``.
+        betas: ``(b1, b2)``, each in [0, 1) (default (0.9, 0.999)).
+        eps: added to ``sqrt(v_hat)`` (default 1e-6).
+        weight_decay: coupled decay added to the Adam direction ``r`` (default 0).
+        max_trust: clip the trust ratio to ``[0, max_trust]`` (default None: no clip;
+            ``max_trust=1`` is LAMBC).
+        adapt, path: as in :class:`~largebatch.optim.LARS`.
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, max_trust: float | None = None, adapt: bool = True,
+                 path: str | None = None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_trust=max_trust, adapt=adapt)
+        super().__init__(params, defaults, path=path)
+
+    def _validate_hparams(self, g):
+        betas = g["betas"]
+        _check("betas", betas, isinstance(betas, (tuple, list)) and len(betas) == 2, "a pair (b1, b2)")
+        check_unit("betas[0]", betas[0])
+        check_unit("betas[1]", betas[1])
+        check_nonneg("eps", g["eps"])
+        mt = g["max_trust"]
+        _check("max_trust", mt, mt is None or (_is_real(mt) and mt > 0), "None or a number > 0")
+
+    def _init_state(self, p, group):
+        z = lambda: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731
+        return {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                "exp_avg": z(), "exp_avg_sq": z()}
+
+    def _update(self, group, w, g, st, w_norm, g_norm, fin, P):
+        (b1, b2), eps, wd, lr = group["betas"], group["eps"], group["weight_decay"], group["lr"]
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        # g is zero where the gradient is non-finite: only the decays need masking.
+        m.mul_(P.coef(torch.where(fin, b1, 1.0))).add_(g, alpha=1 - b1)
+        v.mul_(P.coef(torch.where(fin, b2, 1.0))).addcmul_(g, g, value=1 - b2)
+        st["step"].add_(P.coef(fin.float()))
+        t = P.stack(st["step"]).clamp(min=1)               # a never-updated tensor has m = v = 0
+        r = v.sqrt().mul_(P.coef(torch.rsqrt(1 - b2 ** t))).add_(eps)
+        r = m.div(r).mul_(P.coef(1 / (1 - b1 ** t)))
+        if wd != 0:
+            r.add_(w, alpha=wd)
+        if group["adapt"]:
+            trust = zero_norm_safe_ratio(w_norm, P.norm(r))
+            if group["max_trust"] is not None:
+                trust = trust.clamp(max=group["max_trust"])
+        else:
+            trust = torch.ones_like(g_norm)
+        lr_k = lr * trust
+        w.addcmul_(r, P.coef(torch.where(fin, -lr_k, 0.0)))
+        return trust, lr_k

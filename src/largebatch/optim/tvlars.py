@@ -1,0 +1,79 @@
+"""TVLARS, time-varying LARS (Do et al.; seed 000 Alg. 1 and eq. 8-9, seed 001 Alg. 1).
+
+SPEC "TVLARS"::
+
+    phi(t) = 1 / (alpha + exp(lam * (t - delay))) + gamma_min        # eq. 8
+    trust  = eta * ||w|| / (||g|| + wd * ||w|| + eps)                # adapted tensors; 1 otherwise
+    gamma  = lr_t * phi(t) * trust
+    b      = momentum * b - gamma * d                                # b starts at 0
+    w      = w + momentum * b - gamma * d                            # mNAG (seed 001 Alg. 1)
+
+This is the Nesterov form of seed 001 Alg. 1 written with a velocity; seed 000 Alg. 1's
+``mu (m_{t+1} - w_t)`` is a typo that removes momentum and is not implemented. ``phi``
+multiplies every tensor's learning rate, excluded tensors included; ``t`` counts this
+optimizer's steps from 0 (stored per tensor as ``state["step"]``, so it survives
+``state_dict``); ``delay`` is in optimizer steps.
+
+Differences from the authors' public code (which the project does not follow): it clamps
+both norms to at most 10, hard-codes ``alpha=0.1``, drops ``delay`` and ``gamma_min``, uses
+heavy-ball momentum and trains 1-D tensors with plain SGD at the raw ``lr``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._engine import _check, _is_real, check_nonneg
+from .lars import _TrustMomentum
+
+__all__ = ["TVLARS"]
+
+
+class TVLARS(_TrustMomentum):
+    """Time-varying LARS: LARS with Nesterov momentum whose learning rate is multiplied by
+    the decaying factor ``phi(t)`` of eq. 8 instead of a warm-up (run it with a constant
+    ``lr``; see :func:`largebatch.schedules.tvlars_phi` for ``phi`` on its own).
+
+    Args:
+        lr: target learning rate (Table 1 uses 1..19 with ``eta=1e-3``).
+        momentum: Nesterov momentum ``mu`` (default 0.9; 0 disables momentum).
+        eta: trust coefficient (default 0.001).
+        lam: decay rate ``lambda`` of eq. 8 (default 1e-4; Barlow Twins uses 1e-5), >= 0.
+        alpha: scaling ``alpha`` of eq. 8 (default 1.0), > -1 so that ``phi`` stays finite.
+        delay: ``d_e`` in optimizer steps (default 0), >= 0.
+        gamma_min: lower bound added to ``phi`` (default 0), >= 0.
+        weight_decay, eps, adapt, path: as in :class:`~largebatch.optim.LARS`.
+
+    The stored ``momentum_buffer`` is SPEC's ``b``.
+    """
+
+    _nesterov_only = True
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 1e-3,
+                 lam: float = 1e-4, alpha: float = 1.0, delay: float = 0, gamma_min: float = 0.0,
+                 weight_decay: float = 0.0, eps: float = 0.0, adapt: bool = True,
+                 path: str | None = None):
+        defaults = dict(lr=lr, momentum=momentum, eta=eta, lam=lam, alpha=alpha, delay=delay,
+                        gamma_min=gamma_min, weight_decay=weight_decay, eps=eps, adapt=adapt)
+        super().__init__(params, defaults, path=path)
+
+    def _validate_hparams(self, g):
+        super()._validate_hparams(g)
+        check_nonneg("lam", g["lam"])
+        _check("alpha", g["alpha"], _is_real(g["alpha"]) and g["alpha"] > -1,
+               "a number > -1 (phi = 1/(alpha + exp(...)) must stay finite)")
+        check_nonneg("delay", g["delay"])
+        check_nonneg("gamma_min", g["gamma_min"])
+
+    def _init_state(self, p, group):
+        st = super()._init_state(p, group)
+        st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        return st
+
+    def _time_factor(self, group, st, P):
+        t = P.stack(st["step"])
+        phi = 1.0 / (group["alpha"] + torch.exp(group["lam"] * (t - group["delay"]))) + group["gamma_min"]
+        st["step"].add_(1)
+        return phi
