@@ -1,0 +1,162 @@
+"""``largebatch demo``: every optimizer on one offline dataset at a batch size large for it.
+
+Trains a BatchNorm MLP (3 x 256, ReLU) once per optimizer with the same seed, data order and
+epoch budget, prints a results table (final and best test accuracy, final test loss, seconds)
+and writes the plots of ``largebatch plot`` (curves, LR vs step, per-layer LWN/LGN/LNR) into
+``--out-dir``. Data: Fashion-MNIST when found locally (``/usr/share/datasets/fashion-mnist``
+from Debian's ``dataset-fashion-mnist``, or ``--data-dir``), else scikit-learn's digits; both
+need no network.
+
+The recipes (``RECIPES``) follow the papers' shapes at toy scale: SGD with linear LR scaling and
+warm-up (Goyal et al.), LARS with and without warm-up (You et al.), LAMB with warm-up,
+TVLARS with a constant target LR and its own ``phi(t)`` decay instead of warm-up (seed 000),
+LALC without warm-up (seed 003), CLARS (seed 004) when available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+# Peak LRs are for the default batch (DEFAULT_BATCH below); --batch-size rescales them
+# linearly for SGD/LALC and by the square root for the layer-wise rules.
+RECIPES: dict[str, dict] = {
+    "sgd+warmup": dict(optimizer="sgd", lr=0.1, lr_scaling="linear", warmup=0.15, schedule="cosine"),
+    "lars+warmup": dict(optimizer="lars", lr=4.0, lr_scaling="none", warmup=0.15, schedule="cosine"),
+    "lars": dict(optimizer="lars", lr=4.0, lr_scaling="none", warmup=0.0, schedule="cosine"),
+    "lamb+warmup": dict(optimizer="lamb", lr=0.01, lr_scaling="none", warmup=0.15, schedule="cosine",
+                        weight_decay=0.01),
+    "tvlars": dict(optimizer="tvlars", lr=4.0, lr_scaling="none", warmup=0.0, schedule="none"),
+    "lalc": dict(optimizer="lalc", lr=0.1, lr_scaling="linear", warmup=0.0, schedule="cosine"),
+    "clars": dict(optimizer="clars", lr=4.0, lr_scaling="none", warmup=0.0, schedule="cosine"),
+}
+
+DATASET_DEFAULTS = {  # epochs, global batch
+    "digits": (30, 512),
+    "fashion-mnist": (10, 4096),
+}
+
+
+def available_recipes() -> list[str]:
+    from largebatch import optim
+
+    names = [n for n in RECIPES if n != "clars"]
+    if hasattr(optim, "CLARS"):
+        names.append("clars")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="auto", choices=("auto", "digits", "fashion-mnist"),
+                        help="auto: fashion-mnist when found locally, else digits")
+    parser.add_argument("--data-dir", default=None, help="where to look for fashion-mnist first")
+    parser.add_argument("--out-dir", default="runs/demo", help="output folder (one sub-folder per optimizer)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: 30 digits / 10 fashion-mnist)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="global batch (default: 512 digits, i.e. 1/3 of the training set; 4096 fashion-mnist)")
+    parser.add_argument("--optimizers", default=None,
+                        help=f"comma-separated subset of {', '.join(RECIPES)} (default: all available)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+
+
+def _pick_dataset(name: str, data_dir: str | None) -> str:
+    if name != "auto":
+        return name
+    from largebatch.train.data import find_fashion_mnist
+
+    return "fashion-mnist" if find_fashion_mnist(data_dir) else "digits"
+
+
+def recipe_config(name: str, dataset: str, epochs: int, batch: int, out_dir: str, seed: int, device: str):
+    """The TrainConfig of recipe ``name`` (peak LRs referenced to batch 256 by the scaling rule)."""
+    from largebatch.train.config import TrainConfig
+
+    r = RECIPES[name]
+    kw = dict(optimizer=r["optimizer"], lr=r["lr"], lr_scaling=r["lr_scaling"], base_batch_size=256,
+              schedule=r["schedule"], warmup_epochs=round(r["warmup"] * epochs, 3),
+              weight_decay=r.get("weight_decay", 5e-4))
+    if r["optimizer"] == "tvlars":
+        # seed 000 eq. 8 with the decay sized to this short run: phi(t) = 1/(1 + exp(lam (t - d))),
+        # delay d = 10% of the run (the paper's ablation: 10 of 100 epochs), phi(T) ~ 1e-3 at the end.
+        kw.update(tvlars_delay_epochs=0.1 * epochs, tvlars_lam=None)  # lam set below from T
+    return TrainConfig(dataset=dataset, model="mlp", mlp_depth=3, mlp_width=256, epochs=epochs, batch_size=batch,
+                       out_dir=os.path.join(out_dir, name), seed=seed, device=device, checkpoint=False,
+                       stats_every=1, progress=False, **{k: v for k, v in kw.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    from largebatch.train import data as data_mod
+    from largebatch.train.loop import steps_per_epoch, train
+    from largebatch.train.plot import plot_runs
+
+    dataset = _pick_dataset(args.dataset, args.data_dir)
+    d_epochs, d_batch = DATASET_DEFAULTS[dataset]
+    epochs = args.epochs or d_epochs
+    batch = args.batch_size or d_batch
+    names = available_recipes() if not args.optimizers else [s.strip() for s in args.optimizers.split(",") if s.strip()]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        print(f"largebatch demo: --optimizers: unknown {', '.join(unknown)} (known: {', '.join(RECIPES)})",
+              file=sys.stderr)
+        return 2
+    if "clars" in names and "clars" not in available_recipes():
+        print("largebatch demo: --optimizers: clars is not available in this version", file=sys.stderr)
+        return 2
+    try:
+        ds = data_mod.load(dataset, args.data_dir)
+    except FileNotFoundError as e:
+        print(f"largebatch demo: {e}", file=sys.stderr)
+        return 2
+    try:
+        spe = steps_per_epoch(ds.train_x.shape[0], batch, 1)
+    except ValueError as e:
+        print(f"largebatch demo: {e}", file=sys.stderr)
+        return 2
+    total = epochs * spe
+    print(f"demo: {dataset} ({ds.train_x.shape[0]} train / {ds.test_x.shape[0]} test), BN-MLP 3x256, "
+          f"global batch {batch} ({spe} steps/epoch), {epochs} epochs = {total} steps, seed {args.seed}")
+    results = []
+    dirs = []
+    for name in names:
+        cfg = recipe_config(name, dataset, epochs, batch, args.out_dir, args.seed, args.device)
+        if cfg.optimizer == "tvlars":
+            delay = round(cfg.tvlars_delay_epochs * spe)
+            cfg.tvlars_lam = 7.0 / max(total - delay, 1)  # exp(7) ~ 1100: phi(T) ~ 1e-3
+        if os.path.isdir(cfg.out_dir):
+            shutil.rmtree(cfg.out_dir)
+        t0 = time.perf_counter()
+        res = train(cfg, dataset=ds, log=lambda s: None)
+        dt = time.perf_counter() - t0
+        f = res.final
+        best = max((r["test_acc"] for r in res.history), default=float("nan"))
+        results.append((name, cfg, res.status, f.get("test_acc", float("nan")), best, f.get("test_loss", float("nan")),
+                        f.get("train_loss", float("nan")), dt))
+        dirs.append(cfg.out_dir)
+        print(f"  {name:<12} test acc {100 * f.get('test_acc', float('nan')):6.2f}%  ({dt:.1f} s)"
+              + ("" if res.status == "finished" else f"  [{res.status}]"), flush=True)
+    table = _table(results)
+    print()
+    print(table)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "results.md"), "w") as fh:
+        fh.write(f"{dataset}, BN-MLP 3x256, global batch {batch}, {epochs} epochs ({total} steps), seed {args.seed}\n\n")
+        fh.write(table + "\n")
+    made = plot_runs(dirs, args.out_dir, names)
+    print("\nplots: " + ", ".join(made))
+    return 0
+
+
+def _table(results) -> str:
+    lines = ["| optimizer | peak LR | warm-up epochs | final test acc | best test acc | final test loss | final train loss | time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    from largebatch.train.loop import effective_lr
+
+    for name, cfg, status, acc, best, loss, tloss, dt in results:
+        mark = "" if status == "finished" else f" ({status})"
+        lines.append(f"| {name}{mark} | {effective_lr(cfg):.4g} | {cfg.warmup_epochs:g} | {100 * acc:.2f}% | "
+                     f"{100 * best:.2f}% | {loss:.4f} | {tloss:.4f} | {dt:.1f} |")
+    return "\n".join(lines)

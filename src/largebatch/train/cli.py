@@ -1,0 +1,83 @@
+"""``largebatch train``: flags are generated from :class:`TrainConfig`; ``--config FILE`` gives a
+YAML/TOML/JSON file whose values the flags override. Also runs under
+``torchrun --nproc-per-node N -m largebatch train ...`` (DDP)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from .config import TrainConfig, resolve
+
+
+def _parse_betas(s: str) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers like 0.9,0.999, got {s!r}") from None
+    return a, b
+
+
+def _type_of(annotation: str):
+    t = annotation.replace(" ", "")
+    if t.startswith("bool"):
+        return bool
+    if t.startswith("tuple"):
+        return _parse_betas
+    if t.startswith("int"):
+        return int
+    if t.startswith("float"):
+        return float
+    return str
+
+
+def _none_or(conv):
+    def f(s: str):
+        return None if s.lower() in ("none", "null", "") else conv(s)
+    f.__name__ = getattr(conv, "__name__", "value")
+    return f
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML/TOML/JSON config file (flags override its values)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
+        conv = _type_of(str(f.type))
+        if conv is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_)
+        else:
+            if "None" in str(f.type):
+                conv = _none_or(conv)
+            parser.add_argument(flag, dest=f.name, type=conv, default=argparse.SUPPRESS, help=help_,
+                                metavar=f.name.upper())
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return resolve(getattr(args, "config", None), overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, OSError) as e:
+        print(f"largebatch train: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    from .loop import train
+
+    try:
+        result = train(cfg)
+    except ValueError as e:
+        print(f"largebatch train: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"largebatch train: {e}", file=sys.stderr)
+        return 2
+    if result.status == "nonfinite":
+        return 3
+    return 0

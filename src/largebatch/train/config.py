@@ -1,0 +1,246 @@
+"""Training configuration: one dataclass, filled from defaults, then a YAML/TOML file, then flags.
+
+``resolve(file, overrides)`` is the single entry point; ``TrainConfig.validate()`` rejects a bad
+value before any data or model is touched, with a ``ValueError`` that names the field and the
+accepted range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "tinyimagenet")
+MODELS = ("mlp", "resnet20", "resnet32", "resnet44", "resnet56", "resnet18", "resnet34", "resnet50")
+INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
+OPTIMIZERS = ("sgd", "lars", "lamb", "tvlars", "lalc", "clars")
+SCHEDULES = ("none", "cosine", "poly")
+SCALING = ("none", "linear", "sqrt")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ACTIVATIONS = ("relu", "tanh", "gelu", "silu", "leaky_relu", "identity")
+STEMS = ("cifar", "imagenet")
+METRIC_FORMATS = ("csv", "jsonl")
+
+# Fields that may differ between a run and its --resume continuation.
+RESUME_MUTABLE = ("resume", "stop_after_epochs", "progress", "out_dir", "data_dir", "download", "device")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Field help texts are the CLI help texts."""
+
+    # data
+    dataset: str = field(default="digits", metadata={"help": f"one of {', '.join(DATASETS)}"})
+    data_dir: str | None = field(default=None, metadata={"help": "dataset root (default: per dataset, see docs/training.md)"})
+    download: bool = field(default=False, metadata={"help": "download the dataset with torchvision if absent"})
+    augment: bool | None = field(default=None, metadata={"help": "random crop (pad 4) + flip; default on for cifar/tinyimagenet"})
+    # model
+    model: str = field(default="mlp", metadata={"help": f"one of {', '.join(MODELS)}"})
+    stem: str = field(default="cifar", metadata={"help": "ResNet-18/34/50 stem: cifar (3x3 conv, no max-pool) or imagenet"})
+    init: str = field(default="default", metadata={"help": f"weight init: {', '.join(INITS)}"})
+    mlp_depth: int = field(default=3, metadata={"help": "MLP hidden layers"})
+    mlp_width: int = field(default=256, metadata={"help": "MLP hidden width"})
+    mlp_batchnorm: bool = field(default=True, metadata={"help": "BatchNorm after each hidden Linear"})
+    activation: str = field(default="relu", metadata={"help": f"MLP activation: {', '.join(ACTIVATIONS)}"})
+    sync_bn: bool = field(default=False, metadata={"help": "convert BatchNorm to SyncBatchNorm under DDP"})
+    # optimizer
+    optimizer: str = field(default="lars", metadata={"help": f"one of {', '.join(OPTIMIZERS)}"})
+    lr: float = field(default=0.1, metadata={"help": "base learning rate (before the scaling rule)"})
+    lr_scaling: str = field(default="none", metadata={"help": "none, linear (lr*B/B0) or sqrt (lr*sqrt(B/B0))"})
+    base_batch_size: int = field(default=256, metadata={"help": "B0 of the scaling rule"})
+    momentum: float = field(default=0.9, metadata={"help": "momentum (sgd, lars, tvlars, lalc, clars)"})
+    nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum (sgd, lars, lalc)"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "coupled L2 on weights (not on biases/BN)"})
+    eta: float | None = field(default=None, metadata={"help": "trust coefficient (default: the optimizer's)"})
+    trust_clip: bool = field(default=False, metadata={"help": "LARS: clip trust ratio at 1 (LARC)"})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "LAMB betas, e.g. 0.9,0.999"})
+    eps: float | None = field(default=None, metadata={"help": "denominator epsilon (default: the optimizer's)"})
+    max_trust: float | None = field(default=None, metadata={"help": "LAMB: clip trust ratio to [0, max_trust]"})
+    tvlars_lam: float = field(default=1e-4, metadata={"help": "TVLARS decay coefficient lambda (eq. 8)"})
+    tvlars_alpha: float = field(default=1.0, metadata={"help": "TVLARS alpha (eq. 8)"})
+    tvlars_delay_epochs: float = field(default=0.0, metadata={"help": "TVLARS delay d_e in epochs (converted to steps)"})
+    tvlars_gamma_min: float = field(default=0.0, metadata={"help": "TVLARS lower bound gamma_min"})
+    clars_subset: int | None = field(default=None, metadata={"help": "CLARS: per-sample norms from this many samples"})
+    # schedule
+    schedule: str = field(default="cosine", metadata={"help": "none, cosine (warm-up + cosine) or poly (warm-up + polynomial)"})
+    warmup_epochs: float = field(default=0.0, metadata={"help": "linear warm-up length in epochs"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "final LR / peak LR (cosine min, poly end)"})
+    poly_power: float = field(default=2.0, metadata={"help": "polynomial decay power"})
+    # batch / epochs
+    epochs: int = field(default=10, metadata={"help": "training epochs"})
+    batch_size: int = field(default=512, metadata={"help": "global batch size (micro x accumulation x world size)"})
+    micro_batch_size: int | None = field(default=None, metadata={"help": "per-process micro-batch (default: no accumulation)"})
+    drop_last: bool = field(default=True, metadata={"help": "drop the last incomplete global batch of each epoch"})
+    eval_batch_size: int = field(default=1024, metadata={"help": "evaluation batch size per process"})
+    # run
+    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 (autocast) or fp16 (autocast + GradScaler, CUDA)"})
+    seed: int = field(default=0, metadata={"help": "random seed (model init, data order, augmentation)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    out_dir: str = field(default="runs/run", metadata={"help": "run directory (config, metrics, checkpoint)"})
+    stats_every: int = field(default=10, metadata={"help": "record per-layer LWN/LGN/LNR/trust/LR every k steps (0: off)"})
+    metrics_format: str = field(default="csv", metadata={"help": "csv or jsonl"})
+    checkpoint: bool = field(default=True, metadata={"help": "write an atomic checkpoint every epoch"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT_DIR/checkpoint.pt"})
+    stop_after_epochs: int | None = field(default=None, metadata={"help": "stop this invocation after N epochs (resume later)"})
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bar (quiet anyway when not a terminal)"})
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "TrainConfig":
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+
+        def positive_int(name: str, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
+
+        def number(name: str, lo: float, hi: float = math.inf, optional: bool = False,
+                   lo_open: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ok = ok and (v > lo if lo_open else v >= lo) and v <= hi
+            if not ok:
+                left = "(" if lo_open else "["
+                raise ValueError(f"{name}: must be a finite number in {left}{lo}, {hi}], got {v!r}")
+
+        for name, allowed in (("dataset", DATASETS), ("model", MODELS), ("init", INITS),
+                              ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("lr_scaling", SCALING),
+                              ("precision", PRECISIONS), ("activation", ACTIVATIONS), ("stem", STEMS),
+                              ("metrics_format", METRIC_FORMATS)):
+            choice(name, allowed)
+        for name in ("epochs", "batch_size", "base_batch_size", "eval_batch_size", "mlp_width"):
+            positive_int(name)
+        for name in ("micro_batch_size", "stop_after_epochs", "clars_subset"):
+            positive_int(name, optional=True)
+        if not isinstance(self.mlp_depth, int) or isinstance(self.mlp_depth, bool) or self.mlp_depth < 0:
+            raise ValueError(f"mlp_depth: must be an integer >= 0, got {self.mlp_depth!r}")
+        if not isinstance(self.stats_every, int) or isinstance(self.stats_every, bool) or self.stats_every < 0:
+            raise ValueError(f"stats_every: must be an integer >= 0 (0 turns diagnostics off), got {self.stats_every!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed: must be an integer in [0, 2**63), got {self.seed!r}")
+        number("lr", 0.0, lo_open=True)
+        number("momentum", 0.0, 1.0)
+        if self.momentum >= 1.0:
+            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum!r}")
+        number("weight_decay", 0.0)
+        number("eta", 0.0, optional=True, lo_open=True)
+        number("eps", 0.0, optional=True)
+        number("max_trust", 0.0, optional=True, lo_open=True)
+        number("tvlars_lam", 0.0)
+        number("tvlars_alpha", 0.0)
+        number("tvlars_delay_epochs", 0.0)
+        number("tvlars_gamma_min", 0.0)
+        number("warmup_epochs", 0.0)
+        number("min_lr_ratio", 0.0, 1.0)
+        number("poly_power", 0.0, lo_open=True)
+        if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
+                or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas)):
+            raise ValueError(f"betas: must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if self.warmup_epochs >= self.epochs and self.schedule != "none":
+            raise ValueError(f"warmup_epochs: must be < epochs ({self.epochs}), got {self.warmup_epochs!r}")
+        if self.warmup_epochs > 0 and self.schedule == "none":
+            raise ValueError("warmup_epochs: needs schedule cosine or poly (schedule is 'none')")
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise ValueError(f"micro_batch_size: must be <= batch_size ({self.batch_size}), got {self.micro_batch_size}")
+        if self.precision == "fp16" and not str(self.device).startswith("cuda"):
+            raise ValueError("precision: fp16 needs device cuda (GradScaler); use bf16 on CPU")
+        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
+            raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return self
+
+    def check_world_size(self, world_size: int) -> tuple[int, int]:
+        """Return (micro_batch, accumulation) for ``world_size`` processes, or raise ValueError."""
+        if self.batch_size % world_size:
+            raise ValueError(f"batch_size: {self.batch_size} is not divisible by the world size {world_size}")
+        per_rank = self.batch_size // world_size
+        micro = per_rank if self.micro_batch_size is None else self.micro_batch_size
+        if micro > per_rank:
+            raise ValueError(f"micro_batch_size: {micro} exceeds the per-process batch {per_rank} "
+                             f"(batch_size {self.batch_size} / world size {world_size})")
+        if per_rank % micro:
+            raise ValueError(f"micro_batch_size: {micro} must divide the per-process batch {per_rank} "
+                             f"(batch_size {self.batch_size} / world size {world_size})")
+        return micro, per_rank // micro
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) config file into a flat dict.
+
+    Keys may use dashes or underscores; a ``[train]`` table / ``train:`` mapping is also accepted.
+    """
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, "rb") as f:
+        raw = f.read()
+    if ext in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(raw.decode()) or {}
+    elif ext == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python < 3.11
+            import tomli as tomllib  # type: ignore[no-redef]
+        data = tomllib.loads(raw.decode())
+    elif ext == ".json":
+        data = json.loads(raw.decode())
+    else:
+        raise ValueError(f"config: unknown file type {ext!r} for {path} (use .yaml, .yml, .toml or .json)")
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {path} must contain a mapping of field: value")
+    if set(data) == {"train"} and isinstance(data["train"], dict):
+        data = data["train"]
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert file values to the field's type (YAML gives lists for tuples, ints for floats)."""
+    f = {f.name: f for f in fields(TrainConfig)}[name]
+    t = str(f.type)
+    if value is None:
+        return None
+    if t.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if t.startswith("tuple") and isinstance(value, str):
+        return tuple(float(x) for x in value.split(","))
+    if t.startswith("tuple") and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def resolve(file: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults <- file <- overrides, then validate. Unknown keys raise ValueError naming them."""
+    values: dict[str, Any] = {}
+    for source, d in (("config file", load_file(file) if file else {}), ("override", overrides or {})):
+        for k, v in d.items():
+            if k not in FIELD_NAMES:
+                raise ValueError(f"{k}: unknown config field in {source} (known: {', '.join(FIELD_NAMES)})")
+            values[k] = _coerce(k, v)
+    return TrainConfig(**values).validate()
+
+
+def save(cfg: TrainConfig, path: str) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    import yaml
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,143 @@
+"""``largebatch plot RUN_DIR...``: curves of one or more runs (matplotlib, Agg backend).
+
+Writes into ``--out`` (default: the first run directory):
+
+- ``curves.png``: test accuracy and loss (train loss dotted) vs epoch, one colour per run;
+- ``lr.png``: the learning rate applied at each step (TVLARS: ``lr * phi(t)``) per run;
+- ``layers-<run>.png``: seed 000 Fig. 3 panels for each run with layer statistics: LWN ``||w||``,
+  LGN ``||g||``, LNR ``||w||/||g||`` and the per-layer learning rate applied, per layer vs step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+from .loop import read_table
+
+
+def _table(run_dir: str, base: str) -> list[dict]:
+    for ext in (".csv", ".jsonl"):
+        p = os.path.join(run_dir, base + ext)
+        if os.path.exists(p):
+            return read_table(p)
+    return []
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(run_dir: str) -> str:
+    return os.path.basename(os.path.normpath(run_dir)) or run_dir
+
+
+def plot_curves(run_dirs: list[str], path: str, labels: list[str] | None = None) -> str:
+    plt = _plt()
+    labels = labels or [_label(d) for d in run_dirs]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (d, lab) in enumerate(zip(run_dirs, labels)):
+        rows = _table(d, "metrics")
+        if not rows:
+            raise ValueError(f"run_dir: {d} has no metrics.csv / metrics.jsonl")
+        ep = [r["epoch"] for r in rows]
+        c = f"C{i % 10}"
+        ax_acc.plot(ep, [100 * r["test_acc"] for r in rows], color=c, marker=".", label=lab)
+        ax_loss.plot(ep, [r["test_loss"] for r in rows], color=c, marker=".", label=f"{lab} (test)")
+        ax_loss.plot(ep, [r["train_loss"] for r in rows], color=c, linestyle=":", label=f"{lab} (train)")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss (solid: test, dotted: train)", yscale="log")
+    ax_acc.legend(fontsize=8)
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_lr(run_dirs: list[str], path: str, labels: list[str] | None = None) -> str:
+    plt = _plt()
+    labels = labels or [_label(d) for d in run_dirs]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (d, lab) in enumerate(zip(run_dirs, labels)):
+        rows = _table(d, "steps")
+        if rows:
+            ax.plot([r["step"] for r in rows], [r["lr_eff"] for r in rows], color=f"C{i % 10}", label=lab)
+    ax.set(xlabel="step", ylabel="learning rate (before trust ratio)", title="Learning rate vs step", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_layers(run_dir: str, path: str, title: str | None = None) -> str | None:
+    """Fig. 3 panels (LWN, LGN, LNR, per-layer LR) for the adapted layers of one run; None if no stats."""
+    rows = [r for r in _table(run_dir, "layer_stats") if int(r["adapt"]) == 1]
+    if not rows:
+        return None
+    plt = _plt()
+    series: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        s = series[r["layer"]]
+        for k in ("step", "w_norm", "g_norm", "lnr", "layer_lr"):
+            s[k].append(r[k])
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    panels = (("w_norm", "LWN  ||w||"), ("g_norm", "LGN  ||g||"), ("lnr", "LNR  ||w|| / ||g||"),
+              ("layer_lr", "per-layer LR applied"))
+    cmap = plt.get_cmap("viridis")
+    n = len(series)
+    for ax, (key, name) in zip(axes, panels):
+        for j, (layer, s) in enumerate(series.items()):
+            ax.plot(s["step"], s[key], color=cmap(j / max(n - 1, 1)), label=layer, linewidth=1)
+        ax.set(xlabel="step", title=name, yscale="log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, ncol=1 if n <= 12 else 2)
+    fig.suptitle(title or f"Layer statistics: {_label(run_dir)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) -> list[str]:
+    os.makedirs(out, exist_ok=True)
+    labels = labels or [_label(d) for d in run_dirs]
+    made = [plot_curves(run_dirs, os.path.join(out, "curves.png"), labels),
+            plot_lr(run_dirs, os.path.join(out, "lr.png"), labels)]
+    for d, lab in zip(run_dirs, labels):
+        p = plot_layers(d, os.path.join(out, f"layers-{lab}.png"), title=f"Layer statistics: {lab}")
+        if p:
+            made.append(p)
+    return made
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by largebatch train")
+    parser.add_argument("--out", default=None, help="output folder (default: the first RUN_DIR)")
+    parser.add_argument("--labels", default=None, help="comma-separated legend labels, one per RUN_DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    labels = args.labels.split(",") if args.labels else None
+    if labels is not None and len(labels) != len(args.run_dirs):
+        print(f"largebatch plot: --labels has {len(labels)} names for {len(args.run_dirs)} run directories",
+              file=sys.stderr)
+        return 2
+    try:
+        made = plot_runs(args.run_dirs, args.out or args.run_dirs[0], labels)
+    except ValueError as e:
+        print(f"largebatch plot: {e}", file=sys.stderr)
+        return 2
+    for p in made:
+        print(p)
+    return 0
