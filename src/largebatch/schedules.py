@@ -75,6 +75,9 @@ def _check_phi(lam: float, alpha: float, delay: float, gamma_min: float) -> None
                              ("delay", delay, delay >= 0, ">= 0"), ("gamma_min", gamma_min, gamma_min >= 0, ">= 0")):
         if not (math.isfinite(x) and ok):
             raise ValueError(f"invalid {name}={x!r}: expected a finite number {rng}")
+    if alpha + math.exp(-lam * delay) <= 0:
+        raise ValueError(f"invalid alpha={alpha!r}: alpha + exp(-lam * delay) must be > 0 "
+                         f"(got {alpha + math.exp(-lam * delay):.3g}), otherwise phi has a pole")
 
 
 def tvlars_phi(t: float, lam: float = 1e-4, alpha: float = 1.0, delay: float = 0.0, gamma_min: float = 0.0) -> float:

@@ -21,11 +21,9 @@ heavy-ball momentum and trains 1-D tensors with plain SGD at the raw ``lr``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ._engine import _check, _is_real, check_nonneg
+from ..schedules import _check_phi
 from .lars import _TrustMomentum
 
 __all__ = ["TVLARS"]
@@ -41,7 +39,8 @@ class TVLARS(_TrustMomentum):
         momentum: Nesterov momentum ``mu`` (default 0.9; 0 disables momentum).
         eta: trust coefficient (default 0.001).
         lam: decay rate ``lambda`` of eq. 8 (default 1e-4; Barlow Twins uses 1e-5), >= 0.
-        alpha: scaling ``alpha`` of eq. 8 (default 1.0), > -1 so that ``phi`` stays finite.
+        alpha: scaling ``alpha`` of eq. 8 (default 1.0); ``alpha + exp(-lam * delay) > 0`` so
+            that ``phi`` has no pole (``alpha > -1`` when ``delay = 0``).
         delay: ``d_e`` in optimizer steps (default 0), >= 0.
         gamma_min: lower bound added to ``phi`` (default 0), >= 0.
         weight_decay, eps, adapt, path: as in :class:`~largebatch.optim.LARS`.
@@ -61,11 +60,7 @@ class TVLARS(_TrustMomentum):
 
     def _validate_hparams(self, g):
         super()._validate_hparams(g)
-        check_nonneg("lam", g["lam"])
-        _check("alpha", g["alpha"], _is_real(g["alpha"]) and g["alpha"] > -1,
-               "a number > -1 (phi = 1/(alpha + exp(...)) must stay finite)")
-        check_nonneg("delay", g["delay"])
-        check_nonneg("gamma_min", g["gamma_min"])
+        _check_phi(g["lam"], g["alpha"], g["delay"], g["gamma_min"])
 
     def _init_state(self, p, group):
         st = super()._init_state(p, group)

@@ -1,0 +1,109 @@
+"""Independent float64 references of SPEC.md's update rules, one function per rule.
+
+Written straight from SPEC with plain Python control flow, no code shared with
+``largebatch.optim``. Each ``step`` maps ``{name: w}`` and ``{name: g}`` (float64) to new
+weights, keeping its own state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _norm(x):
+    return float(torch.linalg.vector_norm(x))
+
+
+class Reference:
+    """``algo`` in {"lars", "tvlars", "lamb", "lalc"}; ``groups``: name -> (adapt, wd)."""
+
+    def __init__(self, algo, weights, groups, **hp):
+        self.algo, self.groups, self.hp = algo, groups, hp
+        self.w = {k: v.detach().double().clone() for k, v in weights.items()}
+        self.state = {k: {} for k in weights}
+        self.t = 0  # optimizer steps so far (SPEC: the first step uses t = 0)
+
+    def step(self, grads, lr, skip=()):
+        """One step; tensors named in ``skip`` (non-finite gradient) are left untouched."""
+        for k, g in grads.items():
+            if k in skip:
+                continue
+            adapt, wd = self.groups[k]
+            self.w[k] = getattr(self, "_" + self.algo)(self.w[k], g.double(), self.state[k], lr, adapt, wd)
+        self.t += 1
+
+    # SPEC "LARS"
+    def _lars(self, w, g, st, lr, adapt, wd):
+        hp = self.hp
+        mu, eta, eps = hp.get("momentum", 0.9), hp.get("eta", 1e-3), hp.get("eps", 0.0)
+        d = g + wd * w
+        trust = 1.0
+        if adapt:
+            wn, gn = _norm(w), _norm(g)
+            if wn > 0 and gn + wd * wn > 0:
+                trust = eta * wn / (gn + wd * wn + eps)
+            if hp.get("trust_clip"):
+                trust = min(trust, 1.0)
+        v = mu * st.get("v", torch.zeros_like(w)) + lr * trust * d
+        st["v"] = v
+        if hp.get("nesterov"):
+            return w - (mu * v + lr * trust * d)
+        return w - v
+
+    # SPEC "TVLARS"
+    def _tvlars(self, w, g, st, lr, adapt, wd):
+        hp = self.hp
+        mu, eta, eps = hp.get("momentum", 0.9), hp.get("eta", 1e-3), hp.get("eps", 0.0)
+        lam, alpha, delay, gmin = hp.get("lam", 1e-4), hp.get("alpha", 1.0), hp.get("delay", 0), hp.get("gamma_min", 0.0)
+        phi = 1.0 / (alpha + math.exp(lam * (self.t - delay))) + gmin
+        d = g + wd * w
+        trust = 1.0
+        if adapt:
+            wn, gn = _norm(w), _norm(g)
+            if wn > 0 and gn + wd * wn > 0:
+                trust = eta * wn / (gn + wd * wn + eps)
+        gamma = lr * phi * trust
+        b = mu * st.get("b", torch.zeros_like(w)) - gamma * d
+        st["b"] = b
+        return w + mu * b - gamma * d
+
+    # SPEC "LAMB"
+    def _lamb(self, w, g, st, lr, adapt, wd):
+        hp = self.hp
+        b1, b2 = hp.get("betas", (0.9, 0.999))
+        eps, max_trust = hp.get("eps", 1e-6), hp.get("max_trust")
+        t = st.get("t", 0)
+        m = b1 * st.get("m", torch.zeros_like(w)) + (1 - b1) * g
+        v = b2 * st.get("v", torch.zeros_like(w)) + (1 - b2) * g * g
+        st.update(m=m, v=v, t=t + 1)
+        r = (m / (1 - b1 ** (t + 1))) / (torch.sqrt(v / (1 - b2 ** (t + 1))) + eps) + wd * w
+        trust = 1.0
+        if adapt:
+            wn, rn = _norm(w), _norm(r)
+            if wn > 0 and rn > 0:
+                trust = wn / rn
+            if max_trust is not None:
+                trust = min(max(trust, 0.0), max_trust)
+        return w - lr * trust * r
+
+    # SPEC "LALC"
+    def _lalc(self, w, g, st, lr, adapt, wd):
+        hp = self.hp
+        mu, eta, eps = hp.get("momentum", 0.9), hp.get("eta", 0.01), hp.get("eps", 1e-8)
+        damp, nesterov = hp.get("dampening", 0.0), hp.get("nesterov", False)
+        d = g + wd * w
+        if mu != 0:
+            buf = d.clone() if "buf" not in st else mu * st["buf"] + (1 - damp) * d
+            st["buf"] = buf
+            h = d + mu * buf if nesterov else buf
+        else:
+            h = d
+        lr_k = lr
+        if adapt:
+            wn, hn = _norm(w), _norm(h)
+            if wn * hn > 0:
+                lr_k = min(lr, eta * wn / (hn + eps))
+        st.setdefault("lr_k", []).append(lr_k)
+        return w - lr_k * h

@@ -1,0 +1,237 @@
+"""torch.optim contract: state_dict, closures, schedulers, GradScaler, non-finite gradients,
+bad input, and what is never touched."""
+
+import copy
+import io
+import pytest
+import torch
+from torch import nn
+
+from largebatch.optim import LALC, LAMB, LARS, TVLARS, param_groups
+
+ALL = {
+    "LARS": lambda ps, **k: LARS(ps, lr=0.5, eta=0.02, nesterov=True, **k),
+    "TVLARS": lambda ps, **k: TVLARS(ps, lr=0.5, eta=0.02, lam=0.1, delay=2, **k),
+    "LAMB": lambda ps, **k: LAMB(ps, lr=0.02, **k),
+    "LALC": lambda ps, **k: LALC(ps, lr=0.3, eta=0.05, dampening=0.1, **k),
+}
+PATHS = ["per_tensor", "foreach"]
+
+
+def make_model():
+    return nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3))
+
+
+def train(model, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(10, 6, generator=g)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+def flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", ALL)
+def test_state_dict_round_trip_is_bitwise(name, path):
+    torch.manual_seed(0)
+    a = make_model()
+    b = copy.deepcopy(a)
+    opt_a = ALL[name](param_groups(a, weight_decay=1e-3), path=path)
+    train(a, opt_a, 10, seed=1)
+
+    opt_b = ALL[name](param_groups(b, weight_decay=1e-3), path=path)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):  # same first 5 batches as the uninterrupted run
+        x = torch.randn(10, 6, generator=g)
+        opt_b.zero_grad()
+        b(x).square().mean().backward()
+        opt_b.step()
+    buf = io.BytesIO()
+    torch.save({"model": b.state_dict(), "opt": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    c = make_model()
+    c.load_state_dict(saved["model"])
+    opt_c = ALL[name](param_groups(c, weight_decay=1e-3), path=path)
+    opt_c.load_state_dict(saved["opt"])
+    for _ in range(5):
+        x = torch.randn(10, 6, generator=g)
+        opt_c.zero_grad()
+        c(x).square().mean().backward()
+        opt_c.step()
+    assert torch.equal(flat(a), flat(c))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_tvlars_step_counter_in_state_dict(name):
+    model = make_model()
+    opt = ALL[name](model.parameters())
+    train(model, opt, 3, seed=0)
+    sd = opt.state_dict()
+    if name == "TVLARS":
+        assert all(float(s["step"]) == 3 for s in sd["state"].values())
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", ALL)
+def test_closure_grad_none_and_grad_untouched(name, path):
+    model = make_model()
+    frozen = model[3].bias  # never receives a gradient
+    opt = ALL[name](model.parameters(), path=path)
+    x = torch.randn(10, 6)
+
+    def closure():
+        opt.zero_grad()
+        loss = model[:3](x).square().mean() + 0 * model[3].weight.sum()
+        loss.backward()
+        return loss
+
+    before = frozen.detach().clone()
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+    assert frozen.grad is None and torch.equal(frozen, before) and frozen not in opt.state
+    grads = {p: p.grad.clone() for p in model.parameters() if p.grad is not None}
+    opt.step()
+    for p, g in grads.items():
+        assert torch.equal(p.grad, g)  # p.grad is never modified
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", ALL)
+def test_non_finite_gradient_leaves_tensor_and_state_untouched(name, path):
+    torch.manual_seed(0)
+    model = make_model()
+    opt = ALL[name](param_groups(model, weight_decay=1e-3), path=path)
+    train(model, opt, 2, seed=0)
+    assert not opt.found_inf
+    victim = model[0].weight
+    w0 = {p: p.detach().clone() for p in model.parameters()}
+    s0 = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    opt.zero_grad()
+    model(torch.randn(10, 6)).square().mean().backward()
+    victim.grad[0, 0] = float("nan")
+    model[3].bias.grad[1] = float("inf")
+    opt.step()
+    assert bool(opt.found_inf)
+    for p in (victim, model[3].bias):
+        assert torch.equal(p, w0[p])
+        for k, v in opt.state[p].items():
+            if name == "TVLARS" and k == "step":  # t counts optimizer steps (SPEC), skipped or not
+                assert v == s0[id(p)][k] + 1
+                continue
+            assert torch.equal(v, s0[id(p)][k]), k
+    assert not torch.equal(model[3].weight, w0[model[3].weight])  # the others did step
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    train(model, opt, 1, seed=3)
+    assert not opt.found_inf and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_grad_scaler_matches_unscaled_run(name):
+    torch.manual_seed(0)
+    a = make_model()
+    b = copy.deepcopy(a)
+    opt_a, opt_b = ALL[name](a.parameters()), ALL[name](b.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    for _ in range(4):
+        x = torch.randn(10, 6)
+        opt_a.zero_grad()
+        a(x).square().mean().backward()
+        opt_a.step()
+        opt_b.zero_grad()
+        scaler.scale(b(x).square().mean()).backward()
+        scaler.step(opt_b)
+        scaler.update()
+    torch.testing.assert_close(flat(a), flat(b), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_scheduler_drives_lr(name):
+    model = make_model()
+    opt = ALL[name](model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.0 if t >= 2 else 1.0)
+    train(model, opt, 2, seed=0)
+    sched.step(); sched.step()
+    opt.track_stats = True
+    before = flat(model)
+    train(model, opt, 1, seed=1)
+    assert (opt.layer_stats()["lr"] == 0).all()
+    assert opt.param_groups[0]["lr"] == 0.0
+    moved = not torch.equal(before, flat(model))
+    # LARS/TVLARS keep coasting on a velocity that already holds lr; LAMB/LALC step by lr_k * direction = 0
+    assert moved == (name in ("LARS", "TVLARS"))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_torch_compile_of_a_training_step(name):
+    torch._dynamo.reset()
+    model = make_model()
+    opt = ALL[name](model.parameters())
+    x = torch.randn(10, 6)
+
+    @torch.compile(backend="eager")
+    def train_step():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    ref = copy.deepcopy(model)
+    ref_opt = ALL[name](ref.parameters())
+    for _ in range(3):
+        train_step()
+        ref_opt.zero_grad()
+        ref(x).square().mean().backward()
+        ref_opt.step()
+    torch.testing.assert_close(flat(model), flat(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_gradients_raise():
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = LARS(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+BAD = [
+    (LARS, dict(lr=-0.1), "lr"),
+    (LARS, dict(lr=float("nan")), "lr"),
+    (LARS, dict(lr=0.1, momentum=1.0), "momentum"),
+    (LARS, dict(lr=0.1, momentum=-0.1), "momentum"),
+    (LARS, dict(lr=0.1, eta=-1.0), "eta"),
+    (LARS, dict(lr=0.1, weight_decay=float("nan")), "weight_decay"),
+    (LARS, dict(lr=0.1, momentum=0.0, nesterov=True), "nesterov"),
+    (LAMB, dict(lr=0.1, betas=(1.0, 0.999)), r"betas\[0\]"),
+    (LAMB, dict(lr=0.1, betas=(0.9, -0.1)), r"betas\[1\]"),
+    (LAMB, dict(lr=0.1, max_trust=0.0), "max_trust"),
+    (TVLARS, dict(lr=0.1, lam=-1e-4), "lam"),
+    (TVLARS, dict(lr=0.1, alpha=-1.0), "alpha"),
+    (TVLARS, dict(lr=0.1, delay=-1), "delay"),
+    (LALC, dict(lr=0.1, dampening=1.5), "dampening"),
+    (LALC, dict(lr=0.1, eps=-1.0), "eps"),
+]
+
+
+@pytest.mark.parametrize("cls,kw,field", BAD, ids=[f"{c.__name__}-{f}-{i}" for i, (c, _, f) in enumerate(BAD)])
+def test_bad_hyperparameters_raise_naming_the_argument(cls, kw, field):
+    with pytest.raises(ValueError, match=field):
+        cls(make_model().parameters(), **kw)
+
+
+def test_bad_param_groups():
+    m = make_model()
+    with pytest.raises(ValueError, match=r"unknown param-group key\(s\) \['moment'\]"):
+        LARS([{"params": m[0].parameters(), "moment": 0.5}], lr=0.1)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        LARS([{"params": m[0].parameters()}, {"params": m.parameters()}], lr=0.1)
+    with pytest.raises(ValueError, match=r"momentum.*param group 1"):
+        LARS([{"params": m[0].parameters()}, {"params": m[3].parameters(), "momentum": 2.0}], lr=0.1)
+    with pytest.raises(ValueError, match="path"):
+        LARS(m.parameters(), lr=0.1, path="fast")
