@@ -245,17 +245,17 @@ def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: flo
         _check_resume_config(cfg, resume_state["config"])
     elif cfg.resume:
         log(f"resume: no checkpoint in {out}; starting from scratch")
-    if info.is_main:
-        os.makedirs(out, exist_ok=True)
-        config_mod.save(cfg, os.path.join(out, "config.yaml"))
 
-    # data
+    # data (a batch larger than the data set is a config error: raised before anything is written)
     ds = dataset if dataset is not None else data_mod.load(cfg.dataset, cfg.data_dir, cfg.download)
-    ds = ds.to(device)
-    augment = ds.augment_default if cfg.augment is None else cfg.augment
     n_train = ds.train_x.shape[0]
     spe = steps_per_epoch(n_train, cfg.batch_size, info.world_size, cfg.drop_last)
     total_steps = cfg.epochs * spe
+    ds = ds.to(device)
+    augment = ds.augment_default if cfg.augment is None else cfg.augment
+    if info.is_main:
+        os.makedirs(out, exist_ok=True)
+        config_mod.save(cfg, os.path.join(out, "config.yaml"))
 
     # model + optimizer + schedule
     torch.manual_seed(cfg.seed)
