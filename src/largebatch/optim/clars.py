@@ -1,0 +1,150 @@
+"""CLARS, complete layer-wise adaptive rate scaling (Huo, Gu, Huang 2021; seed 004 eq. 4-5,
+Alg. 1).
+
+SPEC "CLARS"::
+
+    n_k   = (1/|J|) sum_{i in J} ||grad_w f_i(w)||          # mean per-sample gradient norm
+    trust = eta * ||w|| / (n_k + wd * ||w|| + eps)           # adapted tensors; 1 otherwise
+    gamma = lr_t * trust
+    b     = momentum * b - gamma * d                         # d = g + wd * w, b starts at 0
+    w     = w + momentum * b - gamma * d                     # mNAG (eq. 4), as in TVLARS
+
+``f_i`` is sample ``i``'s own loss, so ``n_k >= ||g||`` and CLARS's trust ratio is LARS's
+times ``||mean_i grad f_i|| / mean_i ||grad f_i|| <= 1`` (eq. 5). ``n_k`` comes from
+:class:`largebatch.persample.PerSampleGradNorms`, which measures it exactly inside the
+ordinary ``loss.backward()`` (no extra passes); with BatchNorm in training mode the
+per-sample term is the sample's additive contribution to the batch gradient. Zero-norm rule:
+trust = 1 where ``||w|| == 0`` or ``n_k + wd * ||w|| == 0``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..persample import PerSampleGradNorms, PerSampleStats
+from .lars import _TrustMomentum
+
+__all__ = ["CLARS"]
+
+
+class CLARS(_TrustMomentum):
+    """CLARS on the LARS-family engine: LARS's trust ratio with the mean per-sample gradient
+    norm ``n_k`` in place of ``||g||``, and the mNAG (Nesterov) update.
+
+    Usage::
+
+        opt = CLARS(param_groups(model, weight_decay=5e-4), lr=..., model=model)
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()   # per-sample norms measured here
+            opt.step()                                # consumes them (all-reduced under DDP)
+
+    Args:
+        params: parameters or param groups (see :func:`largebatch.optim.param_groups`).
+        lr: learning rate ``lr_t`` (read from ``group["lr"]`` every step).
+        momentum: Nesterov momentum of mNAG (default 0.9; 0 disables momentum).
+        eta: trust coefficient (default 0.01, seed 004).
+        weight_decay: coupled L2 (default 0).
+        eps: added to the trust ratio's denominator (default 0).
+        adapt: apply the trust ratio to this group (default True).
+        model: attach to this model now (same as calling :meth:`attach`).
+        persample_subset: measure ``n_k`` on the first ``m`` samples per rank and step (the
+            paper's ``|J|``); ``None`` (default) uses the whole batch.
+        loss_reduction: ``"mean"`` (default) or ``"sum"``: how the loss passed to
+            ``backward`` reduces over the batch (see :class:`~largebatch.persample.PerSampleGradNorms`).
+        loss_scale: any further constant the loss was multiplied by, e.g. ``1/k`` for ``k``
+            accumulated micro-batches (settable later as ``opt.persample.loss_scale``).
+        path: execution path, see :class:`~largebatch.optim._engine.LayerwiseOptimizer`.
+
+    Only adapted tensors need ``n_k``, so only they are tracked (excluded tensors, by
+    default biases and normalization parameters, cost nothing). ``step()`` raises
+    ``RuntimeError`` if no model is attached or if an adapted tensor with a gradient has no
+    per-sample statistics since the last step. After a step, ``opt.last_persample`` holds
+    the statistics it used (``mean_norm()`` is ``n_k``; ``variance_factor()`` is seed 004's
+    ``M_k`` while ``.grad`` is still set). The stored ``momentum_buffer`` is SPEC's ``b``.
+    """
+
+    _nesterov_only = True
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 1e-2,
+                 weight_decay: float = 0.0, eps: float = 0.0, adapt: bool = True, *,
+                 model: nn.Module | None = None, persample_subset: int | None = None,
+                 loss_reduction: str = "mean", loss_scale: float | Tensor = 1.0,
+                 path: str | None = None):
+        defaults = dict(lr=lr, momentum=momentum, eta=eta, weight_decay=weight_decay, eps=eps, adapt=adapt)
+        super().__init__(params, defaults, path=path)
+        self.persample: PerSampleGradNorms | None = None
+        self.last_persample: PerSampleStats | None = None
+        self._nk: dict[int, Tensor] | None = None
+        if model is not None:
+            self.attach(model, persample_subset=persample_subset, loss_reduction=loss_reduction,
+                        loss_scale=loss_scale)
+        elif persample_subset is not None or loss_reduction != "mean" or not (
+                isinstance(loss_scale, (int, float)) and loss_scale == 1.0):
+            raise ValueError("persample_subset / loss_reduction / loss_scale need model=... (or pass them to attach())")
+
+    def attach(self, model: nn.Module | PerSampleGradNorms, **tracker_kwargs: Any) -> PerSampleGradNorms:
+        """Measure per-sample norms of this optimizer's adapted tensors in ``model``'s backward.
+
+        ``model`` may also be a ready :class:`PerSampleGradNorms` (then no keyword
+        arguments). Replaces (and detaches) a previous attachment. Returns the tracker.
+        """
+        if self.persample is not None:
+            self.persample.remove()
+            self.persample = None
+        if isinstance(model, PerSampleGradNorms):
+            if tracker_kwargs:
+                raise ValueError("attach(tracker) takes no keyword arguments")
+            self.persample = model
+        else:
+            adapted = [p for g in self.param_groups if g["adapt"] for p in g["params"] if p.requires_grad]
+            if not adapted:
+                raise ValueError("CLARS has no adapted parameter to measure (every group has adapt=False)")
+            self.persample = PerSampleGradNorms(model, params=adapted, **tracker_kwargs)
+        return self.persample
+
+    def detach(self) -> None:
+        """Remove the hooks (``step()`` then raises until :meth:`attach` is called again)."""
+        if self.persample is not None:
+            self.persample.remove()
+            self.persample = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.persample is None:
+            raise RuntimeError("CLARS needs per-sample gradient norms: create it with model=... or call "
+                               "opt.attach(model) before the backward pass")
+        stats = self.persample.collect()
+        pos = stats.index()
+        name = dict(zip(map(id, stats.params), stats.names))
+        missing = []
+        for g in self.param_groups:
+            if not g["adapt"]:
+                continue
+            for i, p in enumerate(g["params"]):
+                if p.grad is not None and (id(p) not in pos or stats.local_count[pos[id(p)]] == 0):
+                    missing.append(name.get(id(p), f"{g.get('name', 'group')}[{i}] {tuple(p.shape)}"))
+        if missing:
+            raise RuntimeError(
+                f"CLARS step without per-sample statistics for {len(missing)} adapted tensor(s) "
+                f"(e.g. {missing[:3]}): run the backward pass through the attached model between "
+                "two steps, and attach to the model that owns these parameters")
+        self._nk = dict(zip(map(id, stats.params), stats.mean_norm().unbind()))
+        self.last_persample = stats
+        try:
+            super().step()
+        finally:
+            self._nk = None
+        return loss
+
+    def _trust_norm(self, group, w, g_norm, st, P) -> Tensor:
+        if isinstance(w, Tensor):
+            return self._nk[id(w)].to(g_norm.dtype)
+        return torch.stack([self._nk[id(t)] for t in w.ts]).to(g_norm.dtype)

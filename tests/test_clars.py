@@ -1,0 +1,190 @@
+"""CLARS (SPEC "CLARS", seed 004 eq. 4-5, Alg. 1) against an independent float64 reference."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from largebatch.optim import LARS, param_groups
+from largebatch.optim.clars import CLARS
+
+LR, WD, MU, ETA = 0.5, 1e-2, 0.9, 0.02
+
+
+class Net(nn.Module):
+    """conv -> tanh -> linear -> layernorm -> linear: no sample coupling."""
+
+    def __init__(self, bn=False):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3) if bn else nn.Identity()
+        self.fc1 = nn.Linear(3 * 16, 8)
+        self.ln = nn.LayerNorm(8)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn(self.conv(x))).flatten(1)
+        return self.fc2(torch.tanh(self.ln(self.fc1(h))))
+
+
+def batches(n, B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(B, 2, 4, 4, generator=g), torch.randint(0, 4, (B,), generator=g)) for _ in range(n)]
+
+
+def lr_at(t):
+    return LR * (1 + t) / 4  # changes every step: the optimizer must read group["lr"] each time
+
+
+def reference_clars(model, data, subset=None):
+    """SPEC "CLARS" in float64 with plain Python: per-sample gradients by a loop of
+    single-sample backward passes; ndim <= 1 tensors excluded (trust 1, no weight decay)."""
+    m = copy.deepcopy(model).double()
+    params = dict(m.named_parameters())
+    b = {k: torch.zeros_like(p) for k, p in params.items()}
+    for t, (x, y) in enumerate(data):
+        per = []
+        for i in range(x.shape[0]):
+            loss = F.cross_entropy(m(x[i:i + 1].double()), y[i:i + 1])
+            per.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
+        J = per if subset is None else per[:subset]
+        with torch.no_grad():
+            for k, w in params.items():
+                g = sum(p[k] for p in per) / len(per)
+                adapt = w.ndim > 1
+                wd = WD if adapt else 0.0
+                d = g + wd * w
+                trust = 1.0
+                if adapt:
+                    n_k = sum(float(p[k].norm()) for p in J) / len(J)
+                    wn = float(w.norm())
+                    if wn > 0 and n_k + wd * wn > 0:
+                        trust = ETA * wn / (n_k + wd * wn)
+                gamma = lr_at(t) * trust
+                b[k] = MU * b[k] - gamma * d
+                w += MU * b[k] - gamma * d
+    return {k: v.detach() for k, v in params.items()}
+
+
+def run_clars(model, data, path, subset=None, micro=1):
+    opt = CLARS(param_groups(model, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=model,
+                persample_subset=subset, loss_scale=1.0 / micro, path=path)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (1 + t) / 4)
+    for x, y in data:
+        opt.zero_grad()
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+            (F.cross_entropy(model(xs), ys) / micro).backward()
+        opt.step()
+        sched.step()
+    return opt
+
+
+@pytest.mark.parametrize("path,subset", [("per_tensor", None), ("foreach", None), ("foreach", 3)])
+def test_matches_float64_reference(path, subset):
+    torch.manual_seed(0)
+    model = Net()
+    data = batches(12, 6)
+    ref = reference_clars(model, data, subset)
+    run_clars(model, data, path, subset)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.detach().double(), ref[k], rtol=2e-4, atol=2e-6, msg=k)
+    assert not torch.equal(ref["fc2.weight"], Net().fc2.weight.double())
+
+
+def test_accumulation_equals_one_batch():
+    torch.manual_seed(0)
+    a = Net()
+    b = copy.deepcopy(a)
+    data = batches(4, 6, seed=1)
+    run_clars(a, data, None, micro=1)
+    run_clars(b, data, None, micro=2)  # loss_scale = 1/2, counts and norm sums accumulate
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-7)
+
+
+def test_trust_never_above_lars_and_equals_formula():
+    torch.manual_seed(0)
+    model = Net(bn=True)  # BatchNorm in train mode: per-sample terms are contributions
+    twin = copy.deepcopy(model)
+    clars = CLARS(param_groups(model, weight_decay=WD), lr=LR, eta=ETA, model=model)
+    lars = LARS(param_groups(twin, weight_decay=WD), lr=LR, eta=ETA)
+    clars.track_stats = lars.track_stats = True
+    for x, y in batches(3, 8, seed=2):
+        for m, o in ((model, clars), (twin, lars)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+        w_norms = [p.detach().norm() for p in model.parameters()]
+        clars.step()
+        lars.step()
+        sc, sl = clars.layer_stats(), lars.layer_stats()
+        adapt = sc["adapt"]
+        assert adapt.sum() == 3 and torch.equal(adapt, sl["adapt"])
+        tc, tl = sc["trust"][adapt], sl["trust"][adapt]
+        assert torch.all(tc <= tl * (1 + 1e-6)), (tc, tl)
+        assert torch.all(tc < tl * 0.99)  # strictly smaller: samples disagree
+        # trust = eta ||w|| / (n_k + wd ||w||) with n_k from the tracker
+        nk = dict(zip(map(id, clars.last_persample.params), clars.last_persample.mean_norm()))
+        wn = dict(zip(map(id, model.parameters()), w_norms))
+        want = torch.stack([ETA * wn[id(p)] / (nk[id(p)].float() + WD * wn[id(p)])
+                            for p, a in zip(sc["params"], adapt) if a])
+        torch.testing.assert_close(tc, want, rtol=1e-5, atol=0)
+        # the seed 004 Fig. 2 factor is available from the same statistics, M_k >= 1
+        assert torch.all(clars.last_persample.variance_factor() >= 1 - 1e-6)
+        for p, q in zip(model.parameters(), twin.parameters()):  # keep the twins identical
+            q.data.copy_(p.data)
+
+
+def test_only_adapted_tensors_are_tracked_and_closure():
+    model = Net()
+    opt = CLARS(param_groups(model), lr=0.1, model=model)
+    assert opt.persample.names == ["conv.weight", "fc1.weight", "fc2.weight"]
+    x, y = batches(1, 4)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    before = model.fc2.weight.detach().clone()
+    loss = opt.step(closure)
+    assert math.isfinite(loss.item()) and not torch.equal(before, model.fc2.weight)
+    assert opt.last_persample.local_count == [4, 4, 4]
+
+
+def test_clear_errors():
+    model = Net()
+    x, y = batches(1, 4)[0]
+    opt = CLARS(param_groups(model), lr=0.1)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="attach"):
+        opt.step()
+    opt.attach(model)
+    with pytest.raises(RuntimeError, match="without per-sample statistics.*conv.weight"):
+        opt.step()  # gradients exist but were computed before attaching
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="without per-sample statistics"):
+        opt.step()  # statistics are consumed by each step
+    opt.detach()
+    with pytest.raises(RuntimeError, match="attach"):
+        opt.step()
+    with pytest.raises(ValueError, match="need model"):
+        CLARS(param_groups(model), lr=0.1, persample_subset=4)
+    with pytest.raises(ValueError, match="persample_subset"):
+        CLARS(param_groups(model), lr=0.1, model=model, persample_subset=0)
+    with pytest.raises(ValueError, match="eta"):
+        CLARS(param_groups(model), lr=0.1, eta=-1.0)
+    with pytest.raises(ValueError, match="adapted"):
+        CLARS(model.parameters(), lr=0.1, adapt=False, model=model)
+
+
+def test_defaults_follow_spec():
+    opt = CLARS(Net().parameters(), lr=1.0)
+    d = opt.defaults
+    assert (d["eta"], d["momentum"], d["weight_decay"], d["eps"]) == (0.01, 0.9, 0.0, 0.0)
