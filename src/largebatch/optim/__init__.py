@@ -4,10 +4,11 @@ Each optimizer is a ``torch.optim.Optimizer``: param groups, ``state_dict``, LR 
 ``GradScaler`` and closures work as with ``torch.optim.SGD``. Exact formulas: SPEC.md.
 """
 
+from .clars import CLARS
 from .groups import describe_groups, param_groups, split_parameters
 from .lalc import LALC
 from .lamb import LAMB
 from .lars import LARS
 from .tvlars import TVLARS
 
-__all__ = ["LARS", "LAMB", "TVLARS", "LALC", "param_groups", "describe_groups", "split_parameters"]
+__all__ = ["LARS", "LAMB", "TVLARS", "LALC", "CLARS", "param_groups", "describe_groups", "split_parameters"]
