@@ -31,7 +31,8 @@ RECIPES: dict[str, dict] = {
                         weight_decay=0.01),
     "tvlars": dict(optimizer="tvlars", lr=4.0, lr_scaling="none", warmup=0.0, schedule="none"),
     "lalc": dict(optimizer="lalc", lr=0.1, lr_scaling="linear", warmup=0.0, schedule="cosine"),
-    "clars": dict(optimizer="clars", lr=4.0, lr_scaling="none", warmup=0.0, schedule="cosine"),
+    # CLARS default eta is 0.01 (seed 004): lr 0.4 gives the same lr * eta as the LARS recipes.
+    "clars": dict(optimizer="clars", lr=0.4, lr_scaling="none", warmup=0.0, schedule="cosine"),
 }
 
 DATASET_DEFAULTS = {  # epochs, global batch

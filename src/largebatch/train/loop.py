@@ -113,10 +113,9 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, spe: int) -> torch.optim
     if name == "clars":
         if not hasattr(lb, "CLARS"):
             raise ValueError("optimizer: clars is not available in this version of largebatch.optim")
-        kw = dict(lr=lr, momentum=cfg.momentum, eta=eta, **extra)
-        if cfg.clars_subset is not None:
-            kw["persample_subset"] = cfg.clars_subset
-        return lb.CLARS(groups, **kw)
+        # The loop back-propagates sum_i f_i / rows_per_step: "sum" reduction, scale set per step.
+        return lb.CLARS(groups, lr=lr, momentum=cfg.momentum, eta=eta, model=model,
+                        persample_subset=cfg.clars_subset, loss_reduction="sum", **extra)
     raise ValueError(f"optimizer: {name!r} is not one of {', '.join(config_mod.OPTIMIZERS)}")
 
 
@@ -327,6 +326,8 @@ def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: flo
                 count = idx.numel()
                 chunks = idx.split(micro)
                 step_loss = torch.zeros((), device=device)
+                if cfg.optimizer == "clars":  # per-sample norms: hooks see (scale / count) * grad f_i
+                    opt.persample.loss_scale = (scaler.get_scale() if scaler is not None else 1.0) / count
                 for j, ch in enumerate(chunks):
                     x = ds.train_x[ch]
                     if augment:
