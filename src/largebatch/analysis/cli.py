@@ -168,7 +168,8 @@ def _compare_rows(quick: bool, seeds: int) -> list[dict]:
     from .explosion import measure_architecture, single_block_correlated, single_block_independent
 
     S = tuple(range(seeds))
-    depth, width, batch = (20, 512, 1024) if quick else (32, 1024, 4096)
+    depth, width, batch = (20, 512, 1024) if quick else (32, 1024, 2048)
+    adepth, awidth, abatch = (20, 512, 1024) if quick else (24, 512, 1024)
     rows = []
 
     def add(claim, setting, predicted, measured, std=None, kind="equal"):
@@ -188,8 +189,8 @@ def _compare_rows(quick: bool, seeds: int) -> list[dict]:
         add(claim, f"{arch} {act}, depth {depth}, width {width}, B={batch}", 1.0 if arch == "mlp-ln" else r["factor_theory"],
             r["factor_mean"], r["factor_std"], kind="upper" if arch == "mlp-ln" else "equal")
     for act in ("leaky_relu", "elu", "selu", "gelu", "silu", "softplus", "tanh", "dropout"):
-        r = measure_architecture("mlp-bn", act, depth, width, batch, seeds=S)
-        add(f"E[f'^2]/Var f ({act})", f"mlp-bn {act}, depth {depth}, width {width}, B={batch}", r["factor_theory"],
+        r = measure_architecture("mlp-bn", act, adepth, awidth, abatch, seeds=S)
+        add(f"E[f'^2]/Var f ({act})", f"mlp-bn {act}, depth {adepth}, width {awidth}, B={abatch}", r["factor_theory"],
             r["factor_mean"], r["factor_std"])
     c = [single_block_correlated(256, 512, 16384, seed=s) for s in S]
     add("Thm. 2 as printed (lower bound)", "BN(W ReLU(b t)), 256->512, B=16384", theory.THM2_PAPER_FACTOR,

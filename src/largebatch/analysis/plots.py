@@ -75,7 +75,7 @@ _LABELS = {
 def plot_dynamics(result: dict, path: str) -> str:
     """Fig. 3 style panels: each metric vs block (left = output), one line per logged step."""
     metrics = list(_LABELS)
-    fig, axes = plt.subplots(2, 5, figsize=(18, 6.5))
+    fig, axes = plt.subplots(2, 5, figsize=(19, 7.5), constrained_layout=True)
     steps = result["steps"]
     cmap = plt.get_cmap("viridis")
     for ax, m in zip(axes.flat, metrics):
@@ -101,7 +101,7 @@ def plot_dynamics(result: dict, path: str) -> str:
     ax.set_xlabel("step", fontsize=8)
     ax.legend(fontsize=7)
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(steps[0], steps[-1]))
-    fig.colorbar(sm, ax=axes, label="training step", shrink=0.8)
+    fig.colorbar(sm, ax=axes, label="training step", shrink=0.6)
     c = result["config"]
     fig.suptitle(f"Early-training dynamics: {c['norm'].upper()} MLP depth {c['depth']} width {c['width']} "
                  f"{c['act']}, init N(0,{c['init_std']}^2), SGD lr {c['lr']} batch {c['batch']} on {c['data']}")
