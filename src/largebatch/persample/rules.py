@@ -67,10 +67,10 @@ def _outer_sqnorm(d: Tensor, a: Tensor, budget: int) -> Tensor:
         for s, e in _chunks(n, es * 2 * T * T, budget):
             aa = torch.bmm(a[s:e], a[s:e].transpose(1, 2))
             dd = torch.bmm(d[s:e], d[s:e].transpose(1, 2))
-            out.append((aa * dd).sum((1, 2)).clamp_min(0))
+            out.append(torch.linalg.vecdot(aa.reshape(e - s, -1), dd.reshape(e - s, -1)).clamp_min(0))
     else:  # materialize one chunk of per-sample gradients at a time
         for s, e in _chunks(n, es * p * q, budget):
-            out.append(torch.bmm(d[s:e].transpose(1, 2), a[s:e]).pow(2).sum((1, 2)))
+            out.append(torch.linalg.vector_norm(torch.bmm(d[s:e].transpose(1, 2), a[s:e]).flatten(1), dim=1).square())
     return torch.cat(out)
 
 
@@ -143,7 +143,7 @@ def conv_rule(m: nn.modules.conv._ConvNd, x, d, n, want, budget):
             dg = d[s:e].reshape(c, g, cout // g, L)
             uu = u.transpose(2, 3) @ u
             dd = dg.transpose(2, 3) @ dg
-            res.append((uu * dd).sum((1, 2, 3)).clamp_min(0))
+            res.append(torch.linalg.vecdot(uu.reshape(c, -1), dd.reshape(c, -1)).clamp_min(0))
     else:
         per = es * cout * (cin // g) * kk * 2
         for s, e in _chunks(n, per, budget):
@@ -155,7 +155,7 @@ def conv_rule(m: nn.modules.conv._ConvNd, x, d, n, want, budget):
             gw = torch.ops.aten.convolution_backward(
                 ds, xs, w, None, list(m.stride), list(padding), list(m.dilation),
                 False, [0] * nd, c * g, [False, True, False])[1]
-            res.append(gw.reshape(c, -1).pow(2).sum(1))
+            res.append(torch.linalg.vector_norm(gw.reshape(c, -1), dim=1).square())
     out["weight"] = torch.cat(res)
     return out
 
