@@ -39,7 +39,7 @@ from torch import Tensor
 
 __all__ = ["LayerwiseOptimizer", "TensorList", "PATHS"]
 
-PATHS = ("per_tensor", "foreach")
+PATHS = ("per_tensor", "foreach", "compiled")
 
 
 def _ts(x):
@@ -157,8 +157,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     ``adapt`` (apply the layer-wise rule to this group; excluded groups get the plain base
     update at ``lr`` -- see :func:`largebatch.optim.param_groups`).
 
-    ``path``: ``None`` picks the fastest available path for the device (``"foreach"``),
-    ``"per_tensor"`` forces the reference loop.
+    ``path``: ``None`` picks the fastest available path for the device (``"compiled"`` on
+    CPU, see ``_compiled.py``; ``"foreach"`` elsewhere), ``"per_tensor"`` forces the
+    reference loop.
     """
 
     #: group keys accepted besides the defaults (set by users, schedulers, or the engine)
@@ -218,7 +219,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ engine
     def _path_for(self, device: torch.device) -> str:
-        return self.path or "foreach"
+        return self.path or default_path(device)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -258,7 +259,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _run(self, group, params: list[Tensor], P) -> Tensor:
         grads = [p.grad for p in params]
         states = self._states(group, params)
-        if P is _Foreach:
+        if P is Compiled:
+            fin, trust, lr, wn, gn = Compiled.run(self, group, params, grads, states)
+        elif P is _Foreach:
             w, g = TensorList(params), TensorList(grads)
             st = {k: TensorList(s[k] for s in states) for k in states[0]}
             fin, trust, lr, wn, gn = self._masked_update(group, w, g, st, P)
@@ -317,3 +320,8 @@ def zero_norm_safe_ratio(num: Tensor, den: Tensor, scale: float = 1.0, eps: floa
     rule), computed with ``torch.where`` (no host sync)."""
     ok = (num > 0) & (den > 0)
     return torch.where(ok, scale * num / (den + eps), torch.ones_like(num))
+
+
+from ._compiled import Compiled, default_path  # noqa: E402  (the compiled path builds on the classes above)
+
+_PATH_IMPL["compiled"] = Compiled

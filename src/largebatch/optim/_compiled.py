@@ -1,0 +1,168 @@
+"""The ``"compiled"`` execution path: one fused kernel per large tensor (the CPU default).
+
+Where the time of a layer-wise step goes on a CPU (measured with
+``benchmarks/optimizer_step.py``, see ``docs/performance.md``): the eager paths make one
+pass over memory per ``Tensor`` / ``torch._foreach_*`` op -- about ten passes for LARS
+where ``torch.optim.SGD(fused=True)`` makes one. This path instead runs each algorithm's
+single ``_update`` (through the engine's ``_masked_update`` on the per-tensor path)
+under ``torch.compile`` (inductor), on a flattened view of each tensor, so that the whole
+update becomes two loops over memory: one reduction (``||w||``, ``||g||``; LAMB adds a
+second one for ``||r||``) and one fused element-wise loop that writes ``w`` and the state
+in place. That is the floor for a layer-wise rule (the trust ratio needs the norms before
+the update), with no full-size temporary.
+
+* Shapes are dynamic (one compiled kernel per optimizer class and configuration serves
+  every tensor size); hyper-parameters that are floats (``lr``, ``eta``, ...) are graph
+  inputs (dynamo's unspecialized floats, passed as 0-d tensors), so a scheduler changing
+  ``lr`` does not recompile. Hyper-parameters that steer a Python branch (``adapt``,
+  ``nesterov``, ``weight_decay != 0``, ``momentum == 0``, ``max_trust is None``) are
+  guarded: changing them compiles one more variant.
+* Only tensors with at least :data:`MIN_NUMEL` elements (contiguous, with contiguous
+  gradient and state) go through the kernel, where a kernel call (~20-60 us of Python and
+  guard overhead) is small next to its memory traffic, and only when they hold at least
+  :data:`MIN_TOTAL` elements together (small models never compile). The other tensors
+  (biases, normalization parameters) take the ``"foreach"`` path in one batch.
+* Compilation happens on the first step (and on a new configuration) and is paid once
+  per process (inductor also caches it on disk). If compiling fails (no C++ compiler,
+  unsupported platform), the path warns once and falls back to ``"foreach"`` for good.
+  ``LARGEBATCH_NO_COMPILE=1`` disables it up front.
+* Only classes in the registry (:func:`register`; LARS, TVLARS, LAMB, LALC) are compiled:
+  an ``_update`` must read nothing per tensor outside ``(group, w, g, st)`` -- CLARS's
+  ``n_k`` keyed by ``id(w)`` is such an outside input, so CLARS runs ``"foreach"`` here
+  until it passes ``n_k`` through the state.
+
+On CUDA the default stays ``"foreach"`` (multi-tensor kernels there are launched per op
+for all tensors at once); ``path="compiled"`` also works there through inductor/Triton.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._engine import TensorList, _Foreach, _PerTensor
+
+__all__ = ["Compiled", "MIN_NUMEL", "register", "available", "default_path"]
+
+#: tensors with fewer elements take the foreach path inside the compiled path
+MIN_NUMEL = 1 << 14
+#: ... and so do all tensors of a (group, device, dtype) bucket whose eligible tensors hold
+#: fewer elements in total: compiling (seconds, once) does not pay off for small models
+MIN_TOTAL = 1 << 20
+
+_REGISTRY: set[type] = set()
+_BUILTINS_REGISTERED = False
+_KERNELS: dict[type, Any] = {}
+_FAILED = False
+
+
+def register(cls: type) -> type:
+    """Mark an optimizer class as safe for the compiled path (usable as a decorator)."""
+    _REGISTRY.add(cls)
+    return cls
+
+
+def _registered(cls: type) -> bool:
+    global _BUILTINS_REGISTERED
+    if not _BUILTINS_REGISTERED:  # imported here: the algorithm modules import the engine
+        from .lalc import LALC
+        from .lamb import LAMB
+        from .lars import LARS
+        from .tvlars import TVLARS
+        _REGISTRY.update((LARS, TVLARS, LAMB, LALC))
+        _BUILTINS_REGISTERED = True
+    return cls in _REGISTRY
+
+
+def available() -> bool:
+    """Whether the compiled path may be used (not disabled, no earlier compile failure)."""
+    return not _FAILED and os.environ.get("LARGEBATCH_NO_COMPILE", "") in ("", "0")
+
+
+def default_path(device: torch.device) -> str:
+    """The fastest path for ``device``: ``"compiled"`` on CPU, ``"foreach"`` elsewhere and
+    while being traced by an outer ``torch.compile`` (which then fuses the step itself)."""
+    if device.type == "cpu" and available() and not torch.compiler.is_compiling():
+        return "compiled"
+    return "foreach"
+
+
+def _kernel_template(opt, hp, w, g, st):
+    return opt._masked_update(hp, w, g, st, _PerTensor)
+
+
+def _kernel_for(cls: type):
+    """One ``torch.compile`` per optimizer class, each on its own code object so that each
+    class has its own dynamo cache (and recompile limit)."""
+    k = _KERNELS.get(cls)
+    if k is None:
+        code = _kernel_template.__code__.replace(co_name=f"_compiled_{cls.__name__}")
+        fn = types.FunctionType(code, _kernel_template.__globals__, code.co_name)
+        # dynamic_threads: always emit an OpenMP region, sized by the runtime thread count
+        k = _KERNELS[cls] = torch.compile(fn, dynamic=True, options={"cpp.dynamic_threads": True})
+    return k
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A 1-D alias of contiguous ``t`` that is not an autograd view (dynamo would guard on a
+    view's base shape and recompile for every rank)."""
+    if t.dim() == 0:
+        return t
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+
+
+def _fits(p: Tensor, g: Tensor, st: dict[str, Tensor]) -> bool:
+    return (p.numel() >= MIN_NUMEL and p.is_contiguous() and g.is_contiguous()
+            and all(v.is_contiguous() for v in st.values()))
+
+
+class Compiled:
+    """Engine path object (``P``) for ``"compiled"``: :meth:`run` replaces the engine's loop."""
+
+    name = "compiled"
+
+    @staticmethod
+    def run(opt, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+            states: list[dict[str, Tensor]]):
+        """Update ``params`` in place; returns ``fin, trust, lr, w_norm, g_norm`` stacked
+        in ``params`` order (``w_norm`` is ``None`` for a non-adapted group)."""
+        global _FAILED
+        n = len(params)
+        use = available() and _registered(type(opt))
+        big = [i for i in range(n) if use and _fits(params[i], grads[i], states[i])]
+        if sum(params[i].numel() for i in big) < MIN_TOTAL:
+            big = []
+        rows: list[Any] = [None] * n
+        if big:
+            hp = {k: group[k] for k in opt.defaults}
+            kernel = _kernel_for(type(opt))
+            done = 0
+            try:
+                for i in big:
+                    st = {k: _flat(v) for k, v in states[i].items()}
+                    rows[i] = kernel(opt, hp, _flat(params[i]), _flat(grads[i]), st)
+                    done += 1
+            except Exception as e:  # compilation unavailable: finish these tensors eagerly
+                if done:            # a failure after a successful call is not a compile failure
+                    raise
+                _FAILED = True
+                warnings.warn(f"largebatch: the compiled optimizer path is unavailable ({type(e).__name__}: "
+                              f"{e}); using the 'foreach' path", RuntimeWarning, stacklevel=3)
+                big = []
+        small = [i for i in range(n) if rows[i] is None]
+        if small:
+            w = TensorList(params[i] for i in small)
+            g = TensorList(grads[i] for i in small)
+            st = {k: TensorList(states[i][k] for i in small) for k in states[small[0]]}
+            cols = opt._masked_update(group, w, g, st, _Foreach)
+            if not big:
+                return cols
+            parts = [None if c is None else c.unbind() for c in cols]
+            for j, i in enumerate(small):
+                rows[i] = tuple(None if p is None else p[j] for p in parts)
+        return tuple(None if col[0] is None else torch.stack(col) for col in zip(*rows))
