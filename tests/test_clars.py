@@ -188,3 +188,52 @@ def test_defaults_follow_spec():
     opt = CLARS(Net().parameters(), lr=1.0)
     d = opt.defaults
     assert (d["eta"], d["momentum"], d["weight_decay"], d["eps"]) == (0.01, 0.9, 0.0, 0.0)
+
+
+def _ddp_worker(rank, world, port, result_dir, data, init):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = Net()
+        model.load_state_dict(init)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = CLARS(param_groups(model, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=ddp)
+        for x, y in data:
+            opt.zero_grad()
+            xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+            F.cross_entropy(ddp(xs), ys).backward()
+            opt.step()
+        torch.save({"w": model.state_dict(), "count": opt.last_persample.count.tolist()},
+                   os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ddp_equals_single_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = Net()
+    init = copy.deepcopy(model.state_dict())
+    data = batches(3, 8, seed=3)
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path), data, init), nprocs=2, join=True,
+                       start_method="fork")
+    single = CLARS(param_groups(model, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=model)
+    for x, y in data:
+        single.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        single.step()
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert got["count"] == [8.0, 8.0, 8.0]  # per-sample counts summed over ranks
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(got["w"][k], v, rtol=1e-5, atol=1e-7, msg=k)
