@@ -175,3 +175,10 @@ def test_jsonl_metrics(tmp_path, digits):
     rows = read_table(os.path.join(cfg.out_dir, "metrics.jsonl"))
     assert len(rows) == 1 and 0 <= rows[0]["test_acc"] <= 1
     assert os.path.exists(os.path.join(cfg.out_dir, "layer_stats.jsonl"))
+
+
+def test_bf16_autocast_on_cpu(tmp_path, digits):
+    cfg = _cfg(tmp_path, epochs=3, precision="bf16", lr=4.0, checkpoint=False)
+    res = train(cfg, dataset=digits, log=lambda s: None)
+    assert res.status == "finished" and res.final["train_acc"] > 0.5
+    assert all(p.dtype == torch.float32 for p in res.model.parameters())  # autocast keeps fp32 master weights

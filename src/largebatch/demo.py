@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of {', '.join(RECIPES)} (default: all available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    parser.add_argument("--no-plots", dest="plots", action="store_false", help="print the table only")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: 1 for digits, whose tiny matrix products only "
                              "lose to threading overhead; torch's default otherwise)")
@@ -158,8 +159,9 @@ def run(args: argparse.Namespace) -> int:
     with open(os.path.join(args.out_dir, "results.md"), "w") as fh:
         fh.write(f"{dataset}, BN-MLP 3x256, global batch {batch}, {epochs} epochs ({total} steps), seed {args.seed}\n\n")
         fh.write(table + "\n")
-    made = plot_runs(dirs, args.out_dir, names)
-    print("\nplots: " + ", ".join(made))
+    if args.plots:
+        made = plot_runs(dirs, args.out_dir, names)
+        print("\nplots: " + ", ".join(made))
     return 0
 
 

@@ -23,6 +23,7 @@ class DistInfo:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None
+    owns_group: bool = False  # True when setup() created the process group (cleanup destroys it)
 
     @property
     def is_main(self) -> bool:
@@ -56,13 +57,14 @@ def setup(device_pref: str = "auto") -> DistInfo:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    return DistInfo(rank, world, local_rank, device, backend)
+    return DistInfo(rank, world, local_rank, device, backend, owns)
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if info.enabled and info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

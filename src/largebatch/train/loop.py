@@ -263,6 +263,8 @@ def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: flo
     init_weights(model, cfg.init)
     model.to(device)
     if info.enabled and cfg.sync_bn:
+        if device.type == "cpu":
+            raise ValueError("sync_bn: SyncBatchNorm needs GPU (or XPU) devices; drop --sync-bn on CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = build_optimizer(cfg, model, spe)
     sched = build_scheduler(cfg, opt, spe)
