@@ -161,6 +161,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-opacus", action="store_true")
+    ap.add_argument("--models", default="resnet18,mlp", help="comma-separated subset of resnet18,mlp")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.batch < 2:
         raise SystemExit("--rounds must be >= 1 and --batch >= 2")
@@ -177,14 +178,20 @@ def main(argv=None):
         have_opacus, opacus_note = False, "opacus not installed"
     print(f"torch {torch.__version__}, {opacus_note}, device {device}, threads {torch.get_num_threads()}, "
           f"{platform.machine()}, batch {args.batch}, rounds {args.rounds}")
+    models = set(args.models.split(","))
+    if not models or models - {"resnet18", "mlp"}:
+        raise SystemExit(f"--models: expected a comma-separated subset of resnet18,mlp, got {args.models!r}")
     base = ["plain", "persample", "persample-clars"]
-    bench("CIFAR ResNet-18 (BatchNorm)", cifar_resnet18(), x, y, base + (["opacus"] if have_opacus else []),
-          args.rounds, device)
-    bench("MLP 3072-1024-512-10 with BatchNorm", mlp_bn(), x, y, base + (["opacus"] if have_opacus else []),
-          args.rounds, device)
-    if have_opacus:
-        bench("CIFAR ResNet-18, GroupNorm variant (for Opacus)", cifar_resnet18(group_norm), x, y,
-              base + ["opacus"], args.rounds, device)
+    op = ["opacus"] if have_opacus else []
+    if "resnet18" in models:
+        bench("CIFAR ResNet-18 (BatchNorm)", cifar_resnet18(), x, y, base + op, args.rounds, device)
+        if have_opacus:
+            bench("CIFAR ResNet-18, GroupNorm variant (for Opacus)", cifar_resnet18(group_norm), x, y,
+                  base + op, args.rounds, device)
+    if "mlp" in models:
+        bench("MLP 3072-1024-512-10 with BatchNorm", mlp_bn(), x, y, base + op, args.rounds, device)
+        if have_opacus:
+            bench("MLP, GroupNorm variant (for Opacus)", mlp_bn(group_norm), x, y, base + op, args.rounds, device)
 
 
 if __name__ == "__main__":
