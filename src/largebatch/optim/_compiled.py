@@ -124,8 +124,21 @@ class _RealizeScalars(CustomGraphPass):
         return b"largebatch-realize-scalars-1"
 
 
+class _KernelPath(_PerTensor):
+    """The per-tensor path as spelled inside a kernel: norms accumulate in float64.
+
+    Inductor sums float32 with a cascade (chunked) accumulator for accuracy, which made the
+    two norm passes cost as much as the update pass; a float64 accumulator is as accurate
+    and runs at memory speed (1-thread LARS kernel: 2.5 -> 1.9 ms on 2.4M elements).
+    """
+
+    @staticmethod
+    def norm(x: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(x, dtype=torch.float64).to(x.dtype)
+
+
 def _kernel_template(opt, hp, w, g, st):
-    return opt._masked_update(hp, w, g, st, _PerTensor)
+    return opt._masked_update(hp, w, g, st, _KernelPath)
 
 
 def _kernel_for(cls: type):
