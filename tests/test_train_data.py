@@ -145,3 +145,11 @@ def test_normalize_matches_formula():
     mean, std = torch.tensor([0.2, 0.6]), torch.tensor([0.5, 0.25])
     ref = (x.float() / 255 - mean.view(1, 2, 1, 1)) / std.view(1, 2, 1, 1)
     assert torch.allclose(data.normalize(x, mean, std), ref, atol=1e-6)
+
+
+def test_channel_stats_match_torch():
+    x = torch.randint(0, 256, (37, 3, 5, 4), dtype=torch.uint8)
+    mean, std = data.channel_stats(x, chunk=8)
+    xs = x.double() / 255
+    assert torch.allclose(mean.double(), xs.mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(std.double(), xs.std(dim=(0, 2, 3)), atol=1e-6)

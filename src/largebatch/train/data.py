@@ -60,10 +60,7 @@ class ArrayDataset:
                 raise ValueError(f"{self.name}: {split} images must be uint8 N x C x H x W, got {x.dtype} {tuple(x.shape)}")
             if y.dtype != torch.int64 or y.shape != (x.shape[0],):
                 raise ValueError(f"{self.name}: {split} labels must be int64 of length {x.shape[0]}")
-        # Per-channel statistics of the training images, in [0, 1] units (computed once, in float64).
-        xs = self.train_x.double().div_(255.0)
-        self.mean = xs.mean(dim=(0, 2, 3)).float()
-        self.std = xs.std(dim=(0, 2, 3)).clamp_min(1e-3).float()
+        self.mean, self.std = channel_stats(self.train_x)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -75,6 +72,22 @@ class ArrayDataset:
         for k in ("train_x", "train_y", "test_x", "test_y", "mean", "std"):
             setattr(out, k, getattr(self, k).to(device))
         return out
+
+
+def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (unbiased) std of uint8 images in [0, 1] units, accumulated in float64
+    over chunks of images (no full-size float copy of the data set)."""
+    c = x.shape[1]
+    s1 = torch.zeros(c, dtype=torch.float64)
+    s2 = torch.zeros(c, dtype=torch.float64)
+    for part in x.split(chunk):
+        v = part.transpose(0, 1).reshape(c, -1).double()
+        s1 += v.sum(1).cpu()
+        s2 += (v * v).sum(1).cpu()
+    n = x.numel() // c
+    mean = s1 / n
+    var = (s2 - n * mean * mean) / max(n - 1, 1)
+    return (mean / 255.0).float(), (var.clamp_min(0).sqrt() / 255.0).clamp_min(1e-3).float()
 
 
 # ----------------------------------------------------------------------------- augmentation
