@@ -182,3 +182,26 @@ def test_bf16_autocast_on_cpu(tmp_path, digits):
     res = train(cfg, dataset=digits, log=lambda s: None)
     assert res.status == "finished" and res.final["train_acc"] > 0.5
     assert all(p.dtype == torch.float32 for p in res.model.parameters())  # autocast keeps fp32 master weights
+
+
+def test_cifar_format_resnet20_with_augmentation_and_accumulation(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    for name, n in [(f"data_batch_{i}", 16) for i in range(1, 6)] + [("test_batch", 16)]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.randint(0, 256, (n, 3072), dtype=np.uint8),
+                         b"labels": rng.randint(0, 10, n).tolist()}, f)
+    out = tmp_path / "run"
+    rc = main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--model", "resnet20", "--init",
+               "kaiming_normal", "--optimizer", "lamb", "--lr", "0.01", "--batch-size", "32", "--micro-batch-size", "16",
+               "--epochs", "1", "--schedule", "poly", "--stats-every", "1", "--out-dir", str(out)])
+    assert rc == 0
+    m = read_table(str(out / "metrics.csv"))
+    assert len(m) == 1 and m[0]["step"] == 2  # 80 images / 32 = 2 steps (drop_last)
+    layers = {r["layer"] for r in read_table(str(out / "layer_stats.csv"))}
+    assert "conv1.weight" in layers and "layer3.2.conv2.weight" in layers and "fc.bias" in layers
