@@ -205,3 +205,13 @@ def test_cifar_format_resnet20_with_augmentation_and_accumulation(tmp_path):
     assert len(m) == 1 and m[0]["step"] == 2  # 80 images / 32 = 2 steps (drop_last)
     layers = {r["layer"] for r in read_table(str(out / "layer_stats.csv"))}
     assert "conv1.weight" in layers and "layer3.2.conv2.weight" in layers and "fc.bias" in layers
+
+
+def test_partial_last_step_without_drop_last(tmp_path, digits):
+    """1438 samples at batch 1024: a full step then one of 414; accumulation still equals one big step."""
+    kw = dict(mlp_batchnorm=False, epochs=1, batch_size=1024, drop_last=False, stats_every=0, checkpoint=False)
+    one = train(_cfg(tmp_path, "one", **kw), dataset=digits, log=lambda s: None)
+    acc = train(_cfg(tmp_path, "acc", micro_batch_size=256, **kw), dataset=digits, log=lambda s: None)
+    assert one.global_step == acc.global_step == 2
+    a, b = _weights(one.model), _weights(acc.model)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
