@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Versions pinned for development and CI only; pyproject.toml declares loose ranges.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench data clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Optional real data for `largebatch demo --dataset fashion-mnist` (Debian/Ubuntu, as root).
+data:
+	apt-get update && apt-get install -y dataset-fashion-mnist
 
 bench: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
