@@ -153,7 +153,12 @@ def _kernel_for(cls: type):
         fn = types.FunctionType(code, _kernel_template.__globals__, code.co_name)
         # dynamic_threads: always emit an OpenMP region, sized by the runtime thread count
         k = _KERNELS[cls] = (torch.compile(fn, dynamic=True, options={
-            "cpp.dynamic_threads": True, "post_grad_custom_post_pass": _RealizeScalars()}), cls.__new__(cls))
+            "cpp.dynamic_threads": True, "post_grad_custom_post_pass": _RealizeScalars(),
+            # recompute element-wise intermediates in each loop instead of storing them: LAMB's
+            # r = m_hat / (sqrt(v_hat) + eps) + wd w was a full-size temporary, freshly
+            # allocated (and page-faulted) for every tensor and step
+            "realize_opcount_threshold": 10_000, "realize_reads_threshold": 100,
+        }), cls.__new__(cls))
     return k
 
 
