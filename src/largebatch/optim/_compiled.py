@@ -9,7 +9,8 @@ under ``torch.compile`` (inductor), on a flattened view of each tensor, so that 
 update becomes two loops over memory: one reduction (``||w||``, ``||g||``; LAMB adds a
 second one for ``||r||``) and one fused element-wise loop that writes ``w`` and the state
 in place. That is the floor for a layer-wise rule (the trust ratio needs the norms before
-the update), with no full-size temporary.
+the update), with no full-size temporary (LALC, whose ``_update`` has a graph break when
+``lr`` is a tensor, still gets one: see ``docs/performance.md``).
 
 * Shapes are dynamic (one compiled kernel per optimizer class and configuration serves
   every tensor size); ``lr`` is passed as a 0-d tensor, so a scheduler changing it does
@@ -26,12 +27,14 @@ the update), with no full-size temporary.
   unsupported platform), the path warns once and falls back to ``"foreach"`` for good.
   ``LARGEBATCH_NO_COMPILE=1`` disables it up front.
 * Only classes in the registry (:func:`register`; LARS, TVLARS, LAMB, LALC) are compiled:
-  an ``_update`` must read nothing per tensor outside ``(group, w, g, st)`` -- CLARS's
+  an ``_update`` must read nothing per tensor outside ``(group, w, g, st)`` and only class
+  attributes of ``self`` (one bare instance per class is the kernel's ``self``) -- CLARS's
   ``n_k`` keyed by ``id(w)`` is such an outside input, so CLARS runs ``"foreach"`` here
   until it passes ``n_k`` through the state.
 
 On CUDA the default stays ``"foreach"`` (multi-tensor kernels there are launched per op
-for all tensors at once); ``path="compiled"`` also works there through inductor/Triton.
+for all tensors at once); ``path="compiled"`` would compile through inductor/Triton there
+(untested: no GPU on the development machine).
 """
 
 from __future__ import annotations
@@ -43,9 +46,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-import torch._dynamo.exc
-import torch._inductor.exc
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from ._engine import TensorList, _Foreach, _PerTensor
 
@@ -94,7 +94,19 @@ def default_path(device: torch.device) -> str:
     return "foreach"
 
 
-class _RealizeScalars(CustomGraphPass):
+def _realize_scalars_pass():
+    """An instance of :class:`_RealizeScalars` (built here: importing inductor takes ~1 s,
+    which ``import largebatch`` should not pay)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class _RealizeScalars(CustomGraphPass):
+        __call__ = _realize_scalars
+        uuid = lambda self: b"largebatch-realize-scalars-1"  # noqa: E731
+
+    return _RealizeScalars()
+
+
+def _realize_scalars(self, graph: torch.fx.Graph) -> None:
     """Inductor post-grad pass: compute each 0-d intermediate once, before the loops.
 
     Inductor inlines a 0-d value (LAMB's ``1 - b2 ** t``, a trust ratio) into every loop
@@ -103,25 +115,20 @@ class _RealizeScalars(CustomGraphPass):
     Routing the loops' reads through ``as_strided(x, (), ())`` (a view, which needs its
     input in a buffer) makes inductor store each such scalar once and load it in the loops.
     """
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        view = torch.ops.aten.as_strided.default
-        for node in list(graph.nodes):
-            val = node.meta.get("val")
-            if node.op != "call_function" or not isinstance(val, Tensor) or val.dim() != 0:
-                continue
-            big = [u for u in node.users
-                   if isinstance(u.meta.get("val"), Tensor) and u.meta["val"].dim() > 0]
-            if not big:
-                continue
-            with graph.inserting_after(node):
-                r = graph.call_function(view, (node, [], []))
-            r.meta["val"] = val
-            for u in big:
-                u.replace_input_with(node, r)
-
-    def uuid(self) -> bytes:
-        return b"largebatch-realize-scalars-1"
+    view = torch.ops.aten.as_strided.default
+    for node in list(graph.nodes):
+        val = node.meta.get("val")
+        if node.op != "call_function" or not isinstance(val, Tensor) or val.dim() != 0:
+            continue
+        big = [u for u in node.users
+               if isinstance(u.meta.get("val"), Tensor) and u.meta["val"].dim() > 0]
+        if not big:
+            continue
+        with graph.inserting_after(node):
+            r = graph.call_function(view, (node, [], []))
+        r.meta["val"] = val
+        for u in big:
+            u.replace_input_with(node, r)
 
 
 class _KernelPath(_PerTensor):
@@ -153,7 +160,7 @@ def _kernel_for(cls: type):
         fn = types.FunctionType(code, _kernel_template.__globals__, code.co_name)
         # dynamic_threads: always emit an OpenMP region, sized by the runtime thread count
         k = _KERNELS[cls] = (torch.compile(fn, dynamic=True, options={
-            "cpp.dynamic_threads": True, "post_grad_custom_post_pass": _RealizeScalars(),
+            "cpp.dynamic_threads": True, "post_grad_custom_post_pass": _realize_scalars_pass(),
             # recompute element-wise intermediates in each loop instead of storing them: LAMB's
             # r = m_hat / (sqrt(v_hat) + eps) + wd w was a full-size temporary, freshly
             # allocated (and page-faulted) for every tensor and step
@@ -175,9 +182,11 @@ def _fits(p: Tensor, g: Tensor, st: dict[str, Tensor]) -> bool:
             and all(v.is_contiguous() for v in st.values()))
 
 
-# what a failed compilation raises (no C++ compiler, unsupported platform or dtype)
-_COMPILE_ERRORS = (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.CppCompileError,
-                   OSError, ImportError)
+def _compile_errors() -> tuple[type, ...]:
+    """What a failed compilation raises (no C++ compiler, unsupported platform or dtype)."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+    return (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.CppCompileError, OSError, ImportError)
 
 
 class Compiled:
@@ -212,9 +221,9 @@ class Compiled:
                         st = {k: _flat(v) for k, v in states[i].items()}
                         rows[i] = kernel(algo, hp, _flat(params[i]), _flat(grads[i]), st)
                         done += 1
-            except _COMPILE_ERRORS as e:  # compilation unavailable: finish these tensors eagerly
-                if done:                  # a failure after a successful call is not a compile failure
-                    raise
+            except Exception as e:  # compilation unavailable: finish these tensors eagerly
+                if done or not isinstance(e, _compile_errors()):  # after a successful call: not a
+                    raise                                       # compile failure
                 _FAILED = True
                 warnings.warn(f"largebatch: the compiled optimizer path is unavailable ({type(e).__name__}: "
                               f"{e}); using the 'foreach' path", RuntimeWarning, stacklevel=3)
