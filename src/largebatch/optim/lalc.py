@@ -66,12 +66,13 @@ class LALC(LayerwiseOptimizer):
             buf.mul_(P.coef(torch.where(fin, mu, 1.0))).addcmul_(d, P.coef(c))
             st["step"].add_(P.coef(fin.float()))
             h = d.add_(buf, alpha=mu) if group["nesterov"] else buf
+        lr_t = torch.ones_like(g_norm) * lr                 # lr: a float, or a 0-d tensor (compiled path)
         if group["adapt"]:
             h_norm = P.norm(h)
             local = group["eta"] * w_norm / (h_norm + group["eps"])
-            lr_k = torch.where(w_norm * h_norm > 0, torch.clamp(local, max=lr), lr)
+            lr_k = torch.where(w_norm * h_norm > 0, torch.minimum(local, lr_t), lr_t)
         else:
-            lr_k = torch.full_like(g_norm, lr)
+            lr_k = lr_t
         w.addcmul_(h, P.coef(torch.where(fin, -lr_k, 0.0)))
-        trust = lr_k / lr if lr > 0 else torch.ones_like(lr_k)
+        trust = torch.where(lr_t > 0, lr_k / lr_t, 1.0)
         return trust, lr_k
