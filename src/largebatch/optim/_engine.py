@@ -77,8 +77,9 @@ class TensorList:
         torch._foreach_addcmul_(self.ts, t1.ts, _ts(t2), value=value)
         return self
 
-    def div(self, other: "TensorList") -> "TensorList":
-        return TensorList(torch._foreach_div(self.ts, other.ts))
+    def reciprocal_(self) -> "TensorList":
+        torch._foreach_reciprocal_(self.ts)
+        return self
 
     def sqrt(self) -> "TensorList":
         return TensorList(torch._foreach_sqrt(self.ts))

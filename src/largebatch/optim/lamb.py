@@ -62,8 +62,8 @@ class LAMB(LayerwiseOptimizer):
         v.mul_(P.coef(torch.where(fin, b2, 1.0))).addcmul_(g, g, value=1 - b2)
         st["step"].add_(P.coef(fin.float()))
         t = P.stack(st["step"]).clamp(min=1)               # a never-updated tensor has m = v = 0
-        r = v.sqrt().mul_(P.coef(torch.rsqrt(1 - b2 ** t))).add_(eps)
-        r = m.div(r).mul_(P.coef(1 / (1 - b1 ** t)))
+        r = v.sqrt().mul_(P.coef(torch.rsqrt(1 - b2 ** t))).add_(eps)   # the one full-size temporary
+        r.reciprocal_().mul_(m).mul_(P.coef(1 / (1 - b1 ** t)))
         if wd != 0:
             r.add_(w, alpha=wd)
         if group["adapt"]:
