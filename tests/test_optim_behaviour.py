@@ -235,3 +235,83 @@ def test_bad_param_groups():
         LARS([{"params": m[0].parameters()}, {"params": m[3].parameters(), "momentum": 2.0}], lr=0.1)
     with pytest.raises(ValueError, match="path"):
         LARS(m.parameters(), lr=0.1, path="fast")
+
+
+SPECS = {
+    "LARS": (LARS, dict(eta=0.02, nesterov=True)),
+    "TVLARS": (TVLARS, dict(eta=0.02, lam=0.1, delay=2)),
+    "LAMB": (LAMB, dict()),
+    "LALC": (LALC, dict(eta=0.05, dampening=0.1)),
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", SPECS)
+def test_tensor_lr_equals_float_lr_under_a_scheduler(name, path):
+    cls, kw = SPECS[name]
+    torch.manual_seed(0)
+    a = make_model()
+    b = copy.deepcopy(a)
+    lr = torch.tensor(0.2)
+    opt_a = cls(param_groups(a, weight_decay=1e-3), lr=0.2, path=path, **kw)
+    opt_b = cls(param_groups(b, weight_decay=1e-3), lr=lr, path=path, **kw)
+    assert opt_b.param_groups[0]["lr"] is lr
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (1 + t)) for o in (opt_a, opt_b)]
+    for _ in range(5):
+        x = torch.randn(10, 6)
+        for m, o, s in ((a, opt_a, scheds[0]), (b, opt_b, scheds[1])):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+            s.step()
+    assert opt_b.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.2 / 6)  # updated in place
+    torch.testing.assert_close(flat(a), flat(b), rtol=1e-6, atol=1e-7)
+
+
+def test_bad_tensor_lr():
+    with pytest.raises(ValueError, match="lr"):
+        LARS(make_model().parameters(), lr=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="lr"):
+        LARS(make_model().parameters(), lr=torch.tensor(-0.1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", SPECS)
+def test_cuda_graph_capture_of_step(name):
+    """With lr a device tensor, ``step()`` can be captured once and replayed: same result as
+    eager steps, including an lr change between replays."""
+    cls, kw = SPECS[name]
+    torch.manual_seed(0)
+    a = make_model().cuda()
+    b = copy.deepcopy(a)
+    opt_a = cls(param_groups(a, weight_decay=1e-3), lr=0.2, **kw)
+    lr = torch.tensor(0.2, device="cuda")
+    opt_b = cls(param_groups(b, weight_decay=1e-3), lr=lr, **kw)
+    grads = [[torch.randn_like(p) for p in a.parameters()] for _ in range(6)]
+
+    def eager(gs):
+        for p, g in zip(a.parameters(), gs):
+            p.grad = g.clone()
+        opt_a.step()
+
+    for p, g in zip(b.parameters(), grads[0]):
+        p.grad = g.clone()  # static gradient buffers
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt_b.step()  # warm-up: creates the state outside the graph
+    torch.cuda.current_stream().wait_stream(side)
+    eager(grads[0])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_b.step()
+    for i, gs in enumerate(grads[1:]):
+        if i == 3:
+            opt_a.param_groups[0]["lr"] = opt_a.param_groups[1]["lr"] = 0.05
+            lr.fill_(0.05)
+        eager(gs)
+        for p, g in zip(b.parameters(), gs):
+            p.grad.copy_(g)
+        graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(flat(a), flat(b), rtol=1e-5, atol=1e-6)

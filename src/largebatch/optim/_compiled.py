@@ -212,7 +212,7 @@ class Compiled:
             # argument (torch.full_like(x, lr)) were baked in without a guard by dynamo
             hp = {k: group[k] for k in opt.defaults}
             p0 = params[big[0]]
-            hp["lr"] = torch.tensor(group["lr"], dtype=p0.dtype, device=p0.device)
+            hp["lr"] = torch.as_tensor(group["lr"], dtype=p0.dtype, device=p0.device).reshape(())
             kernel, algo = _kernel_for(type(opt))
             done = 0
             try:

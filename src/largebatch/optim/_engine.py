@@ -158,6 +158,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     ``adapt`` (apply the layer-wise rule to this group; excluded groups get the plain base
     update at ``lr`` -- see :func:`largebatch.optim.param_groups`).
 
+    ``lr`` may be a float or a 0-d float tensor. A tensor on the parameters' device keeps
+    ``step()`` free of host values (TVLARS/LAMB/LALC step counters already live there), so
+    the step can be captured in a CUDA graph; LR schedulers update such a tensor in place.
+
     ``path``: ``None`` picks the fastest available path for the device (``"compiled"`` on
     CPU, see ``_compiled.py``; ``"foreach"`` elsewhere), ``"per_tensor"`` forces the
     reference loop.
@@ -183,7 +187,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
-        check_nonneg(f"lr{where}", group["lr"])
+        lr = group["lr"]
+        if isinstance(lr, Tensor):  # e.g. on the params' device, for CUDA-graph capture
+            _check(f"lr{where}", lr, lr.dim() == 0 and lr.is_floating_point(), "a float or a 0-d float tensor")
+            check_nonneg(f"lr{where}", float(lr))  # once, at construction: not in step()
+        else:
+            check_nonneg(f"lr{where}", lr)
         check_nonneg(f"weight_decay{where}", group["weight_decay"])
         _check(f"adapt{where}", group["adapt"], isinstance(group["adapt"], bool), "True or False")
         try:
