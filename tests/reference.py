@@ -16,6 +16,16 @@ def _norm(x):
     return float(torch.linalg.vector_norm(x))
 
 
+def _lars_trust(w, g, adapt, wd, eta, eps):
+    """SPEC's LARS/TVLARS ratio with the zero-norm rule; 1 for excluded tensors."""
+    if not adapt:
+        return 1.0
+    wn, gn = _norm(w), _norm(g)
+    if wn > 0 and gn + wd * wn > 0:
+        return eta * wn / (gn + wd * wn + eps)
+    return 1.0
+
+
 class Reference:
     """``algo`` in {"lars", "tvlars", "lamb", "lalc"}; ``groups``: name -> (adapt, wd)."""
 
@@ -39,13 +49,9 @@ class Reference:
         hp = self.hp
         mu, eta, eps = hp.get("momentum", 0.9), hp.get("eta", 1e-3), hp.get("eps", 0.0)
         d = g + wd * w
-        trust = 1.0
-        if adapt:
-            wn, gn = _norm(w), _norm(g)
-            if wn > 0 and gn + wd * wn > 0:
-                trust = eta * wn / (gn + wd * wn + eps)
-            if hp.get("trust_clip"):
-                trust = min(trust, 1.0)
+        trust = _lars_trust(w, g, adapt, wd, eta, eps)
+        if adapt and hp.get("trust_clip"):
+            trust = min(trust, 1.0)
         v = mu * st.get("v", torch.zeros_like(w)) + lr * trust * d
         st["v"] = v
         if hp.get("nesterov"):
@@ -59,11 +65,7 @@ class Reference:
         lam, alpha, delay, gmin = hp.get("lam", 1e-4), hp.get("alpha", 1.0), hp.get("delay", 0), hp.get("gamma_min", 0.0)
         phi = 1.0 / (alpha + math.exp(lam * (self.t - delay))) + gmin
         d = g + wd * w
-        trust = 1.0
-        if adapt:
-            wn, gn = _norm(w), _norm(g)
-            if wn > 0 and gn + wd * wn > 0:
-                trust = eta * wn / (gn + wd * wn + eps)
+        trust = _lars_trust(w, g, adapt, wd, eta, eps)
         gamma = lr * phi * trust
         b = mu * st.get("b", torch.zeros_like(w)) - gamma * d
         st["b"] = b
