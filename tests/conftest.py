@@ -20,3 +20,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def kernel_sized(monkeypatch):
+    """Let tiny test tensors go through the compiled optimizer kernel (optim/_compiled.py)."""
+    from largebatch.optim import _compiled
+
+    monkeypatch.setattr(_compiled, "MIN_NUMEL", 64)
+    monkeypatch.setattr(_compiled, "MIN_TOTAL", 64)

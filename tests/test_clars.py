@@ -84,8 +84,8 @@ def run_clars(model, data, path, subset=None, micro=1):
     return opt
 
 
-@pytest.mark.parametrize("path,subset", [("per_tensor", None), ("foreach", None), ("foreach", 3)])
-def test_matches_float64_reference(path, subset):
+@pytest.mark.parametrize("path,subset", [("per_tensor", None), ("foreach", None), ("foreach", 3), ("compiled", None)])
+def test_matches_float64_reference(path, subset, kernel_sized):
     torch.manual_seed(0)
     model = Net()
     data = batches(12, 6)
@@ -94,6 +94,9 @@ def test_matches_float64_reference(path, subset):
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.detach().double(), ref[k], rtol=2e-4, atol=2e-6, msg=k)
     assert not torch.equal(ref["fc2.weight"], Net().fc2.weight.double())
+    if path == "compiled":  # the fused kernel really ran
+        from largebatch.optim import _compiled
+        assert CLARS in _compiled._KERNELS and _compiled.available()
 
 
 def test_accumulation_equals_one_batch():

@@ -26,13 +26,6 @@ CASES = {
 NESTEROV = {"LARS", "LALC"}
 
 
-@pytest.fixture
-def kernel_sized(monkeypatch):
-    """Let the tiny test tensors go through the compiled kernel."""
-    monkeypatch.setattr(_compiled, "MIN_NUMEL", 64)
-    monkeypatch.setattr(_compiled, "MIN_TOTAL", 64)
-
-
 def make_params():
     """Compiled-eligible (>= 64 elements, contiguous) and foreach ones, in two groups."""
     g = torch.Generator().manual_seed(0)

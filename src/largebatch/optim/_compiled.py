@@ -26,11 +26,10 @@ the update), with no full-size temporary (LALC, whose ``_update`` has a graph br
   per process (inductor also caches it on disk). If compiling fails (no C++ compiler,
   unsupported platform), the path warns once and falls back to ``"foreach"`` for good.
   ``LARGEBATCH_NO_COMPILE=1`` disables it up front.
-* Only classes in the registry (:func:`register`; LARS, TVLARS, LAMB, LALC) are compiled:
-  an ``_update`` must read nothing per tensor outside ``(group, w, g, st)`` and only class
-  attributes of ``self`` (one bare instance per class is the kernel's ``self``) -- CLARS's
-  ``n_k`` keyed by ``id(w)`` is such an outside input, so CLARS runs ``"foreach"`` here
-  until it passes ``n_k`` through the state.
+* Only classes in the registry (:func:`register`; LARS, TVLARS, LAMB, LALC, CLARS) are
+  compiled: an ``_update`` must read nothing per tensor outside ``(group, w, g, st)`` and
+  only class attributes of ``self`` (one bare instance per class is the kernel's ``self``);
+  CLARS therefore passes its ``n_k`` through the state (``st["persample_norm"]``).
 
 On CUDA the default stays ``"foreach"`` (multi-tensor kernels there are launched per op
 for all tensors at once); ``path="compiled"`` would compile through inductor/Triton there
@@ -72,11 +71,12 @@ def register(cls: type) -> type:
 def _registered(cls: type) -> bool:
     global _BUILTINS_REGISTERED
     if not _BUILTINS_REGISTERED:  # imported here: the algorithm modules import the engine
+        from .clars import CLARS
         from .lalc import LALC
         from .lamb import LAMB
         from .lars import LARS
         from .tvlars import TVLARS
-        _REGISTRY.update((LARS, TVLARS, LAMB, LALC))
+        _REGISTRY.update((LARS, TVLARS, LAMB, LALC, CLARS))
         _BUILTINS_REGISTERED = True
     return cls in _REGISTRY
 

@@ -78,7 +78,6 @@ class CLARS(_TrustMomentum):
         super().__init__(params, defaults, path=path)
         self.persample: PerSampleGradNorms | None = None
         self.last_persample: PerSampleStats | None = None
-        self._nk: dict[int, Tensor] | None = None
         if model is not None:
             self.attach(model, persample_subset=persample_subset, loss_reduction=loss_reduction,
                         loss_scale=loss_scale)
@@ -136,15 +135,23 @@ class CLARS(_TrustMomentum):
                 f"CLARS step without per-sample statistics for {len(missing)} adapted tensor(s) "
                 f"(e.g. {missing[:3]}): run the backward pass through the attached model between "
                 "two steps, and attach to the model that owns these parameters")
-        self._nk = dict(zip(map(id, stats.params), stats.mean_norm().unbind()))
+        # n_k travels in each tensor's state, so `_update` reads only (group, w, g, st) and
+        # runs on every path, the compiled one included
+        nk = dict(zip(map(id, stats.params), stats.mean_norm().unbind()))
+        for g in self.param_groups:
+            if g["adapt"]:
+                states = self._states(g, [p for p in g["params"] if p.grad is not None])
+                for p, st in zip((p for p in g["params"] if p.grad is not None), states):
+                    st["persample_norm"].copy_(nk[id(p)])
         self.last_persample = stats
-        try:
-            super().step()
-        finally:
-            self._nk = None
+        super().step()
         return loss
 
+    def _init_state(self, p, group):
+        st = super()._init_state(p, group)
+        if group["adapt"]:  # n_k of the current step (SPEC "CLARS"), written by step()
+            st["persample_norm"] = torch.zeros((), dtype=p.dtype, device=p.device)
+        return st
+
     def _trust_norm(self, group, w, g_norm, st, P) -> Tensor:
-        if isinstance(w, Tensor):
-            return self._nk[id(w)].to(g_norm.dtype)
-        return torch.stack([self._nk[id(t)] for t in w.ts]).to(g_norm.dtype)
+        return P.stack(st["persample_norm"]).to(g_norm.dtype)
