@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ..plotting import pyplot, save_figure
+from . import theory
 
-from . import theory  # noqa: E402
+plt = pyplot()
 
 
 def plot_rates(results: list[dict], path: str, title: str = "Gradient explosion rate at initialization") -> str:
@@ -34,10 +33,7 @@ def plot_rates(results: list[dict], path: str, title: str = "Gradient explosion 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_activation_factors(results: list[dict], path: str, title: str = "Per-block variance factor by activation") -> str:
@@ -58,10 +54,7 @@ def plot_activation_factors(results: list[dict], path: str, title: str = "Per-bl
     ax.set_ylim(0.8, max(1.6, max(r["factor_mean"] for r in results) + 0.1))
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 _LABELS = {
@@ -105,9 +98,7 @@ def plot_dynamics(result: dict, path: str) -> str:
     c = result["config"]
     fig.suptitle(f"Early-training dynamics: {c['norm'].upper()} MLP depth {c['depth']} width {c['width']} "
                  f"{c['act']}, init N(0,{c['init_std']}^2), SGD lr {c['lr']} batch {c['batch']} on {c['data']}")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, tight=False)
 
 
 def plot_prop1(rows: list[dict], path: str) -> str:
@@ -126,7 +117,4 @@ def plot_prop1(rows: list[dict], path: str) -> str:
         ax.set_xlabel("mu")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -15,6 +15,7 @@ import os
 import sys
 from collections import defaultdict
 
+from ..plotting import pyplot, save_figure
 from .loop import read_table
 
 
@@ -26,21 +27,12 @@ def _table(run_dir: str, base: str) -> list[dict]:
     return []
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _label(run_dir: str) -> str:
     return os.path.basename(os.path.normpath(run_dir)) or run_dir
 
 
 def plot_curves(run_dirs: list[str], path: str, labels: list[str] | None = None) -> str:
-    plt = _plt()
+    plt = pyplot()
     labels = labels or [_label(d) for d in run_dirs]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (d, lab) in enumerate(zip(run_dirs, labels)):
@@ -57,14 +49,11 @@ def plot_curves(run_dirs: list[str], path: str, labels: list[str] | None = None)
     ax_acc.legend(fontsize=8)
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_lr(run_dirs: list[str], path: str, labels: list[str] | None = None) -> str:
-    plt = _plt()
+    plt = pyplot()
     labels = labels or [_label(d) for d in run_dirs]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, (d, lab) in enumerate(zip(run_dirs, labels)):
@@ -74,10 +63,7 @@ def plot_lr(run_dirs: list[str], path: str, labels: list[str] | None = None) -> 
     ax.set(xlabel="step", ylabel="learning rate (before trust ratio)", title="Learning rate vs step", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_layers(run_dir: str, path: str, title: str | None = None) -> str | None:
@@ -85,7 +71,7 @@ def plot_layers(run_dir: str, path: str, title: str | None = None) -> str | None
     rows = [r for r in _table(run_dir, "layer_stats") if int(r["adapt"]) == 1]
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     series: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         s = series[r["layer"]]
@@ -103,10 +89,7 @@ def plot_layers(run_dir: str, path: str, title: str | None = None) -> str | None
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6, ncol=1 if n <= 12 else 2)
     fig.suptitle(title or f"Layer statistics: {_label(run_dir)}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) -> list[str]:
