@@ -80,3 +80,9 @@ def test_unknown_key_in_file(tmp_path):
     f.write_text("optimiser: lars\n")
     with pytest.raises(ValueError, match="^optimiser: unknown config field"):
         resolve(str(f))
+
+
+def test_auto_schedule_is_none_for_tvlars_and_cosine_otherwise():
+    assert TrainConfig(optimizer="tvlars").validate().schedule == "none"
+    assert TrainConfig(optimizer="lars").validate().schedule == "cosine"
+    assert TrainConfig(optimizer="tvlars", schedule="poly").validate().schedule == "poly"

@@ -18,7 +18,7 @@ DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "tinyimagenet")
 MODELS = ("mlp", "resnet20", "resnet32", "resnet44", "resnet56", "resnet18", "resnet34", "resnet50")
 INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 OPTIMIZERS = ("sgd", "lars", "lamb", "tvlars", "lalc", "clars")
-SCHEDULES = ("none", "cosine", "poly")
+SCHEDULES = ("auto", "none", "cosine", "poly")
 SCALING = ("none", "linear", "sqrt")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ACTIVATIONS = ("relu", "tanh", "gelu", "silu", "leaky_relu", "identity")
@@ -66,7 +66,9 @@ class TrainConfig:
     tvlars_gamma_min: float = field(default=0.0, metadata={"help": "TVLARS lower bound gamma_min"})
     clars_subset: int | None = field(default=None, metadata={"help": "CLARS: per-sample norms from this many samples"})
     # schedule
-    schedule: str = field(default="cosine", metadata={"help": "none, cosine (warm-up + cosine) or poly (warm-up + polynomial)"})
+    schedule: str = field(default="auto", metadata={"help": "auto (none for tvlars, whose phi(t) is the schedule; "
+                                                     "cosine otherwise), none, cosine (warm-up + cosine) or poly "
+                                                     "(warm-up + polynomial)"})
     warmup_epochs: float = field(default=0.0, metadata={"help": "linear warm-up length in epochs"})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "final LR / peak LR (cosine min, poly end)"})
     poly_power: float = field(default=2.0, metadata={"help": "polynomial decay power"})
@@ -146,6 +148,8 @@ class TrainConfig:
                 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas)):
             raise ValueError(f"betas: must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if self.schedule == "auto":  # SPEC: TVLARS runs at a constant lr, phi(t) replaces warm-up and decay
+            self.schedule = "none" if self.optimizer == "tvlars" else "cosine"
         if self.warmup_epochs >= self.epochs and self.schedule != "none":
             raise ValueError(f"warmup_epochs: must be < epochs ({self.epochs}), got {self.warmup_epochs!r}")
         if self.warmup_epochs > 0 and self.schedule == "none":
