@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("largebatch.train.cli", "train a classifier (config file and/or flags)"),
     "plot": ("largebatch.train.plot", "plot one or more run directories"),
     "explosion": ("largebatch.analysis.cli", "gradient-explosion analysis of normalized networks (seed 003)"),
+    "reproduce-tvlars-table1": ("largebatch.experiments.tvlars_table1",
+                                "the classification grid of TVLARS's Table 1: list, run or tabulate it"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Paper experiments as runnable grids of ``largebatch train`` runs (``largebatch reproduce``)."""
