@@ -16,7 +16,6 @@ modules, found by :func:`norm_modules` in forward order.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "selu", "gelu", "silu", "softplus", "dropout", "identity", "tanh")

@@ -70,9 +70,6 @@ class TensorList:
             torch._foreach_add_(self.ts, other)
         return self
 
-    def add(self, other: "TensorList", alpha: float = 1) -> "TensorList":
-        return TensorList(torch._foreach_add(self.ts, other.ts, alpha=alpha))
-
     def addcmul_(self, t1: "TensorList", t2, value: float = 1) -> "TensorList":
         torch._foreach_addcmul_(self.ts, t1.ts, _ts(t2), value=value)
         return self

@@ -123,26 +123,25 @@ class CLARS(_TrustMomentum):
         stats = self.persample.collect()
         pos = stats.index()
         name = dict(zip(map(id, stats.params), stats.names))
+        n_k = stats.mean_norm()
         missing = []
+        # n_k travels in each tensor's state, so `_update` reads only (group, w, g, st) and
+        # runs on every path, the compiled one included
         for g in self.param_groups:
             if not g["adapt"]:
                 continue
-            for i, p in enumerate(g["params"]):
-                if p.grad is not None and (id(p) not in pos or stats.local_count[pos[id(p)]] == 0):
-                    missing.append(name.get(id(p), f"{g.get('name', 'group')}[{i}] {tuple(p.shape)}"))
+            live = [p for p in g["params"] if p.grad is not None]
+            for p, st in zip(live, self._states(g, live)):
+                j = pos.get(id(p))
+                if j is None or stats.local_count[j] == 0:
+                    missing.append(name.get(id(p), f"{g.get('name', 'group')} {tuple(p.shape)}"))
+                else:
+                    st["persample_norm"].copy_(n_k[j])
         if missing:
             raise RuntimeError(
                 f"CLARS step without per-sample statistics for {len(missing)} adapted tensor(s) "
                 f"(e.g. {missing[:3]}): run the backward pass through the attached model between "
                 "two steps, and attach to the model that owns these parameters")
-        # n_k travels in each tensor's state, so `_update` reads only (group, w, g, st) and
-        # runs on every path, the compiled one included
-        nk = dict(zip(map(id, stats.params), stats.mean_norm().unbind()))
-        for g in self.param_groups:
-            if g["adapt"]:
-                states = self._states(g, [p for p in g["params"] if p.grad is not None])
-                for p, st in zip((p for p in g["params"] if p.grad is not None), states):
-                    st["persample_norm"].copy_(nk[id(p)])
         self.last_persample = stats
         super().step()
         return loss

@@ -11,7 +11,6 @@ from __future__ import annotations
 import fnmatch
 from typing import Any, Callable, Iterable, Union
 
-import torch
 from torch import nn
 
 __all__ = ["param_groups", "describe_groups", "split_parameters"]
