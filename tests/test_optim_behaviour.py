@@ -74,7 +74,7 @@ def test_tvlars_step_counter_in_state_dict(name):
     train(model, opt, 3, seed=0)
     sd = opt.state_dict()
     if name == "TVLARS":
-        assert all(float(s["step"]) == 3 for s in sd["state"].values())
+        assert all(float(s["optimizer_steps"]) == 3 for s in sd["state"].values())
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -121,7 +121,7 @@ def test_non_finite_gradient_leaves_tensor_and_state_untouched(name, path):
     for p in (victim, model[3].bias):
         assert torch.equal(p, w0[p])
         for k, v in opt.state[p].items():
-            if name == "TVLARS" and k == "step":  # t counts optimizer steps (SPEC), skipped or not
+            if name == "TVLARS" and k == "optimizer_steps":  # t counts optimizer steps, skipped or not
                 assert v == s0[id(p)][k] + 1
                 continue
             assert torch.equal(v, s0[id(p)][k]), k

@@ -1,4 +1,4 @@
-"""Learning-rate schedules and scaling rules (SPEC "Learning-rate schedules").
+"""Learning-rate schedules and scaling rules (docs/algorithms.md, "Learning-rate schedules").
 
 Every schedule is a function ``step -> multiplier`` of the base learning rate, so it plugs
 into ``torch.optim.lr_scheduler.LambdaLR`` (call ``scheduler.step()`` once per optimizer
@@ -12,7 +12,11 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-__all__ = ["warmup_cosine", "polynomial", "tvlars_phi", "tvlars_lambda", "scale_lr", "SCALING_RULES"]
+import torch
+
+from ._validation import check, is_real
+
+__all__ = ["warmup_cosine", "polynomial", "phi", "tvlars_phi", "tvlars_lambda", "scale_lr", "SCALING_RULES"]
 
 
 def _check_steps(total_steps: int, warmup_steps: int) -> None:
@@ -73,11 +77,19 @@ def polynomial(total_steps: int, warmup_steps: int = 0, power: float = 2.0, end_
 def _check_phi(lam: float, alpha: float, delay: float, gamma_min: float) -> None:
     for name, x, ok, rng in (("lam", lam, lam >= 0, ">= 0"), ("alpha", alpha, alpha > -1, "> -1"),
                              ("delay", delay, delay >= 0, ">= 0"), ("gamma_min", gamma_min, gamma_min >= 0, ">= 0")):
-        if not (math.isfinite(x) and ok):
-            raise ValueError(f"invalid {name}={x!r}: expected a finite number {rng}")
-    if alpha + math.exp(-lam * delay) <= 0:
-        raise ValueError(f"invalid alpha={alpha!r}: alpha + exp(-lam * delay) must be > 0 "
-                         f"(got {alpha + math.exp(-lam * delay):.3g}), otherwise phi has a pole")
+        check(name, x, is_real(x) and ok, f"a finite number {rng}")
+    check("alpha", alpha, alpha + math.exp(-lam * delay) > 0,
+          f"alpha + exp(-lam * delay) > 0 (got {alpha + math.exp(-lam * delay):.3g}), otherwise phi has a pole")
+
+
+def phi(t, lam: float, alpha: float, delay: float, gamma_min: float):
+    """The formula of TVLARS's eq. 8, unchecked: ``1 / (alpha + exp(lam (t - delay))) +
+    gamma_min``, for a number ``t`` or a tensor ``t`` (the optimizer's per-tensor step
+    counters). The one place it is written; ``exp`` overflowing gives ``phi = gamma_min``."""
+    x = lam * (t - delay)
+    if isinstance(x, torch.Tensor):
+        return 1.0 / (alpha + torch.exp(x)) + gamma_min
+    return (0.0 if x > 700 else 1.0 / (alpha + math.exp(x))) + gamma_min
 
 
 def tvlars_phi(t: float, lam: float = 1e-4, alpha: float = 1.0, delay: float = 0.0, gamma_min: float = 0.0) -> float:
@@ -88,8 +100,7 @@ def tvlars_phi(t: float, lam: float = 1e-4, alpha: float = 1.0, delay: float = 0
     exp(-lam delay)) + gamma_min`` (eq. 9 / Appendix C bounds; the upper bound is phi(0)).
     """
     _check_phi(lam, alpha, delay, gamma_min)
-    x = lam * (t - delay)
-    return (0.0 if x > 700 else 1.0 / (alpha + math.exp(x))) + gamma_min
+    return phi(t, lam, alpha, delay, gamma_min)
 
 
 def tvlars_lambda(lam: float = 1e-4, alpha: float = 1.0, delay: float = 0.0, gamma_min: float = 0.0) -> Callable[[int], float]:

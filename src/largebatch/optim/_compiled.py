@@ -26,10 +26,11 @@ the update), with no full-size temporary (LALC, whose ``_update`` has a graph br
   per process (inductor also caches it on disk). If compiling fails (no C++ compiler,
   unsupported platform), the path warns once and falls back to ``"foreach"`` for good.
   ``LARGEBATCH_NO_COMPILE=1`` disables it up front.
-* Only classes in the registry (:func:`register`; LARS, TVLARS, LAMB, LALC, CLARS) are
-  compiled: an ``_update`` must read nothing per tensor outside ``(group, w, g, st)`` and
-  only class attributes of ``self`` (one bare instance per class is the kernel's ``self``);
-  CLARS therefore passes its ``n_k`` through the state (``st["persample_norm"]``).
+* Only classes that declare ``compilable = True`` in their own body are compiled (the
+  contract is on :attr:`LayerwiseOptimizer.compilable`): an ``_update`` reads nothing per
+  tensor outside ``(group, w, g, st)`` and only class attributes of ``self`` (one bare
+  instance per class is the kernel's ``self``). Per-step inputs such as CLARS's ``n_k``
+  come through ``st`` (``LayerwiseOptimizer._step_inputs``), not through ``self``.
 
 On CUDA the default stays ``"foreach"`` (multi-tensor kernels there are launched per op
 for all tensors at once); ``path="compiled"`` would compile through inductor/Triton there
@@ -46,9 +47,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._engine import TensorList, _Foreach, _PerTensor
+from ._paths import Foreach, PerTensor, TensorList
 
-__all__ = ["Compiled", "MIN_NUMEL", "register", "available", "default_path"]
+__all__ = ["Compiled", "MIN_NUMEL", "MIN_TOTAL", "available", "default_path"]
 
 #: tensors with fewer elements take the foreach path inside the compiled path
 MIN_NUMEL = 1 << 14
@@ -56,29 +57,8 @@ MIN_NUMEL = 1 << 14
 #: fewer elements in total: compiling (seconds, once) does not pay off for small models
 MIN_TOTAL = 1 << 20
 
-_REGISTRY: set[type] = set()
-_BUILTINS_REGISTERED = False
 _KERNELS: dict[type, Any] = {}
 _FAILED = False
-
-
-def register(cls: type) -> type:
-    """Mark an optimizer class as safe for the compiled path (usable as a decorator)."""
-    _REGISTRY.add(cls)
-    return cls
-
-
-def _registered(cls: type) -> bool:
-    global _BUILTINS_REGISTERED
-    if not _BUILTINS_REGISTERED:  # imported here: the algorithm modules import the engine
-        from .clars import CLARS
-        from .lalc import LALC
-        from .lamb import LAMB
-        from .lars import LARS
-        from .tvlars import TVLARS
-        _REGISTRY.update((LARS, TVLARS, LAMB, LALC, CLARS))
-        _BUILTINS_REGISTERED = True
-    return cls in _REGISTRY
 
 
 def available() -> bool:
@@ -131,7 +111,7 @@ def _realize_scalars(self, graph: torch.fx.Graph) -> None:
             u.replace_input_with(node, r)
 
 
-class _KernelPath(_PerTensor):
+class _KernelPath(PerTensor):
     """The per-tensor path as spelled inside a kernel: norms accumulate in float64.
 
     Inductor sums float32 with a cascade (chunked) accumulator for accuracy, which made the
@@ -153,7 +133,7 @@ def _kernel_for(cls: type):
     object so that each class has its own dynamo cache (and recompile limit), and the
     ``self`` to call it with: one bare instance per class (dynamo guards on the identity of
     an optimizer object, so passing each user's optimizer would recompile per instance;
-    registered classes' ``_update`` read only class attributes of ``self``)."""
+    a compilable class's ``_update`` reads only class attributes of ``self``)."""
     k = _KERNELS.get(cls)
     if k is None:
         code = _kernel_template.__code__.replace(co_name=f"_compiled_{cls.__name__}")
@@ -172,9 +152,8 @@ def _kernel_for(cls: type):
 def _flat(t: Tensor) -> Tensor:
     """A 1-D alias of contiguous ``t`` that is not an autograd view (dynamo would guard on a
     view's base shape and recompile for every rank)."""
-    if t.dim() == 0:
-        return t
-    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
+    shape = () if t.dim() == 0 else (t.numel(),)
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), shape, (1,) * len(shape))
 
 
 def _fits(p: Tensor, g: Tensor, st: dict[str, Tensor]) -> bool:
@@ -192,8 +171,6 @@ def _compile_errors() -> tuple[type, ...]:
 class Compiled:
     """Engine path object (``P``) for ``"compiled"``: :meth:`run` replaces the engine's loop."""
 
-    name = "compiled"
-
     @staticmethod
     def run(opt, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
             states: list[dict[str, Tensor]]):
@@ -201,7 +178,7 @@ class Compiled:
         in ``params`` order (``w_norm`` is ``None`` for a non-adapted group)."""
         global _FAILED
         n = len(params)
-        use = available() and _registered(type(opt))
+        use = available() and opt._compilable
         big = [i for i in range(n) if use and _fits(params[i], grads[i], states[i])]
         if sum(params[i].numel() for i in big) < MIN_TOTAL:
             big = []
@@ -233,7 +210,7 @@ class Compiled:
             w = TensorList(params[i] for i in small)
             g = TensorList(grads[i] for i in small)
             st = {k: TensorList(states[i][k] for i in small) for k in states[small[0]]}
-            cols = opt._masked_update(group, w, g, st, _Foreach)
+            cols = opt._masked_update(group, w, g, st, Foreach)
             if not big:
                 return cols
             parts = [None if c is None else c.unbind() for c in cols]

@@ -1,7 +1,7 @@
 """The engine shared by every largebatch optimizer.
 
-Every layer-wise optimizer here is "a base direction + a layer-wise rule" (SPEC, notation):
-the engine does everything else once:
+Every layer-wise optimizer here is "a base direction + a layer-wise rule"
+(docs/algorithms.md): the engine does everything else once:
 
 * collects the parameters of a group that have a gradient (``grad is None`` is skipped,
   sparse gradients raise), creates their state lazily;
@@ -9,168 +9,73 @@ the engine does everything else once:
 * decides, per tensor and on the device, whether the gradient is finite: a tensor with a
   non-finite gradient is left untouched, weights and state alike (its coefficients become
   the identity and its gradient is replaced by zeros) and ``found_inf`` is raised;
-* runs the algorithm's ``_update`` on one of two execution paths, tested equal:
-
-  - ``"per_tensor"``: a Python loop, one tensor at a time (the readable reference);
-  - ``"foreach"``: the same code on :class:`TensorList` objects, whose methods are
-    ``torch._foreach_*`` ops over all tensors of a (device, dtype) bucket.
-
-  An algorithm's ``_update`` is written once, with in-place ``Tensor`` methods
-  (``mul_``, ``addcmul_``, ...) and with per-tensor scalars as 0-d tensors; ``P`` (the path)
-  supplies the few operations whose spelling differs (norms, per-tensor coefficients).
+* runs the algorithm's ``_update`` on an execution path, all tested equal:
+  ``"per_tensor"`` (the readable reference), ``"foreach"`` (``_paths.py``) and
+  ``"compiled"`` (``_compiled.py``, for classes that declare ``compilable = True``).
 
 There is no host-device synchronization inside ``step()``: per-tensor decisions (zero norm
 rules, non-finite skips, clipping) are ``torch.where`` on device tensors, never a Python
 ``if`` on a tensor value. Python branches only look at hyper-parameters.
 
 Diagnostics: with ``opt.track_stats = True`` the engine keeps, after each step, the norms
-and the trust ratio / per-layer learning rate it applied (SPEC "Diagnostics") as device
-tensors; :meth:`LayerwiseOptimizer.layer_stats` returns them.
+and the trust ratio / per-layer learning rate it applied as device tensors;
+:meth:`LayerwiseOptimizer.layer_stats` returns them.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["LayerwiseOptimizer", "TensorList", "PATHS"]
+from .._validation import HyperparameterError, check, check_nonneg
+from . import _compiled
+from ._paths import Foreach, PerTensor, TensorList
+
+__all__ = ["LayerwiseOptimizer", "HyperparameterError", "PATHS", "zero_norm_safe_ratio"]
 
 PATHS = ("per_tensor", "foreach", "compiled")
-
-
-def _ts(x):
-    return x.ts if isinstance(x, TensorList) else x
-
-
-class TensorList:
-    """A list of tensors that answers the in-place ``Tensor`` methods used by ``_update``,
-    each as one ``torch._foreach_*`` call. Scalars may be Python numbers or a ``TensorList``
-    of 0-d tensors (one per tensor, broadcast)."""
-
-    __slots__ = ("ts",)
-
-    def __init__(self, ts: Iterable[Tensor]):
-        self.ts = list(ts)
-
-    def __len__(self) -> int:
-        return len(self.ts)
-
-    def mul_(self, other) -> "TensorList":
-        torch._foreach_mul_(self.ts, _ts(other))
-        return self
-
-    def add_(self, other, alpha: float = 1) -> "TensorList":
-        if isinstance(other, TensorList):
-            torch._foreach_add_(self.ts, other.ts, alpha=alpha)
-        else:
-            torch._foreach_add_(self.ts, other)
-        return self
-
-    def addcmul_(self, t1: "TensorList", t2, value: float = 1) -> "TensorList":
-        torch._foreach_addcmul_(self.ts, t1.ts, _ts(t2), value=value)
-        return self
-
-    def reciprocal_(self) -> "TensorList":
-        torch._foreach_reciprocal_(self.ts)
-        return self
-
-    def sqrt(self) -> "TensorList":
-        return TensorList(torch._foreach_sqrt(self.ts))
-
-
-class _PerTensor:
-    """Reference path: ``_update`` sees one tensor at a time; per-tensor scalars are 0-d."""
-
-    name = "per_tensor"
-
-    @staticmethod
-    def norm(x: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(x)
-
-    @staticmethod
-    def coef(v: Tensor) -> Tensor:
-        return v
-
-    @staticmethod
-    def stack(x: Tensor) -> Tensor:
-        return x
-
-    @staticmethod
-    def zero_unless(mask: Tensor, x: Tensor) -> Tensor:
-        return torch.where(mask, x, 0)
-
-
-class _Foreach:
-    """Multi-tensor path: ``_update`` sees a :class:`TensorList`; per-tensor scalars are
-    1-D vectors while computed and a ``TensorList`` of 0-d tensors when applied."""
-
-    name = "foreach"
-
-    @staticmethod
-    def norm(x: TensorList) -> Tensor:
-        return torch.stack(torch._foreach_norm(x.ts))
-
-    @staticmethod
-    def coef(v: Tensor) -> TensorList:
-        return TensorList(v.unbind())
-
-    @staticmethod
-    def stack(x: TensorList) -> Tensor:
-        return torch.stack(x.ts)
-
-    @staticmethod
-    def zero_unless(mask: Tensor, x: TensorList) -> TensorList:
-        return TensorList(torch.where(m, t, 0) for m, t in zip(mask.unbind(), x.ts))
-
-
-_PATH_IMPL = {"per_tensor": _PerTensor, "foreach": _Foreach}
-
-
-def _check(name: str, value: Any, ok: bool, accepted: str) -> None:
-    if not ok:
-        raise ValueError(f"invalid {name}={value!r}: expected {accepted}")
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def check_nonneg(name: str, x: Any) -> None:
-    _check(name, x, _is_real(x) and x >= 0, "a finite number >= 0")
-
-
-def check_unit(name: str, x: Any, closed: bool = False) -> None:
-    ok = _is_real(x) and 0 <= x and (x <= 1 if closed else x < 1)
-    _check(name, x, ok, "a number in [0, 1]" if closed else "a number in [0, 1)")
+_PATH_IMPL = {"per_tensor": PerTensor, "foreach": Foreach, "compiled": _compiled.Compiled}
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses define ``_defaults`` validation, ``_init_state`` and ``_update``.
+    """Base class: a subclass defines its constructor, ``_check_hparams``, ``_init_state``
+    and ``_update`` (see docs/optimizers.md, "Adding an optimizer").
 
     Group keys shared by all: ``lr``, ``weight_decay`` (coupled L2: ``d = g + wd * w``),
     ``adapt`` (apply the layer-wise rule to this group; excluded groups get the plain base
     update at ``lr`` -- see :func:`largebatch.optim.param_groups`).
 
     ``lr`` may be a float or a 0-d float tensor. A tensor on the parameters' device keeps
-    ``step()`` free of host values (TVLARS/LAMB/LALC step counters already live there), so
-    the step can be captured in a CUDA graph; LR schedulers update such a tensor in place.
+    ``step()`` free of host values (step counters already live there), so the step can be
+    captured in a CUDA graph; LR schedulers update such a tensor in place.
 
-    ``path``: ``None`` picks the fastest available path for the device (``"compiled"`` on
-    CPU, see ``_compiled.py``; ``"foreach"`` elsewhere), ``"per_tensor"`` forces the
-    reference loop.
+    ``path``: ``None`` picks the fastest path for the device (``"compiled"`` on CPU for a
+    class with ``compilable = True``, ``"foreach"`` otherwise); ``"per_tensor"`` forces the
+    reference loop; ``"compiled"`` for a class that is not compilable raises ``ValueError``.
     """
+
+    #: The compiled path's contract (``_compiled.py``), declared by each class in its own
+    #: body (not inherited): ``_update`` (and the hooks it calls) reads nothing per tensor
+    #: outside ``(group, w, g, st, ...)`` and only *class* attributes of ``self``, because
+    #: one bare instance per class (``cls.__new__(cls)``) is the compiled kernel's ``self``.
+    #: Per-step inputs that are not state go through :meth:`_step_inputs`.
+    compilable: ClassVar[bool] = False
 
     #: group keys accepted besides the defaults (set by users, schedulers, or the engine)
     _extra_group_keys = frozenset({"params", "name", "initial_lr"})
 
     def __init__(self, params, defaults: dict[str, Any], path: str | None = None):
         if path is not None and path not in PATHS:
-            raise ValueError(f"invalid path={path!r}: expected None or one of {PATHS}")
+            raise HyperparameterError("path", f"invalid path={path!r}: expected None or one of {PATHS}")
+        if path == "compiled" and not self.is_compilable():
+            raise HyperparameterError(
+                "path", f"path='compiled': {type(self).__name__} does not declare `compilable = True` in its "
+                "class body (see docs/optimizers.md, 'Adding an optimizer'); use path='foreach'")
         self.path = path
+        self._compilable = self.is_compilable()  # read in step(): dynamo cannot trace cls.__dict__
         self.track_stats = False
         self._stats: list[dict[str, Any]] = []
         self.found_inf: Tensor | None = None
@@ -178,24 +83,30 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._validate_group(defaults, where="")
         super().__init__(params, defaults)
 
+    @classmethod
+    def is_compilable(cls) -> bool:
+        """Whether this class itself declares the compiled path's contract (``compilable``)."""
+        return bool(cls.__dict__.get("compilable", False))
+
     # ------------------------------------------------------------------ validation
-    def _validate_hparams(self, g: dict[str, Any]) -> None:
-        """Subclasses: raise ``ValueError`` naming the argument and its accepted range."""
+    @classmethod
+    def _check_hparams(cls, g: dict[str, Any]) -> None:
+        """Subclasses: raise ``HyperparameterError`` naming the argument and its accepted range."""
         raise NotImplementedError
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         lr = group["lr"]
         if isinstance(lr, Tensor):  # e.g. on the params' device, for CUDA-graph capture
-            _check(f"lr{where}", lr, lr.dim() == 0 and lr.is_floating_point(), "a float or a 0-d float tensor")
+            check(f"lr{where}", lr, lr.dim() == 0 and lr.is_floating_point(), "a float or a 0-d float tensor")
             check_nonneg(f"lr{where}", float(lr))  # once, at construction: not in step()
         else:
             check_nonneg(f"lr{where}", lr)
         check_nonneg(f"weight_decay{where}", group["weight_decay"])
-        _check(f"adapt{where}", group["adapt"], isinstance(group["adapt"], bool), "True or False")
+        check(f"adapt{where}", group["adapt"], isinstance(group["adapt"], bool), "True or False")
         try:
-            self._validate_hparams(group)
-        except ValueError as e:
-            raise ValueError(f"{e}{where}") from None
+            self._check_hparams(group)
+        except HyperparameterError as e:
+            raise HyperparameterError(e.arg, f"{e}{where}") from None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         known = set(self.defaults) | self._extra_group_keys
@@ -214,6 +125,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """Return the initial state tensors of parameter ``p`` (created on first step)."""
         return {}
 
+    def _step_inputs(self, group: dict[str, Any], params: list[Tensor]) -> dict[str, list[Tensor]]:
+        """Per-step, per-tensor inputs that are not state (CLARS's ``n_k``): ``{key: [one
+        tensor per param]}``. ``_update`` finds them in ``st`` beside the state; they are
+        never stored in ``self.state`` (so never written into checkpoints)."""
+        return {}
+
     def _update(self, group, w, g, st, w_norm, g_norm, fin, P) -> tuple[Tensor, Tensor]:
         """Update ``w`` (and the state ``st``) in place from the finite-masked gradient ``g``.
 
@@ -224,9 +141,16 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """
         raise NotImplementedError
 
+    def lr_multiplier(self, group: dict[str, Any], t: int) -> float:
+        """The factor this optimizer applies to ``group["lr"]`` at optimizer step ``t``,
+        before any trust ratio: 1 here; TVLARS: ``phi(t)``. For logs and plots."""
+        return 1.0
+
     # ------------------------------------------------------------------ engine
     def _path_for(self, device: torch.device) -> str:
-        return self.path or default_path(device)
+        if self.path is not None:
+            return self.path
+        return _compiled.default_path(device) if self._compilable else "foreach"
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -255,20 +179,24 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return loss
 
     def _states(self, group, params: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Each tensor's state (created on first use), with this step's inputs beside it."""
         out = []
         for p in params:
             st = self.state[p]
             if not st:
                 st.update(self._init_state(p, group))
             out.append(st)
+        inputs = self._step_inputs(group, params)
+        if inputs:  # shallow copies: state tensors are still updated in place
+            out = [{**st, **{k: v[i] for k, v in inputs.items()}} for i, st in enumerate(out)]
         return out
 
     def _run(self, group, params: list[Tensor], P) -> Tensor:
         grads = [p.grad for p in params]
         states = self._states(group, params)
-        if P is Compiled:
-            fin, trust, lr, wn, gn = Compiled.run(self, group, params, grads, states)
-        elif P is _Foreach:
+        if P is _compiled.Compiled:
+            fin, trust, lr, wn, gn = P.run(self, group, params, grads, states)
+        elif P is Foreach:
             w, g = TensorList(params), TensorList(grads)
             st = {k: TensorList(s[k] for s in states) for k in states[0]}
             fin, trust, lr, wn, gn = self._masked_update(group, w, g, st, P)
@@ -323,12 +251,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
 
 def zero_norm_safe_ratio(num: Tensor, den: Tensor, scale: float = 1.0, eps: float = 0.0) -> Tensor:
-    """``scale * num / (den + eps)``, or 1 where ``num == 0`` or ``den == 0`` (SPEC zero-norm
-    rule), computed with ``torch.where`` (no host sync)."""
+    """``scale * num / (den + eps)``, or 1 where ``num == 0`` or ``den == 0`` (the zero-norm
+    rule of docs/algorithms.md), computed with ``torch.where`` (no host sync)."""
     ok = (num > 0) & (den > 0)
     return torch.where(ok, scale * num / (den + eps), torch.ones_like(num))
-
-
-from ._compiled import Compiled, default_path  # noqa: E402  (the compiled path builds on the classes above)
-
-_PATH_IMPL["compiled"] = Compiled

@@ -1,7 +1,7 @@
 """CLARS, complete layer-wise adaptive rate scaling (Huo, Gu, Huang 2021; seed 004 eq. 4-5,
 Alg. 1).
 
-SPEC "CLARS"::
+The rule (docs/algorithms.md, "CLARS")::
 
     n_k   = (1/|J|) sum_{i in J} ||grad_w f_i(w)||          # mean per-sample gradient norm
     trust = eta * ||w|| / (n_k + wd * ||w|| + eps)           # adapted tensors; 1 otherwise
@@ -64,10 +64,13 @@ class CLARS(_TrustMomentum):
     ``RuntimeError`` if no model is attached or if an adapted tensor with a gradient has no
     per-sample statistics since the last step. After a step, ``opt.last_persample`` holds
     the statistics it used (``mean_norm()`` is ``n_k``; ``variance_factor()`` is seed 004's
-    ``M_k`` while ``.grad`` is still set). The stored ``momentum_buffer`` is SPEC's ``b``.
+    ``M_k`` while ``.grad`` is still set). State per tensor: ``velocity`` (``-b`` of the
+    paper, see :class:`~largebatch.optim.LARS`); ``n_k`` is an input of the step, not state
+    (it is not written into checkpoints).
     """
 
     _nesterov_only = True
+    compilable = True
 
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 1e-2,
                  weight_decay: float = 0.0, eps: float = 0.0, adapt: bool = True, *,
@@ -78,6 +81,7 @@ class CLARS(_TrustMomentum):
         super().__init__(params, defaults, path=path)
         self.persample: PerSampleGradNorms | None = None
         self.last_persample: PerSampleStats | None = None
+        self._n_k: dict[Tensor, Tensor] = {}  # this step's n_k per adapted tensor, set by step()
         if model is not None:
             self.attach(model, persample_subset=persample_subset, loss_reduction=loss_reduction,
                         loss_scale=loss_scale)
@@ -122,35 +126,38 @@ class CLARS(_TrustMomentum):
                                "opt.attach(model) before the backward pass")
         stats = self.persample.collect()
         pos = stats.index()
-        name = dict(zip(map(id, stats.params), stats.names))
         n_k = stats.mean_norm()
-        missing = []
-        # n_k travels in each tensor's state, so `_update` reads only (group, w, g, st) and
-        # runs on every path, the compiled one included
+        inputs, missing = {}, []
         for g in self.param_groups:
             if not g["adapt"]:
                 continue
-            live = [p for p in g["params"] if p.grad is not None]
-            for p, st in zip(live, self._states(g, live)):
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
                 j = pos.get(id(p))
                 if j is None or stats.local_count[j] == 0:
-                    missing.append(name.get(id(p), f"{g.get('name', 'group')} {tuple(p.shape)}"))
+                    missing.append(stats.names[j] if j is not None else f"{g.get('name', 'group')} {tuple(p.shape)}")
                 else:
-                    st["persample_norm"].copy_(n_k[j])
+                    inputs[p] = n_k[j].to(p.dtype)
         if missing:
             raise RuntimeError(
                 f"CLARS step without per-sample statistics for {len(missing)} adapted tensor(s) "
                 f"(e.g. {missing[:3]}): run the backward pass through the attached model between "
                 "two steps, and attach to the model that owns these parameters")
         self.last_persample = stats
-        super().step()
+        self._n_k = inputs
+        try:
+            super().step()
+        finally:
+            self._n_k = {}
         return loss
 
-    def _init_state(self, p, group):
-        st = super()._init_state(p, group)
-        if group["adapt"]:  # n_k of the current step (SPEC "CLARS"), written by step()
-            st["persample_norm"] = torch.zeros((), dtype=p.dtype, device=p.device)
-        return st
+    def _step_inputs(self, group, params):
+        # n_k of this step (docs/algorithms.md, "CLARS"), read by _trust_norm through `st`,
+        # so that _update reads only (group, w, g, st) and runs on every path
+        if not group["adapt"]:
+            return {}
+        return {"persample_norm": [self._n_k[p] for p in params]}
 
     def _trust_norm(self, group, w, g_norm, st, P) -> Tensor:
         return P.stack(st["persample_norm"]).to(g_norm.dtype)

@@ -1,6 +1,6 @@
 """LALC, layer-wise asymmetric learning-rate clipping (seed 003 Alg. 3 and Fig. 6).
 
-SPEC "LALC"::
+The rule (docs/algorithms.md, "LALC")::
 
     d     = g + wd * w
     buf   = momentum * buf + (1 - dampening) * d      # buf starts as d (torch.optim.SGD convention)
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ._engine import LayerwiseOptimizer, check_nonneg, check_unit
+from .._validation import check, check_nonneg, check_unit
+from ._engine import LayerwiseOptimizer
 
 __all__ = ["LALC"]
 
@@ -33,7 +34,13 @@ class LALC(LayerwiseOptimizer):
         nesterov: SGD's Nesterov direction ``h = d + momentum * buf``.
         eps: added to ``||h||`` (default 1e-8).
         weight_decay, adapt, path: as in :class:`~largebatch.optim.LARS`.
+
+    State per tensor (with momentum): ``momentum_buffer`` (exactly ``torch.optim.SGD``'s)
+    and ``step`` (updates applied to this tensor; the first one sets ``buf = d``).
+    Diagnostics report ``lr_k / lr_t`` as the "trust ratio".
     """
+
+    compilable = True
 
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 0.01, dampening: float = 0.0,
                  nesterov: bool = False, eps: float = 1e-8, weight_decay: float = 0.0, adapt: bool = True,
@@ -42,13 +49,14 @@ class LALC(LayerwiseOptimizer):
                         eps=eps, weight_decay=weight_decay, adapt=adapt)
         super().__init__(params, defaults, path=path)
 
-    def _validate_hparams(self, g):
+    @classmethod
+    def _check_hparams(cls, g):
         check_unit("momentum", g["momentum"])
         check_nonneg("eta", g["eta"])
         check_unit("dampening", g["dampening"], closed=True)
         check_nonneg("eps", g["eps"])
         if g["nesterov"] and (g["momentum"] == 0 or g["dampening"] != 0):
-            raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
+            check("nesterov", True, False, "False unless momentum > 0 and dampening = 0")
 
     def _init_state(self, p, group):
         if group["momentum"] == 0:

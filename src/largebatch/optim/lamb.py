@@ -1,6 +1,6 @@
 """LAMB (You et al. 2020, Alg. 2) and its trust-clipped variant LAMBC (Fong et al. 2020).
 
-SPEC "LAMB"::
+The rule (docs/algorithms.md, "LAMB")::
 
     m = b1 * m + (1 - b1) * g ;  v = b2 * v + (1 - b2) * g^2
     r = (m / (1 - b1^(t+1))) / (sqrt(v / (1 - b2^(t+1))) + eps) + wd * w
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from ._engine import LayerwiseOptimizer, _check, _is_real, check_nonneg, check_unit, zero_norm_safe_ratio
+from .._validation import check, check_nonneg, check_unit, is_real
+from ._engine import LayerwiseOptimizer, zero_norm_safe_ratio
 
 __all__ = ["LAMB"]
 
 
 class LAMB(LayerwiseOptimizer):
-    """Layer-wise Adaptive Moments for Batch training (SPEC "LAMB").
+    """Layer-wise Adaptive Moments for Batch training (You et al. 2020, Alg. 2).
 
     Args:
         lr: learning rate ``lr_t``.
@@ -32,7 +33,12 @@ class LAMB(LayerwiseOptimizer):
         max_trust: clip the trust ratio to ``[0, max_trust]`` (default None: no clip;
             ``max_trust=1`` is LAMBC).
         adapt, path: as in :class:`~largebatch.optim.LARS`.
+
+    State per tensor: ``step`` (updates applied to this tensor, as in ``torch.optim.Adam``),
+    ``exp_avg`` (``m``), ``exp_avg_sq`` (``v``).
     """
+
+    compilable = True
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, max_trust: float | None = None, adapt: bool = True,
@@ -40,14 +46,15 @@ class LAMB(LayerwiseOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_trust=max_trust, adapt=adapt)
         super().__init__(params, defaults, path=path)
 
-    def _validate_hparams(self, g):
+    @classmethod
+    def _check_hparams(cls, g):
         betas = g["betas"]
-        _check("betas", betas, isinstance(betas, (tuple, list)) and len(betas) == 2, "a pair (b1, b2)")
+        check("betas", betas, isinstance(betas, (tuple, list)) and len(betas) == 2, "a pair (b1, b2)")
         check_unit("betas[0]", betas[0])
         check_unit("betas[1]", betas[1])
         check_nonneg("eps", g["eps"])
         mt = g["max_trust"]
-        _check("max_trust", mt, mt is None or (_is_real(mt) and mt > 0), "None or a number > 0")
+        check("max_trust", mt, mt is None or (is_real(mt) and mt > 0), "None or a number > 0")
 
     def _init_state(self, p, group):
         z = lambda: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731

@@ -2,7 +2,7 @@
 shared by the LARS family (LARS, TVLARS, CLARS): trust ratio first, then momentum on the
 scaled step.
 
-SPEC "LARS"::
+The rule (docs/algorithms.md, "LARS")::
 
     trust = eta * ||w|| / (||g|| + wd * ||w|| + eps)      # adapted tensors; 1 otherwise
     v     = momentum * v + lr_t * trust * d               # d = g + wd * w, v starts at 0
@@ -16,34 +16,40 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._engine import LayerwiseOptimizer, check_nonneg, check_unit, zero_norm_safe_ratio
+from .._validation import check, check_nonneg, check_unit
+from ._engine import LayerwiseOptimizer, zero_norm_safe_ratio
 
 __all__ = ["LARS"]
 
 
 class _TrustMomentum(LayerwiseOptimizer):
-    """LARS family: ``v = mu * v + lr_t * f_t * trust * d``; ``w -= v`` (or the Nesterov form).
+    """LARS family: ``v = mu * v + lr_k * d`` with ``lr_k = lr_t * f_t * trust``; ``w -= v``
+    (heavy ball) or ``w -= mu * v + lr_k * d`` (Nesterov).
 
-    Subclasses choose the time factor ``f_t`` (:meth:`_time_factor`, 1 for LARS) and the
-    norm in the trust ratio's denominator (:meth:`_trust_norm`, ``||g||`` for LARS).
+    State: ``velocity`` is ``v`` (the learning rate is inside it, unlike
+    ``torch.optim.SGD``'s ``momentum_buffer``); the ``b`` of the TVLARS and CLARS papers is
+    ``-velocity``. Subclasses choose the time factor ``f_t`` (:meth:`_lr_factor`, 1 for
+    LARS) and the norm in the trust ratio's denominator (:meth:`_trust_norm`, ``||g||``).
     """
 
     _nesterov_only = False
 
-    def _validate_hparams(self, g):
+    @classmethod
+    def _check_hparams(cls, g):
         check_unit("momentum", g["momentum"])
         check_nonneg("eta", g["eta"])
         check_nonneg("eps", g["eps"])
         if g.get("nesterov") and g["momentum"] == 0:
-            raise ValueError("nesterov=True requires momentum > 0")
+            check("nesterov", True, False, "False when momentum = 0 (Nesterov needs momentum > 0)")
 
     def _init_state(self, p, group):
         st = {}
         if group["momentum"] != 0:
-            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
 
-    def _time_factor(self, group, st, P) -> Tensor | float:
+    def _lr_factor(self, group, st, P) -> Tensor | float:
+        """``f_t``, the factor of ``lr_t`` before the trust ratio (reads the state, never writes it)."""
         return 1.0
 
     def _trust_norm(self, group, w, g_norm, st, P) -> Tensor:
@@ -61,23 +67,23 @@ class _TrustMomentum(LayerwiseOptimizer):
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         nesterov = self._nesterov_only or group["nesterov"]
         trust = self._trust(group, w, w_norm, g_norm, st, P) if group["adapt"] else torch.ones_like(g_norm)
-        lr_k = lr * self._time_factor(group, st, P) * trust
+        lr_k = lr * self._lr_factor(group, st, P) * trust
         step = P.coef(torch.where(fin, -lr_k, 0.0))      # -lr_t f_t trust, 0 for skipped tensors
         d = g.add_(w, alpha=wd) if wd != 0 else g          # g is already a private (masked) copy
         if mu == 0:
             w.addcmul_(d, step)
             return trust, lr_k
-        v = st["momentum_buffer"]                          # holds -v of SPEC: v <- mu v - lr_k d
-        v.mul_(P.coef(torch.where(fin, mu, 1.0))).addcmul_(d, step)
+        v = st["velocity"]                                 # v <- mu v + lr_k d
+        v.mul_(P.coef(torch.where(fin, mu, 1.0))).addcmul_(d, P.coef(torch.where(fin, lr_k, 0.0)))
         if nesterov:
-            w.addcmul_(v, P.coef(torch.where(fin, mu, 0.0))).addcmul_(d, step)
+            w.addcmul_(v, P.coef(torch.where(fin, -mu, 0.0))).addcmul_(d, step)
         else:
-            w.addcmul_(v, P.coef(torch.where(fin, 1.0, 0.0)))
+            w.addcmul_(v, P.coef(torch.where(fin, -1.0, 0.0)))
         return trust, lr_k
 
 
 class LARS(_TrustMomentum):
-    """Layer-wise Adaptive Rate Scaling (SPEC "LARS"; You et al. 2017, seed 000 eq. 2).
+    """Layer-wise Adaptive Rate Scaling (You et al. 2017, seed 000 eq. 2; docs/algorithms.md).
 
     Args:
         params: parameters or param groups (see :func:`largebatch.optim.param_groups`).
@@ -87,12 +93,15 @@ class LARS(_TrustMomentum):
         weight_decay: coupled L2 (default 0).
         nesterov: Nesterov form ``w -= momentum * v + lr_t * trust * d``.
         eps: added to the trust ratio's denominator (default 0).
-        trust_clip: LARC-style clip ``min(lr_t * trust, lr_t)`` (default False).
+        trust_clip: clip the trust ratio at 1, i.e. a per-layer LR ``min(lr_t * trust, lr_t)``
+            (default False; not APEX LARC's ``min(trust, lr_t)``).
         adapt: apply the trust ratio to this group (default True).
         path: execution path, see :class:`~largebatch.optim._engine.LayerwiseOptimizer`.
 
-    The stored ``momentum_buffer`` is ``-v`` (the step to add to ``w``).
+    State per tensor: ``velocity`` (``v``, with the learning rate inside).
     """
+
+    compilable = True
 
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 1e-3,
                  weight_decay: float = 0.0, nesterov: bool = False, eps: float = 0.0,

@@ -1,6 +1,6 @@
 """TVLARS, time-varying LARS (Do et al.; seed 000 Alg. 1 and eq. 8-9, seed 001 Alg. 1).
 
-SPEC "TVLARS"::
+The rule (docs/algorithms.md, "TVLARS")::
 
     phi(t) = 1 / (alpha + exp(lam * (t - delay))) + gamma_min        # eq. 8
     trust  = eta * ||w|| / (||g|| + wd * ||w|| + eps)                # adapted tensors; 1 otherwise
@@ -11,8 +11,8 @@ SPEC "TVLARS"::
 This is the Nesterov form of seed 001 Alg. 1 written with a velocity; seed 000 Alg. 1's
 ``mu (m_{t+1} - w_t)`` is a typo that removes momentum and is not implemented. ``phi``
 multiplies every tensor's learning rate, excluded tensors included; ``t`` counts this
-optimizer's steps from 0 (stored per tensor as ``state["step"]``, so it survives
-``state_dict``); ``delay`` is in optimizer steps.
+optimizer's steps from 0 (stored per tensor as ``state["optimizer_steps"]``, skipped steps
+included, so it survives ``state_dict``); ``delay`` is in optimizer steps.
 
 Differences from the authors' public code (which the project does not follow): it clamps
 both norms to at most 10, hard-codes ``alpha=0.1``, drops ``delay`` and ``gamma_min``, uses
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..schedules import _check_phi
+from ..schedules import _check_phi, phi
 from .lars import _TrustMomentum
 
 __all__ = ["TVLARS"]
@@ -45,10 +45,12 @@ class TVLARS(_TrustMomentum):
         gamma_min: lower bound added to ``phi`` (default 0), >= 0.
         weight_decay, eps, adapt, path: as in :class:`~largebatch.optim.LARS`.
 
-    The stored ``momentum_buffer`` is SPEC's ``b``.
+    State per tensor: ``velocity`` (``-b`` of the paper, see :class:`~largebatch.optim.LARS`)
+    and ``optimizer_steps`` (``t``: this optimizer's steps so far, skipped ones included).
     """
 
     _nesterov_only = True
+    compilable = True
 
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 1e-3,
                  lam: float = 1e-4, alpha: float = 1.0, delay: float = 0, gamma_min: float = 0.0,
@@ -58,17 +60,23 @@ class TVLARS(_TrustMomentum):
                         gamma_min=gamma_min, weight_decay=weight_decay, eps=eps, adapt=adapt)
         super().__init__(params, defaults, path=path)
 
-    def _validate_hparams(self, g):
-        super()._validate_hparams(g)
+    @classmethod
+    def _check_hparams(cls, g):
+        super()._check_hparams(g)
         _check_phi(g["lam"], g["alpha"], g["delay"], g["gamma_min"])
 
     def _init_state(self, p, group):
         st = super()._init_state(p, group)
-        st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        st["optimizer_steps"] = torch.zeros((), dtype=torch.float32, device=p.device)
         return st
 
-    def _time_factor(self, group, st, P):
-        t = P.stack(st["step"])
-        phi = 1.0 / (group["alpha"] + torch.exp(group["lam"] * (t - group["delay"]))) + group["gamma_min"]
-        st["step"].add_(1)
-        return phi
+    def _lr_factor(self, group, st, P):
+        return phi(P.stack(st["optimizer_steps"]), group["lam"], group["alpha"], group["delay"], group["gamma_min"])
+
+    def _update(self, group, w, g, st, w_norm, g_norm, fin, P):
+        out = super()._update(group, w, g, st, w_norm, g_norm, fin, P)
+        st["optimizer_steps"].add_(1)  # t counts optimizer steps, skipped ones included
+        return out
+
+    def lr_multiplier(self, group, t):
+        return phi(float(t), group["lam"], group["alpha"], group["delay"], group["gamma_min"])

@@ -1,0 +1,133 @@
+"""The eager execution paths: how an algorithm's ``_update`` sees its tensors.
+
+An ``_update`` is written once, with in-place ``Tensor`` methods (``mul_``, ``addcmul_``,
+``div_``, ...) and per-tensor scalars as 0-d tensors. The path object ``P`` it receives
+supplies the few operations whose spelling differs between paths:
+
+* ``P.norm(x)``: the L2 norm of each tensor (0-d, or a 1-D vector over the bucket);
+* ``P.coef(v)``: a per-tensor scalar ready to multiply tensors;
+* ``P.stack(x)``: 0-d state tensors (step counters) as a vector over the bucket;
+* ``P.zero_unless(mask, x)``: ``x`` where ``mask`` holds, zeros elsewhere.
+
+``PerTensor`` (the readable reference) hands ``_update`` one tensor at a time; ``Foreach``
+hands it :class:`TensorList` objects, whose methods are ``torch._foreach_*`` calls over
+every tensor of a (device, dtype) bucket. The compiled path (``_compiled.py``) runs the
+per-tensor spelling inside ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["TensorList", "PerTensor", "Foreach"]
+
+
+def _ts(x):
+    return x.ts if isinstance(x, TensorList) else x
+
+
+class TensorList:
+    """A list of tensors answering ``Tensor``'s arithmetic methods, each as one
+    ``torch._foreach_*`` call over the list. Arguments may be Python numbers, other
+    ``TensorList`` objects, or a ``TensorList`` of 0-d tensors (one per tensor, from
+    ``P.coef``). The in-place methods (``add_``, ``mul_``, ``addcdiv_``, ``sqrt_`` ...)
+    return ``self``; the others (``add``, ``div``, ``sqrt`` ...) a new ``TensorList``.
+    The set is the one of ``torch._foreach_*`` (see ``_BINARY``, ``_UNARY`` below), so an
+    Adam-family rule (``lerp_``, ``addcdiv_``, ``div_``, ``maximum_``) needs no edit here.
+    """
+
+    __slots__ = ("ts",)
+
+    def __init__(self, ts: Iterable[Tensor]):
+        self.ts = list(ts)
+
+    def add_(self, other, alpha: float = 1) -> "TensorList":
+        if isinstance(other, TensorList):
+            torch._foreach_add_(self.ts, other.ts, alpha=alpha)
+        else:  # a number: Tensor.add_(number, alpha) adds alpha * number
+            torch._foreach_add_(self.ts, other * alpha)
+        return self
+
+    def add(self, other, alpha: float = 1) -> "TensorList":
+        if isinstance(other, TensorList):
+            return TensorList(torch._foreach_add(self.ts, other.ts, alpha=alpha))
+        return TensorList(torch._foreach_add(self.ts, other * alpha))
+
+    def copy_(self, src: "TensorList") -> "TensorList":
+        torch._foreach_copy_(self.ts, src.ts)
+        return self
+
+    def zero_(self) -> "TensorList":
+        torch._foreach_zero_(self.ts)
+        return self
+
+
+def _binary(name: str):
+    inplace, outplace = getattr(torch, f"_foreach_{name}_"), getattr(torch, f"_foreach_{name}")
+
+    def method_(self, *args, **kwargs):
+        inplace(self.ts, *map(_ts, args), **kwargs)
+        return self
+
+    def method(self, *args, **kwargs):
+        return TensorList(outplace(self.ts, *map(_ts, args), **kwargs))
+
+    return method_, method
+
+
+#: ``Tensor`` methods that take tensors or scalars (``x.mul_(c)``, ``x.addcdiv_(a, b, value=v)``)
+_BINARY = ("sub", "mul", "div", "addcmul", "addcdiv", "lerp", "maximum", "minimum",
+           "clamp_min", "clamp_max", "pow")
+#: ``Tensor`` methods without arguments (``x.sqrt()``, ``x.reciprocal_()``)
+_UNARY = ("sqrt", "rsqrt", "reciprocal", "neg", "abs", "exp", "log", "sign")
+
+for _name in _BINARY + _UNARY:
+    _m_, _m = _binary(_name)
+    _m_.__name__, _m.__name__ = f"{_name}_", _name
+    setattr(TensorList, f"{_name}_", _m_)
+    setattr(TensorList, _name, _m)
+del _name, _m_, _m
+
+
+class PerTensor:
+    """Reference path: ``_update`` sees one tensor at a time; per-tensor scalars are 0-d."""
+
+    @staticmethod
+    def norm(x: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(x)
+
+    @staticmethod
+    def coef(v: Tensor) -> Tensor:
+        return v
+
+    @staticmethod
+    def stack(x: Tensor) -> Tensor:
+        return x
+
+    @staticmethod
+    def zero_unless(mask: Tensor, x: Tensor) -> Tensor:
+        return torch.where(mask, x, 0)
+
+
+class Foreach:
+    """Multi-tensor path: ``_update`` sees a :class:`TensorList`; per-tensor scalars are
+    1-D vectors while computed and a ``TensorList`` of 0-d tensors when applied."""
+
+    @staticmethod
+    def norm(x: TensorList) -> Tensor:
+        return torch.stack(torch._foreach_norm(x.ts))
+
+    @staticmethod
+    def coef(v: Tensor) -> TensorList:
+        return TensorList(v.unbind())
+
+    @staticmethod
+    def stack(x: TensorList) -> Tensor:
+        return torch.stack(x.ts)
+
+    @staticmethod
+    def zero_unless(mask: Tensor, x: TensorList) -> TensorList:
+        return TensorList(torch.where(m, t, 0) for m, t in zip(mask.unbind(), x.ts))
