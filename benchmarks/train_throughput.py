@@ -32,7 +32,8 @@ from largebatch import optim as lb
 from largebatch.schedules import warmup_cosine
 from largebatch.train.config import TrainConfig
 from largebatch.train.data import ArrayDataset, normalize
-from largebatch.train.loop import steps_per_epoch, train
+from largebatch.train.factory import steps_per_epoch
+from largebatch.train.loop import train
 from largebatch.train.models import build_model
 
 SETUPS = {

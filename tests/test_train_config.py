@@ -35,7 +35,7 @@ def test_toml_file_with_train_table(tmp_path):
 
 @pytest.mark.parametrize("overrides,field", [
     ({"optimizer": "adam"}, "optimizer"),
-    ({"lr": 0.0}, "lr"),
+    ({"lr": -0.1}, "lr"),  # lr = 0 is valid, as for the optimizer classes
     ({"lr": float("nan")}, "lr"),
     ({"momentum": 1.0}, "momentum"),
     ({"batch_size": 0}, "batch_size"),

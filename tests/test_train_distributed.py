@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 from largebatch.train import data
 from largebatch.train import distributed as dist_mod
 from largebatch.train.config import TrainConfig
-from largebatch.train.loop import read_table, train
+from largebatch.train.loop import train
+from largebatch.train.rundir import read_table
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

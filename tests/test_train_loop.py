@@ -9,9 +9,10 @@ import torch
 
 from largebatch.cli import main
 from largebatch.train import data
-from largebatch.train import loop
+from largebatch.train import factory
 from largebatch.train.config import TrainConfig
-from largebatch.train.loop import read_table, train
+from largebatch.train.loop import train
+from largebatch.train.rundir import read_table
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,17 +77,17 @@ def test_sgd_records_norms_too(tmp_path, digits):
 
 
 def test_step_conversions(digits):
-    assert loop.steps_per_epoch(1438, 256, 1) == 5
-    assert loop.steps_per_epoch(1438, 256, 1, drop_last=False) == 6
-    assert loop.steps_per_epoch(1438, 256, 2) == 5  # 719 per rank / 128
+    assert factory.steps_per_epoch(1438, 256, 1) == 5
+    assert factory.steps_per_epoch(1438, 256, 1, drop_last=False) == 6
+    assert factory.steps_per_epoch(1438, 256, 2) == 5  # 719 per rank / 128
     with pytest.raises(ValueError, match="^batch_size:"):
-        loop.steps_per_epoch(100, 128, 1)
+        factory.steps_per_epoch(100, 128, 1)
     cfg = TrainConfig(optimizer="tvlars", tvlars_delay_epochs=2.5, schedule="none")
     model = torch.nn.Linear(3, 2)
-    opt = loop.build_optimizer(cfg, model, spe=7)
+    opt = factory.build_optimizer(cfg, model, spe=7)
     assert opt.param_groups[0]["delay"] == round(2.5 * 7)
     cfg2 = TrainConfig(optimizer="sgd", lr=0.1, lr_scaling="sqrt", batch_size=1024, base_batch_size=256)
-    assert loop.effective_lr(cfg2) == pytest.approx(0.2)
+    assert factory.effective_lr(cfg2) == pytest.approx(0.2)
 
 
 def _weights(model):
@@ -143,7 +144,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, digits, monkey
         out = real(logits, y, **kw)
         return out * float("nan") if calls["n"] >= 8 else out
 
-    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
     cfg = _cfg(tmp_path, batch_size=512, epochs=4)
     res = train(cfg, dataset=digits, log=lambda s: None)
     assert res.status == "nonfinite"

@@ -56,9 +56,9 @@ def test_demo_runs_every_optimizer_and_writes_table(tmp_path, capsys):
                "--no-plots"])
     assert rc == 0
     text = capsys.readouterr().out
-    from largebatch.demo import available_recipes
+    from largebatch.experiments.demo import recipes
 
-    names = available_recipes()
+    names = list(recipes())
     assert {"sgd+warmup", "lars+warmup", "lars", "lamb+warmup", "tvlars", "lalc"} <= set(names)
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(names) and all(any(f"| {n} |" in l for l in table) for n in names)

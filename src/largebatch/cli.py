@@ -9,37 +9,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("largebatch.demo", "train a small model on offline data with every optimizer and print a table"),
+    "demo": ("largebatch.experiments.demo", "train a small model on offline data with every optimizer and print a table"),
     "groups": ("largebatch.optim.groups", "print which parameter gets which optimizer treatment"),
+    "optimizers": ("largebatch.optim.registry", "list the registered optimizers: flags, defaults, auto schedule"),
     "train": ("largebatch.train.cli", "train a classifier (config file and/or flags)"),
     "plot": ("largebatch.train.plot", "plot one or more run directories"),
-    "explosion": ("largebatch.analysis.cli", "gradient-explosion analysis of normalized networks (seed 003)"),
+    "explosion": ("largebatch.experiments.explosion", "gradient-explosion analysis of normalized networks (seed 003)"),
     "reproduce-tvlars-table1": ("largebatch.experiments.tvlars_table1",
                                 "the classification grid of TVLARS's Table 1: list, run or tabulate it"),
 }
 
 
-def _available() -> dict[str, tuple[str, str]]:
-    found = {}
-    for name, (module, help_) in COMMANDS.items():
-        try:
-            spec = importlib.util.find_spec(module)
-        except ModuleNotFoundError:  # parent package not installed
-            spec = None
-        if spec is not None:
-            found[name] = (module, help_)
-    return found
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="largebatch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_) in _available().items():
+    for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(p)

@@ -3,7 +3,8 @@ Cor. 1-2, Fig. 1, Fig. 3). See docs/explosion.md.
 
 Modules: ``theory`` (closed forms and factors), ``architectures`` (test networks),
 ``explosion`` (per-block gradient variance via hooks), ``dynamics`` (Fig. 3 tracking),
-``plots`` (figures), ``cli`` (``largebatch explosion``).
+``plots`` (figures). The runnable experiment, ``largebatch explosion``, is
+``largebatch.experiments.explosion``.
 """
 
 from .explosion import measure_architecture, measure_gradients, per_block_factor, rates, record_blocks

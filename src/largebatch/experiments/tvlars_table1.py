@@ -110,7 +110,7 @@ def command_line(cfg: dict[str, Any]) -> str:
 
 def _final(out_dir: str, epochs: int) -> tuple[float | None, bool]:
     """(final test accuracy in %, finished) of a run directory."""
-    from largebatch.train.loop import read_table
+    from largebatch.train.rundir import read_table
 
     for ext in (".csv", ".jsonl"):
         path = os.path.join(out_dir, "metrics" + ext)

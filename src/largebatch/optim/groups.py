@@ -1,4 +1,4 @@
-"""Parameter groups: which tensor gets the layer-wise rule and weight decay (SPEC notation).
+"""Parameter groups: which tensor gets the layer-wise rule and weight decay (docs/algorithms.md).
 
 By default every tensor with ``ndim <= 1`` (biases, normalization scales and shifts) is
 *excluded*: it goes to a group with ``adapt=False, weight_decay=0`` and gets the plain base

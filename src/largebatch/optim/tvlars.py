@@ -15,8 +15,10 @@ optimizer's steps from 0 (stored per tensor as ``state["optimizer_steps"]``, ski
 included, so it survives ``state_dict``); ``delay`` is in optimizer steps.
 
 Differences from the authors' public code (which the project does not follow): it clamps
-both norms to at most 10, hard-codes ``alpha=0.1``, drops ``delay`` and ``gamma_min``, uses
-heavy-ball momentum and trains 1-D tensors with plain SGD at the raw ``lr``.
+both norms to at most 10, hard-codes ``alpha=0.1``, evaluates ``phi`` at ``t + 1``, drops
+``delay`` and ``gamma_min``, divides by ``||g + wd * w||``, drops ``phi`` where the zero-norm
+fallback applies, uses heavy-ball momentum, trains 1-D tensors with plain SGD at the raw
+``lr`` and defaults to ``lam=1e-3`` (docs/algorithms.md, "TVLARS").
 """
 
 from __future__ import annotations

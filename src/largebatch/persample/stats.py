@@ -69,9 +69,3 @@ class PerSampleStats:
             for g in grads
         ]) if grads else self.sum_sq.new_zeros(0)
         return self.mean_sq_norm() * self.grad_weight.pow(2) / sq
-
-    def to_dict(self) -> dict[str, dict[str, float]]:
-        """Host copy ``{name: {"mean_norm", "mean_sq_norm", "count"}}`` (synchronizes)."""
-        mn, msq, cnt = (t.tolist() for t in (self.mean_norm(), self.mean_sq_norm(), self.count))
-        return {n: {"mean_norm": a, "mean_sq_norm": b, "count": c}
-                for n, a, b, c in zip(self.names, mn, msq, cnt)}

@@ -17,9 +17,9 @@ from typing import Any
 DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "tinyimagenet")
 MODELS = ("mlp", "resnet20", "resnet32", "resnet44", "resnet56", "resnet18", "resnet34", "resnet50")
 INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
-OPTIMIZERS = ("sgd", "lars", "lamb", "tvlars", "lalc", "clars")
 SCHEDULES = ("auto", "none", "cosine", "poly")
-SCALING = ("none", "linear", "sqrt")
+SCALING = ("none", "linear", "sqrt", "auto")
+OPTIMIZER_PATHS = ("auto", "per_tensor", "foreach", "compiled")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ACTIVATIONS = ("relu", "tanh", "gelu", "silu", "leaky_relu", "identity")
 STEMS = ("cifar", "imagenet")
@@ -48,9 +48,12 @@ class TrainConfig:
     activation: str = field(default="relu", metadata={"help": f"MLP activation: {', '.join(ACTIVATIONS)}"})
     sync_bn: bool = field(default=False, metadata={"help": "convert BatchNorm to SyncBatchNorm under DDP"})
     # optimizer
-    optimizer: str = field(default="lars", metadata={"help": f"one of {', '.join(OPTIMIZERS)}"})
+    optimizer: str = field(default="lars", metadata={"help": "a registered optimizer: `largebatch optimizers` lists them"})
+    optimizer_path: str = field(default="auto", metadata={"help": "largebatch optimizers' execution path: auto (fastest "
+                                                            "for the device), per_tensor, foreach or compiled"})
     lr: float = field(default=0.1, metadata={"help": "base learning rate (before the scaling rule)"})
-    lr_scaling: str = field(default="none", metadata={"help": "none, linear (lr*B/B0) or sqrt (lr*sqrt(B/B0))"})
+    lr_scaling: str = field(default="none", metadata={"help": "none, linear (lr*B/B0), sqrt (lr*sqrt(B/B0)) or auto "
+                                                       "(the optimizer's rule, see `largebatch optimizers`)"})
     base_batch_size: int = field(default=256, metadata={"help": "B0 of the scaling rule"})
     momentum: float = field(default=0.9, metadata={"help": "momentum (sgd, lars, tvlars, lalc, clars)"})
     nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum (sgd, lars, lalc)"})
@@ -66,9 +69,9 @@ class TrainConfig:
     tvlars_gamma_min: float = field(default=0.0, metadata={"help": "TVLARS lower bound gamma_min"})
     clars_subset: int | None = field(default=None, metadata={"help": "CLARS: per-sample norms from this many samples"})
     # schedule
-    schedule: str = field(default="auto", metadata={"help": "auto (none for tvlars, whose phi(t) is the schedule; "
-                                                     "cosine otherwise), none, cosine (warm-up + cosine) or poly "
-                                                     "(warm-up + polynomial)"})
+    schedule: str = field(default="auto", metadata={"help": "auto (the optimizer's: none for tvlars, whose phi(t) is "
+                                                     "the schedule; cosine otherwise), none, cosine (warm-up + "
+                                                     "cosine) or poly (warm-up + polynomial)"})
     warmup_epochs: float = field(default=0.0, metadata={"help": "linear warm-up length in epochs"})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "final LR / peak LR (cosine min, poly end)"})
     poly_power: float = field(default=2.0, metadata={"help": "polynomial decay power"})
@@ -114,14 +117,17 @@ class TrainConfig:
                 left = "(" if lo_open else "["
                 raise ValueError(f"{name}: must be a finite number in {left}{lo}, {hi}], got {v!r}")
 
+        from largebatch.optim import registry
+
         for name, allowed in (("dataset", DATASETS), ("model", MODELS), ("init", INITS),
-                              ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("lr_scaling", SCALING),
-                              ("precision", PRECISIONS), ("activation", ACTIVATIONS), ("stem", STEMS),
-                              ("metrics_format", METRIC_FORMATS)):
+                              ("optimizer", tuple(registry.OPTIMIZERS)), ("schedule", SCHEDULES),
+                              ("lr_scaling", SCALING), ("precision", PRECISIONS), ("activation", ACTIVATIONS),
+                              ("stem", STEMS), ("metrics_format", METRIC_FORMATS),
+                              ("optimizer_path", OPTIMIZER_PATHS)):
             choice(name, allowed)
         for name in ("epochs", "batch_size", "base_batch_size", "eval_batch_size", "mlp_width"):
             positive_int(name)
-        for name in ("micro_batch_size", "stop_after_epochs", "clars_subset"):
+        for name in ("micro_batch_size", "stop_after_epochs"):
             positive_int(name, optional=True)
         if not isinstance(self.mlp_depth, int) or isinstance(self.mlp_depth, bool) or self.mlp_depth < 0:
             raise ValueError(f"mlp_depth: must be an integer >= 0, got {self.mlp_depth!r}")
@@ -129,27 +135,19 @@ class TrainConfig:
             raise ValueError(f"stats_every: must be an integer >= 0 (0 turns diagnostics off), got {self.stats_every!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed: must be an integer in [0, 2**63), got {self.seed!r}")
-        number("lr", 0.0, lo_open=True)
-        number("momentum", 0.0, 1.0)
-        if self.momentum >= 1.0:
-            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum!r}")
-        number("weight_decay", 0.0)
-        number("eta", 0.0, optional=True, lo_open=True)
-        number("eps", 0.0, optional=True)
-        number("max_trust", 0.0, optional=True, lo_open=True)
-        number("tvlars_lam", 0.0)
-        number("tvlars_alpha", 0.0)
-        number("tvlars_delay_epochs", 0.0)
-        number("tvlars_gamma_min", 0.0)
+        number("lr", 0.0)
         number("warmup_epochs", 0.0)
         number("min_lr_ratio", 0.0, 1.0)
         number("poly_power", 0.0, lo_open=True)
-        if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
-                or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas)):
-            raise ValueError(f"betas: must be two numbers in [0, 1), got {self.betas!r}")
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        self._check_optimizer_fields(registry)
         self.betas = (float(self.betas[0]), float(self.betas[1]))
-        if self.schedule == "auto":  # SPEC: TVLARS runs at a constant lr, phi(t) replaces warm-up and decay
-            self.schedule = "none" if self.optimizer == "tvlars" else "cosine"
+        info = registry.get(self.optimizer)
+        if self.schedule == "auto":  # TVLARS: phi(t) replaces warm-up and decay, so no schedule
+            self.schedule = info.schedule
+        if self.lr_scaling == "auto":
+            self.lr_scaling = info.lr_scaling
         if self.warmup_epochs >= self.epochs and self.schedule != "none":
             raise ValueError(f"warmup_epochs: must be < epochs ({self.epochs}), got {self.warmup_epochs!r}")
         if self.warmup_epochs > 0 and self.schedule == "none":
@@ -161,6 +159,22 @@ class TrainConfig:
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         return self
+
+    def _check_optimizer_fields(self, registry) -> None:
+        """The optimizer's hyper-parameters, by its own validation (the registry constructs it
+        on a dummy parameter): the class, config files and flags accept the same values.
+        A field the chosen optimizer does not take is checked by the first optimizer that does."""
+        values = self.to_dict()
+        info = registry.get(self.optimizer)
+        if self.optimizer_path != "auto" and not info.layerwise:
+            raise ValueError(f"optimizer_path: {self.optimizer} is not a largebatch optimizer; leave it at auto")
+        info.check(values)
+        for fld, value in values.items():
+            if value is None or fld in info.args:
+                continue
+            other = next((o for o in registry.OPTIMIZERS.values() if fld in o.args), None)
+            if other is not None:
+                other.check({"lr": 1.0, fld: value})
 
     def check_world_size(self, world_size: int) -> tuple[int, int]:
         """Return (micro_batch, accumulation) for ``world_size`` processes, or raise ValueError."""

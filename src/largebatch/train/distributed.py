@@ -92,11 +92,3 @@ def any_flag(flag: torch.Tensor, info: DistInfo) -> torch.Tensor:
     f = flag.float().reshape(1)
     all_reduce_sum(f, info)
     return f[0] > 0
-
-
-def broadcast_int(v: int, info: DistInfo) -> int:
-    if not info.enabled:
-        return v
-    t = torch.tensor([v], dtype=torch.int64, device=info.device)
-    dist.broadcast(t, src=0)
-    return int(t.item())

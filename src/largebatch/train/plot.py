@@ -16,7 +16,7 @@ import sys
 from collections import defaultdict
 
 from ..plotting import pyplot, save_figure
-from .loop import read_table
+from .rundir import read_table
 
 
 def _table(run_dir: str, base: str) -> list[dict]:

@@ -7,10 +7,12 @@ and writes the plots of ``largebatch plot`` (curves, LR vs step, per-layer LWN/L
 ``--dataset fashion-mnist`` uses Fashion-MNIST from ``/usr/share/datasets/fashion-mnist``
 (Debian's ``dataset-fashion-mnist``) or ``--data-dir`` (longer). Neither needs the network.
 
-The recipes (``RECIPES``) follow the papers' shapes at toy scale: SGD with linear LR scaling and
-warm-up (Goyal et al.), LARS with and without warm-up (You et al.), LAMB with warm-up,
-TVLARS with a constant target LR and its own ``phi(t)`` decay instead of warm-up (seed 000),
-LALC without warm-up (seed 003), CLARS (seed 004) when available.
+The recipes are the ``demo`` field of each optimizer's registry entry
+(``largebatch.optim.registry``; a registered optimizer of your own is trained too). They follow
+the papers' shapes at toy scale: SGD with linear LR scaling and warm-up (Goyal et al.), LARS
+with and without warm-up (You et al.), LAMB with warm-up, TVLARS with a constant target LR and
+its own ``phi(t)`` decay instead of warm-up, sized to the run (seed 000), LALC without warm-up
+(seed 003), CLARS (seed 004).
 """
 
 from __future__ import annotations
@@ -21,33 +23,22 @@ import shutil
 import sys
 import time
 
-# Peak LRs are for the default batch (DEFAULT_BATCH below); --batch-size rescales them
-# linearly for SGD/LALC and by the square root for the layer-wise rules.
-RECIPES: dict[str, dict] = {
-    "sgd+warmup": dict(optimizer="sgd", lr=0.1, lr_scaling="linear", warmup=0.15, schedule="cosine"),
-    "lars+warmup": dict(optimizer="lars", lr=4.0, lr_scaling="none", warmup=0.15, schedule="cosine"),
-    "lars": dict(optimizer="lars", lr=4.0, lr_scaling="none", warmup=0.0, schedule="cosine"),
-    "lamb+warmup": dict(optimizer="lamb", lr=0.01, lr_scaling="none", warmup=0.15, schedule="cosine",
-                        weight_decay=0.01),
-    "tvlars": dict(optimizer="tvlars", lr=4.0, lr_scaling="none", warmup=0.0, schedule="none"),
-    "lalc": dict(optimizer="lalc", lr=0.1, lr_scaling="linear", warmup=0.0, schedule="cosine"),
-    # CLARS default eta is 0.01 (seed 004): lr 0.4 gives the same lr * eta as the LARS recipes.
-    "clars": dict(optimizer="clars", lr=0.4, lr_scaling="none", warmup=0.0, schedule="cosine"),
-}
+def recipes() -> dict[str, tuple[str, dict]]:
+    """``{label: (optimizer name, recipe)}`` from the registry, in its order; the label is the
+    optimizer's name, with ``+warmup`` for a recipe with warm-up."""
+    from largebatch.optim import registry
+
+    out = {}
+    for info in registry.OPTIMIZERS.values():
+        for r in info.demo:
+            out[info.name + ("+warmup" if r.get("warmup", 0) > 0 else "")] = (info.name, dict(r))
+    return out
+
 
 DATASET_DEFAULTS = {  # epochs, global batch
     "digits": (30, 512),
     "fashion-mnist": (10, 4096),
 }
-
-
-def available_recipes() -> list[str]:
-    from largebatch import optim
-
-    names = [n for n in RECIPES if n != "clars"]
-    if hasattr(optim, "CLARS"):
-        names.append("clars")
-    return names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="global batch (default: 512 digits, i.e. 1/3 of the training set; 4096 fashion-mnist)")
     parser.add_argument("--optimizers", default=None,
-                        help=f"comma-separated subset of {', '.join(RECIPES)} (default: all available)")
+                        help="comma-separated subset of the recipes: " + ", ".join(recipes()) + " (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="print the table only")
@@ -77,26 +68,26 @@ def _pick_dataset(name: str, data_dir: str | None) -> str:
     return "fashion-mnist" if find_fashion_mnist(data_dir) else "digits"
 
 
-def recipe_config(name: str, dataset: str, epochs: int, batch: int, out_dir: str, seed: int, device: str):
-    """The TrainConfig of recipe ``name`` (peak LRs referenced to batch 256 by the scaling rule)."""
+def recipe_config(name: str, dataset: str, epochs: int, batch: int, spe: int, out_dir: str, seed: int,
+                  device: str):
+    """The TrainConfig of recipe ``name`` (peak LRs referenced to batch 256 by the scaling rule;
+    a callable recipe value is evaluated as ``value(epochs, steps_per_epoch)``)."""
     from largebatch.train.config import TrainConfig
 
-    r = RECIPES[name]
-    kw = dict(optimizer=r["optimizer"], lr=r["lr"], lr_scaling=r["lr_scaling"], base_batch_size=256,
-              schedule=r["schedule"], warmup_epochs=round(r["warmup"] * epochs, 3),
-              weight_decay=r.get("weight_decay", 5e-4))
-    if r["optimizer"] == "tvlars":
-        # seed 000 eq. 8 with the decay sized to this short run: phi(t) = 1/(1 + exp(lam (t - d))),
-        # delay d = 10% of the run (the paper's ablation: 10 of 100 epochs), phi(T) ~ 1e-3 at the end.
-        kw.update(tvlars_delay_epochs=0.1 * epochs, tvlars_lam=None)  # lam set below from T
+    optimizer, r = recipes()[name]
+    warmup = r.pop("warmup", 0.0)
+    kw = dict(lr_scaling="auto", schedule="auto", weight_decay=5e-4, base_batch_size=256)
+    kw.update({k: v(epochs, spe) if callable(v) else v for k, v in r.items()})
     return TrainConfig(dataset=dataset, model="mlp", mlp_depth=3, mlp_width=256, epochs=epochs, batch_size=batch,
                        out_dir=os.path.join(out_dir, name), seed=seed, device=device, checkpoint=False,
-                       stats_every=1, progress=False, **{k: v for k, v in kw.items() if v is not None})
+                       stats_every=1, progress=False, optimizer=optimizer, warmup_epochs=round(warmup * epochs, 3),
+                       **kw)
 
 
 def run(args: argparse.Namespace) -> int:
     from largebatch.train import data as data_mod
-    from largebatch.train.loop import steps_per_epoch, train
+    from largebatch.train.factory import steps_per_epoch
+    from largebatch.train.loop import train
     from largebatch.train.plot import plot_runs
 
     dataset = _pick_dataset(args.dataset, args.data_dir)
@@ -111,14 +102,12 @@ def run(args: argparse.Namespace) -> int:
     d_epochs, d_batch = DATASET_DEFAULTS[dataset]
     epochs = args.epochs or d_epochs
     batch = args.batch_size or d_batch
-    names = available_recipes() if not args.optimizers else [s.strip() for s in args.optimizers.split(",") if s.strip()]
-    unknown = [n for n in names if n not in RECIPES]
+    known = recipes()
+    names = list(known) if not args.optimizers else [s.strip() for s in args.optimizers.split(",") if s.strip()]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        print(f"largebatch demo: --optimizers: unknown {', '.join(unknown)} (known: {', '.join(RECIPES)})",
+        print(f"largebatch demo: --optimizers: unknown {', '.join(unknown)} (known: {', '.join(known)})",
               file=sys.stderr)
-        return 2
-    if "clars" in names and "clars" not in available_recipes():
-        print("largebatch demo: --optimizers: clars is not available in this version", file=sys.stderr)
         return 2
     try:
         ds = data_mod.load(dataset, args.data_dir)
@@ -136,10 +125,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     dirs = []
     for name in names:
-        cfg = recipe_config(name, dataset, epochs, batch, args.out_dir, args.seed, args.device)
-        if cfg.optimizer == "tvlars":
-            delay = round(cfg.tvlars_delay_epochs * spe)
-            cfg.tvlars_lam = 7.0 / max(total - delay, 1)  # exp(7) ~ 1100: phi(T) ~ 1e-3
+        cfg = recipe_config(name, dataset, epochs, batch, spe, args.out_dir, args.seed, args.device)
         if os.path.isdir(cfg.out_dir):
             shutil.rmtree(cfg.out_dir)
         t0 = time.perf_counter()
@@ -168,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 def _table(results) -> str:
     lines = ["| optimizer | peak LR | warm-up epochs | final test acc | best test acc | final test loss | final train loss | time (s) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    from largebatch.train.loop import effective_lr
+    from largebatch.train.factory import effective_lr
 
     for name, cfg, status, acc, best, loss, tloss, dt in results:
         mark = "" if status == "finished" else f" ({status})"

@@ -20,7 +20,7 @@ import math
 import os
 import time
 
-from . import architectures as A
+from largebatch.analysis import architectures as A
 
 # per-architecture default sizes: (depth, width, batch)
 DEFAULT_SIZES = {
@@ -111,7 +111,7 @@ def _write(out, tag, payload):
 
 
 def run_theory(args) -> int:
-    from . import theory
+    from largebatch.analysis import theory
 
     rows = theory.prop1_grid(args.mu, args.sigma, n=args.samples, seed=args.seed)
     print(f"Proposition 1 (eq. 1-2) vs Monte Carlo ({args.samples} samples each)")
@@ -127,14 +127,14 @@ def run_theory(args) -> int:
           f"{theory.THM2_PAPER_FACTOR:.4f}; Thm. 2 corrected Jensen bound = {theory.THM2_CORRECTED_FACTOR:.4f}")
     if args.out:
         _write(args.out, "prop1", {"rows": rows, "activation_factors": fac})
-        from .plots import plot_prop1
+        from largebatch.analysis.plots import plot_prop1
 
         print("wrote", plot_prop1(rows, os.path.join(args.out, "explosion_prop1.png")))
     return 0
 
 
 def run_rates(args) -> int:
-    from .explosion import measure_architecture
+    from largebatch.analysis.explosion import measure_architecture
 
     if not 0 <= args.trim < 0.5:
         raise ValueError(f"--trim must be in [0, 0.5), got {args.trim}")
@@ -164,8 +164,8 @@ def run_rates(args) -> int:
 
 
 def _compare_rows(quick: bool, seeds: int) -> list[dict]:
-    from . import theory
-    from .explosion import measure_architecture, single_block_correlated, single_block_independent
+    from largebatch.analysis import theory
+    from largebatch.analysis.explosion import measure_architecture, single_block_correlated, single_block_independent
 
     S = tuple(range(seeds))
     depth, width, batch = (20, 512, 1024) if quick else (32, 1024, 2048)
@@ -232,7 +232,7 @@ def run_compare(args) -> int:
 
 
 def run_dynamics(args) -> int:
-    from .dynamics import summarize, track_dynamics
+    from largebatch.analysis.dynamics import summarize, track_dynamics
 
     res = track_dynamics(depth=args.depth, width=args.width, act=args.act, steps=args.steps,
                          log_every=args.log_every, batch=args.batch, lr=args.lr, momentum=args.momentum,
@@ -248,7 +248,7 @@ def run_dynamics(args) -> int:
 
 
 def _plot_one(out: str, tag: str) -> str:
-    from . import plots
+    from largebatch.analysis import plots
 
     with open(os.path.join(out, f"explosion_{tag}.json")) as fh:
         data = json.load(fh)
