@@ -99,6 +99,34 @@ def test_matches_float64_reference(path, subset, kernel_sized):
         assert CLARS in _compiled._KERNELS and _compiled.available()
 
 
+def test_state_holds_velocity_only_and_resume_is_bitwise():
+    """n_k is an input of each step, not state: checkpoints hold the velocity alone, and an
+    optimizer loaded from a state_dict continues exactly as the original one does."""
+    def make(model):
+        return CLARS(param_groups(model, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=model)
+
+    def steps(model, opt, data):
+        for x, y in data:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    a, b = Net(), Net()
+    data = batches(6, 6, seed=2)
+    opt_a = make(a)
+    steps(a, opt_a, data[:3])
+    sd = copy.deepcopy(opt_a.state_dict())
+    assert {k for s in sd["state"].values() for k in s} == {"velocity"}
+    b.load_state_dict(a.state_dict())
+    opt_b = make(b)
+    opt_b.load_state_dict(sd)
+    steps(a, opt_a, data[3:])
+    steps(b, opt_b, data[3:])
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
 def test_accumulation_equals_one_batch():
     torch.manual_seed(0)
     a = Net()

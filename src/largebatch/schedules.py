@@ -31,6 +31,19 @@ def _check_ratio(name: str, x: float) -> None:
         raise ValueError(f"invalid {name}={x!r}: expected a number in [0, 1]")
 
 
+def _warmup_then(total_steps: int, warmup_steps: int, decay: Callable[[float], float]) -> Callable[[int], float]:
+    """``t / T_w`` during warm-up, then ``decay(frac)`` with ``frac`` going 0 -> 1 over the
+    remaining steps (held at ``decay(1)`` after ``total_steps``)."""
+
+    def factor(t: int) -> float:
+        if t < warmup_steps:
+            return t / warmup_steps
+        span = total_steps - warmup_steps
+        return decay(min(t - warmup_steps, span) / span if span > 0 else 1.0)
+
+    return factor
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> Callable[[int], float]:
     """Linear warm-up then cosine decay (seed 001 Appendix A; seed 000 eq. 4 is garbled).
 
@@ -41,15 +54,11 @@ def warmup_cosine(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.
     _check_steps(total_steps, warmup_steps)
     _check_ratio("min_ratio", min_ratio)
 
-    def factor(t: int) -> float:
-        if t < warmup_steps:
-            return t / warmup_steps
-        span = total_steps - warmup_steps
-        frac = min(t - warmup_steps, span) / span if span > 0 else 1.0
+    def decay(frac: float) -> float:
         q = 0.5 * (1.0 + math.cos(math.pi * frac))
         return q + min_ratio * (1.0 - q)
 
-    return factor
+    return _warmup_then(total_steps, warmup_steps, decay)
 
 
 def polynomial(total_steps: int, warmup_steps: int = 0, power: float = 2.0, end_ratio: float = 0.0) -> Callable[[int], float]:
@@ -64,14 +73,7 @@ def polynomial(total_steps: int, warmup_steps: int = 0, power: float = 2.0, end_
     if not (isinstance(power, (int, float)) and math.isfinite(power) and power > 0):
         raise ValueError(f"invalid power={power!r}: expected a number > 0")
 
-    def factor(t: int) -> float:
-        if t < warmup_steps:
-            return t / warmup_steps
-        span = total_steps - warmup_steps
-        frac = min(t - warmup_steps, span) / span if span > 0 else 1.0
-        return (1.0 - end_ratio) * (1.0 - frac) ** power + end_ratio
-
-    return factor
+    return _warmup_then(total_steps, warmup_steps, lambda frac: (1.0 - end_ratio) * (1.0 - frac) ** power + end_ratio)
 
 
 def _check_phi(lam: float, alpha: float, delay: float, gamma_min: float) -> None:

@@ -42,6 +42,12 @@ def _check_pos(**kw):
             raise ValueError(f"{k} must be an integer >= 1, got {v!r}")
 
 
+def _check_stages(arch: str, depth: int, width: int, in_channels: int) -> None:
+    _check_pos(depth=depth, width=width, in_channels=in_channels)
+    if depth < 3:
+        raise ValueError(f"depth must be >= 3 for {arch} (three stages), got {depth}")
+
+
 class NormMLP(nn.Module):
     """``depth`` repetitive blocks ``x^{n+1} = Norm(W^n f(x^n))`` after a stem ``Norm(W^0 x)``."""
 
@@ -66,9 +72,7 @@ class VGGBN(nn.Module):
 
     def __init__(self, depth: int, width: int = 16, act: str = "relu", in_channels: int = 3):
         super().__init__()
-        _check_pos(depth=depth, width=width, in_channels=in_channels)
-        if depth < 3:
-            raise ValueError(f"depth must be >= 3 for vgg-bn (three stages), got {depth}")
+        _check_stages("vgg-bn", depth, width, in_channels)
         per = [depth // 3 + (1 if i < depth % 3 else 0) for i in range(3)]
         layers, c_in = [], in_channels
         for s, n in enumerate(per):
@@ -110,9 +114,7 @@ class ResNetBN(nn.Module):
 
     def __init__(self, depth: int, width: int = 16, act: str = "relu", in_channels: int = 3):
         super().__init__()
-        _check_pos(depth=depth, width=width, in_channels=in_channels)
-        if depth < 3:
-            raise ValueError(f"depth must be >= 3 for resnet-bn (three stages), got {depth}")
+        _check_stages("resnet-bn", depth, width, in_channels)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(width), make_activation(act))
         per = [depth // 3 + (1 if i < depth % 3 else 0) for i in range(3)]

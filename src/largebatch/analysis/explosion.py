@@ -183,6 +183,13 @@ def theory_factor(arch: str, act: str) -> float | None:
     return None
 
 
+def _seeded_block(seed: int, d_in: int, d_out: int):
+    """``(generator, Linear(d_in, d_out), BatchNorm1d(d_out))`` in float64, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    return gen, nn.Linear(d_in, d_out, bias=False).double(), nn.BatchNorm1d(d_out).double().train()
+
+
 def single_block_correlated(d_in: int = 256, d_out: int = 512, batch: int = 16384, seed: int = 0) -> dict:
     """Theorem 2's construction: one block ``BN(W ReLU(b t))`` with ``b ~ N(0,1)`` per sample,
     fixed ``t``, and an upstream gradient drawn independently of the input.
@@ -191,10 +198,7 @@ def single_block_correlated(d_in: int = 256, d_out: int = 512, batch: int = 1638
     the large-batch value for this draw of ``W`` (:func:`theory.thm2_conditional_factor`),
     the paper's bound ``pi/(pi+2)`` and the corrected Jensen bound ``pi/(pi-1)``.
     """
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    lin = nn.Linear(d_in, d_out, bias=False).double()
-    bn = nn.BatchNorm1d(d_out).double().train()
+    gen, lin, bn = _seeded_block(seed, d_in, d_out)
     t = torch.randn(d_in, generator=gen, dtype=torch.float64)
     b = torch.randn(batch, 1, generator=gen, dtype=torch.float64)
     x = (b * t).requires_grad_(True)
@@ -226,10 +230,7 @@ def single_block_independent(mu: float = 0.0, sigma: float = 1.0, d_in: int = 51
     """One block ``BN(W ReLU(x))`` with independent ``x_i ~ N(mu, sigma^2)`` and an independent
     upstream gradient: measured weighted ratio vs :func:`theory.relu_block_factor`
     (Theorem 1 at ``mu = 0``, Corollary 2 as ``sigma/mu -> 0``)."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    lin = nn.Linear(d_in, d_out, bias=False).double()
-    bn = nn.BatchNorm1d(d_out).double().train()
+    gen, lin, bn = _seeded_block(seed, d_in, d_out)
     x = (mu + sigma * torch.randn(batch, d_in, generator=gen, dtype=torch.float64)).requires_grad_(True)
     y = bn(lin(torch.relu(x)))
     y.retain_grad()

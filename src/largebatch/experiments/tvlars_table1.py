@@ -15,7 +15,7 @@ with ``--set FIELD=VALUE``):
   3x3 stem);
 * 100 epochs (not stated; the papers' curves run to about 100);
 * TVLARS ``delay = 10`` epochs (the value the paper states for its ablation) and
-  ``gamma_min = 0``; ``eta`` is each optimizer's default (SPEC);
+  ``gamma_min = 0``; ``eta`` is each optimizer's default;
 * cosine to 0 after warm-up (``lr_min`` is not given).
 
 The Barlow Twins half of Table 1 (1000 SSL + 100 linear epochs) is not part of this grid.

@@ -152,12 +152,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             return self.path
         return _compiled.default_path(device) if self._compilable else "foreach"
 
+    @staticmethod
+    def _call_closure(closure: Callable[[], Any] | None) -> Any:
+        """``closure()`` with gradients enabled (``torch.optim`` convention), or ``None``."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._call_closure(closure)
         self._stats = []
         found_inf = None
         for group in self.param_groups:

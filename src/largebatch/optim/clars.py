@@ -117,10 +117,7 @@ class CLARS(_TrustMomentum):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._call_closure(closure)
         if self.persample is None:
             raise RuntimeError("CLARS needs per-sample gradient norms: create it with model=... or call "
                                "opt.attach(model) before the backward pass")

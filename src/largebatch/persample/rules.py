@@ -22,7 +22,7 @@ Methods, per layer (``L`` = positions per sample: sequence length or output pixe
 * ``BatchNorm``, ``LayerNorm``, ``GroupNorm``, ``RMSNorm``: the affine gradients of
   sample ``i`` are ``sum_{non-batch, non-channel dims} d_i * x_hat_i`` and ``sum d_i``, with
   ``x_hat`` recomputed from the input and the statistics the layer normalized with (batch
-  statistics in training mode: then ``c_i`` is the sample's additive contribution, SPEC
+  statistics in training mode: then ``c_i`` is the sample's additive contribution, docs/algorithms.md
   "CLARS").
 * ``Embedding``: ``||G_i||^2 = sum_{s,t} [idx_s == idx_t] (d_s . d_t)`` (rows hit twice add
   up), honouring ``padding_idx`` and ``scale_grad_by_freq``.
@@ -192,24 +192,23 @@ def batchnorm_rule(m: nn.modules.batchnorm._BatchNorm, x, d, n, want, budget):
     return _affine_from_xhat(lambda s, e: (x[s:e] - mean) * invstd, d, n, red, want, budget, row)
 
 
-def layernorm_rule(m: nn.LayerNorm, x, d, n, want, budget):
+def _last_dims_norm_rule(m, x, d, n, want, budget, normalize):
+    """LayerNorm / RMSNorm: ``x_hat = normalize(x rows)`` over the last ``len(normalized_shape)`` dims."""
     k = len(m.normalized_shape)
     _need_batch(m, x, k + 1)
     x, d = _f(x), _f(d)
     red = tuple(range(1, x.dim() - k))
     row = x[0].numel() * x.element_size()
-    fn = lambda s, e: F.layer_norm(x[s:e], m.normalized_shape, None, None, m.eps)  # noqa: E731
-    return _affine_from_xhat(fn, d, n, red, want, budget, row)
+    return _affine_from_xhat(lambda s, e: normalize(x[s:e]), d, n, red, want, budget, row)
+
+
+def layernorm_rule(m: nn.LayerNorm, x, d, n, want, budget):
+    return _last_dims_norm_rule(m, x, d, n, want, budget,
+                                lambda xs: F.layer_norm(xs, m.normalized_shape, None, None, m.eps))
 
 
 def rmsnorm_rule(m, x, d, n, want, budget):
-    k = len(m.normalized_shape)
-    _need_batch(m, x, k + 1)
-    x, d = _f(x), _f(d)
-    red = tuple(range(1, x.dim() - k))
-    row = x[0].numel() * x.element_size()
-    fn = lambda s, e: F.rms_norm(x[s:e], m.normalized_shape, None, m.eps)  # noqa: E731
-    return _affine_from_xhat(fn, d, n, red, want, budget, row)
+    return _last_dims_norm_rule(m, x, d, n, want, budget, lambda xs: F.rms_norm(xs, m.normalized_shape, None, m.eps))
 
 
 def groupnorm_rule(m: nn.GroupNorm, x, d, n, want, budget):

@@ -1,7 +1,7 @@
 """Gradient-variance factor of seed 004 (Fig. 2), measured with the per-sample machinery.
 
 ``M_k = mean_i ||grad_k f_i||^2 / ||mean_i grad_k f_i||^2`` per parameter tensor ``k``
-(SPEC "Diagnostics"). During training it is available from any tracker's statistics
+(docs/algorithms.md, "Diagnostics"). During training it is available from any tracker's statistics
 (:meth:`PerSampleStats.variance_factor`); :func:`gradient_variance` measures it on given
 batches without touching ``.grad`` (it uses ``torch.autograd.grad``).
 """
@@ -26,7 +26,7 @@ def gradient_variance(model: nn.Module, batches: Iterable, loss_fn: Callable[...
     ``loss_fn(model(inputs), targets)`` must return the *sum* of per-sample losses (e.g.
     ``nn.CrossEntropyLoss(reduction="sum")``). The model's mode (train/eval) is left as it
     is; in train mode, BatchNorm makes each sample's term its additive contribution to the
-    batch gradient (SPEC "CLARS").
+    batch gradient (docs/algorithms.md, "CLARS").
     """
     tracker = PerSampleGradNorms(model, loss_reduction="sum", **tracker_kwargs)
     try:

@@ -16,6 +16,10 @@ On-disk formats read (no other files are needed):
   them under ``FashionMNIST/raw`` or as Debian's ``dataset-fashion-mnist`` installs them in
   ``/usr/share/datasets/fashion-mnist`` (searched automatically).
 - ``digits``: scikit-learn's embedded 8x8 digits (always offline); a fixed 80/20 split.
+
+One module for one concept (every on-disk format the harness reads, and the one augmentation);
+it is a little over 300 lines because each format's reader is short and they share the
+``ArrayDataset`` and channel-statistics code.
 """
 
 from __future__ import annotations

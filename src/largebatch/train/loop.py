@@ -4,13 +4,13 @@ Batch arithmetic (issue 4): ``global batch = micro-batch x accumulation steps x 
 Each process draws its share of an epoch's permutation (``distributed.shard``), splits its
 ``batch_size / world_size`` rows of a step into micro-batches, and back-propagates
 ``sum of per-sample losses / rows of this step``; DDP's gradient average over ranks then yields the
-gradient of the mean loss over the global batch (SPEC notation: ``g`` is the global-batch
+gradient of the mean loss over the global batch (docs/algorithms.md: ``g`` is the global-batch
 gradient), whatever the accumulation. Gradient all-reduce happens once per step (``no_sync`` on
 the other micro-batches).
 
 Step counting: ``steps_per_epoch = floor(ceil(N / world) / (B / world))`` (``drop_last``, the
-default) or the ceiling. Warm-up epochs, TVLARS's delay ``d_e`` (SPEC: "delay is counted in
-optimizer steps") and the schedule length are converted with this one number:
+default) or the ceiling. Warm-up epochs, TVLARS's delay ``d_e`` (in optimizer steps,
+docs/algorithms.md) and the schedule length are converted with this one number:
 ``round(epochs * steps_per_epoch)`` (``factory.py``).
 
 Host syncs: the loop only copies device tensors to the host at the end of an epoch (metrics,
