@@ -14,16 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from largebatch.optim import LALC, LAMB, LARS, TVLARS, _compiled
+import inspect
+
+from cases import OPTIMIZERS
+from largebatch.optim import LAMB, LARS, _compiled
 from largebatch.optim._engine import PATHS
 
-CASES = {
-    "LARS": (LARS, dict(lr=0.5, momentum=0.9, eta=0.02)),
-    "TVLARS": (TVLARS, dict(lr=2.0, eta=0.02, lam=0.05, delay=1)),
-    "LAMB": (LAMB, dict(lr=0.05, max_trust=5.0)),
-    "LALC": (LALC, dict(lr=0.5, momentum=0.9, eta=0.02)),
-}
-NESTEROV = {"LARS", "LALC"}
+CASES = {name: (cls, kw) for name, (cls, _, kw) in OPTIMIZERS.items()}
+NESTEROV = {name for name, (cls, _) in CASES.items() if "nesterov" in inspect.signature(cls).parameters}
 
 
 def make_params():

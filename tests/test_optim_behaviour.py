@@ -7,14 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from cases import OPTIMIZERS, make
 from largebatch.optim import LALC, LAMB, LARS, TVLARS, param_groups
 
-ALL = {
-    "LARS": lambda ps, **k: LARS(ps, lr=0.5, eta=0.02, nesterov=True, **k),
-    "TVLARS": lambda ps, **k: TVLARS(ps, lr=0.5, eta=0.02, lam=0.1, delay=2, **k),
-    "LAMB": lambda ps, **k: LAMB(ps, lr=0.02, **k),
-    "LALC": lambda ps, **k: LALC(ps, lr=0.3, eta=0.05, dampening=0.1, **k),
-}
+ALL = {name: (lambda ps, _n=name, **k: make(_n, ps, **k)) for name in OPTIMIZERS}
 PATHS = ["per_tensor", "foreach"]
 
 

@@ -4,13 +4,15 @@ import pytest
 import torch
 from torch import nn
 
+from cases import OPTIMIZERS
 from largebatch.optim import LALC, LAMB, LARS, TVLARS, param_groups
 from reference import Reference
 
 PATHS = ["per_tensor", "foreach"]
 
-# (class, reference algo, optimizer kwargs); lr/eta chosen so that updates are large enough to test.
-CASES = [
+# Further configurations of the same rules (class, reference algo, optimizer kwargs); lr/eta
+# chosen so that updates are large enough to test. Every row of cases.OPTIMIZERS comes first.
+VARIANTS = [
     (LARS, "lars", dict(momentum=0.9, eta=0.02)),
     (LARS, "lars", dict(momentum=0.9, eta=0.02, nesterov=True)),
     (LARS, "lars", dict(momentum=0.0, eta=0.02)),
@@ -25,6 +27,7 @@ CASES = [
     (LALC, "lalc", dict(momentum=0.0, eta=0.05)),
 ]
 LR = {"lars": 1.0, "tvlars": 1.0, "lamb": 0.05, "lalc": 0.5}
+CASES = [(cls, algo, kw) for cls, algo, kw in OPTIMIZERS.values()] + VARIANTS
 
 
 def make_model():
@@ -38,7 +41,8 @@ def make_model():
 def run_against_reference(cls, algo, kw, path, wd, steps=10, model=None, grad_hook=None, lr=None):
     torch.manual_seed(0)
     model = model or make_model()
-    lr = LR[algo] if lr is None else lr
+    kw = dict(kw)
+    lr = kw.pop("lr", LR[algo]) if lr is None else lr
     opt = cls(param_groups(model, weight_decay=wd), lr=lr, path=path, **kw)
     opt.track_stats = True
     # lr changed mid-run by a scheduler: halved at step 4, halved again at step 7
@@ -82,7 +86,8 @@ def zero_layer_model():
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("cls,algo,kw", [CASES[0], CASES[4], CASES[6], CASES[8]], ids=["LARS", "TVLARS", "LAMB", "LALC"])
+@pytest.mark.parametrize("cls,algo,kw", [VARIANTS[0], VARIANTS[4], VARIANTS[6], VARIANTS[8]],
+                         ids=["LARS", "TVLARS", "LAMB", "LALC"])
 def test_zero_norms_give_trust_one(cls, algo, kw, path):
     model, opt, _, _ = run_against_reference(cls, algo, kw, path, wd=0.0, steps=1, model=zero_layer_model())
     stats = opt.layer_stats()
