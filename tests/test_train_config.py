@@ -86,3 +86,17 @@ def test_auto_schedule_is_none_for_tvlars_and_cosine_otherwise():
     assert TrainConfig(optimizer="tvlars").validate().schedule == "none"
     assert TrainConfig(optimizer="lars").validate().schedule == "cosine"
     assert TrainConfig(optimizer="tvlars", schedule="poly").validate().schedule == "poly"
+
+
+@pytest.mark.parametrize("text", ['mlp_batchnorm: "no"\n', 'resume: "false"\n', 'checkpoint: "false"\n',
+                                  'augment: "yes"\n'])
+def test_quoted_booleans_in_a_file_are_refused(tmp_path, text, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    field = text.split(":")[0]
+    with pytest.raises(ValueError, match=rf"^{field}: must be true or false"):
+        resolve(str(f))
+    assert main(["train", "--config", str(f), "--out-dir", str(tmp_path / "run")]) == 2
+    assert field in capsys.readouterr().err and not (tmp_path / "run").exists()
+    f.write_text(text.replace('"', ""))  # unquoted YAML booleans are fine
+    assert isinstance(getattr(resolve(str(f)), field), bool)

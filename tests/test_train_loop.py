@@ -210,3 +210,32 @@ def test_partial_last_step_without_drop_last(tmp_path, digits):
     assert one.global_step == acc.global_step == 2
     a, b = _weights(one.model), _weights(acc.model)
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_row_cut_by_a_crash_is_dropped_on_resume(tmp_path, digits, fmt):
+    """A crash mid-append leaves a cut last line; --resume must neither keep it nor fail."""
+    common = dict(epochs=2, metrics_format=fmt, stats_every=3)
+    train(_cfg(tmp_path, "full", **common), dataset=digits, log=lambda s: None)
+    train(_cfg(tmp_path, "split", stop_after_epochs=1, **common), dataset=digits, log=lambda s: None)
+    cut = "1,,,,,,," if fmt == "csv" else '{"step": 1, "ep'
+    for name in ("steps", "layer_stats"):
+        with open(tmp_path / "split" / f"{name}.{fmt}", "a") as f:
+            f.write(cut)
+    rest = train(_cfg(tmp_path, "split", resume=True, **common), dataset=digits, log=lambda s: None)
+    assert rest.status == "finished"
+    for name in ("steps", "layer_stats"):
+        assert (tmp_path / "full" / f"{name}.{fmt}").read_bytes() == (tmp_path / "split" / f"{name}.{fmt}").read_bytes()
+
+
+def test_damaged_table_names_the_file(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON row"):
+        read_table(str(p))
+    p = tmp_path / "steps.csv"
+    p.write_text("step,loss\n0,1.5\n1,\n2,1.2\n")
+    with pytest.raises(ValueError, match=r"steps.csv: row 2 has missing fields"):
+        read_table(str(p))
+    p.write_text("step,loss\n0,1.5\n1,")  # only the last line cut: dropped
+    assert read_table(str(p)) == [{"step": 0, "loss": 1.5}]

@@ -119,6 +119,10 @@ class TrainConfig:
 
         from largebatch.optim import registry
 
+        for f in fields(self):  # booleans: a quoted "false" in a file is a string, and truthy
+            v = getattr(self, f.name)
+            if str(f.type).startswith("bool") and not (isinstance(v, bool) or (v is None and "None" in str(f.type))):
+                raise ValueError(f"{f.name}: must be true or false (unquoted in config files), got {v!r}")
         for name, allowed in (("dataset", DATASETS), ("model", MODELS), ("init", INITS),
                               ("optimizer", tuple(registry.OPTIMIZERS)), ("schedule", SCHEDULES),
                               ("lr_scaling", SCALING), ("precision", PRECISIONS), ("activation", ACTIVATIONS),

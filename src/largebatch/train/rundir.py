@@ -64,14 +64,34 @@ class Table:
 
 
 def read_table(path: str) -> list[dict[str, Any]]:
-    """Read a metrics table written by :class:`Table` (numbers come back as float/int)."""
+    """Read a metrics table written by :class:`Table` (numbers come back as float/int).
+
+    Tables are appended a row at a time, so a crash can only leave the *last* line cut: a
+    final line without its newline, or with empty fields, is not a row and is dropped (the run
+    that resumes rewrites the table). Damage anywhere else raises ``ValueError`` naming the file.
+    """
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        if path.endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
-        rows = list(csv.DictReader(f))
-    return [{k: _num(v) for k, v in r.items()} for r in rows]
+        text = f.read()
+    if text and not text.endswith("\n"):  # a line cut by a crash mid-append
+        text = text[: text.rfind("\n") + 1]
+    lines = text.splitlines()
+    if path.endswith(".jsonl"):
+        rows = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {i} is not a JSON row ({e.msg}); restore or delete the file") from None
+        return rows
+    rows = list(csv.DictReader(lines))
+    damaged = [i for i, r in enumerate(rows) if None in r or any(v in (None, "") for v in r.values())]
+    if damaged and damaged != [len(rows) - 1]:
+        raise ValueError(f"{path}: row {damaged[0] + 1} has missing fields; restore or delete the file")
+    return [{k: _num(v) for k, v in r.items()} for r in rows[: len(rows) - len(damaged)]]
 
 
 def _num(v: str) -> Any:
