@@ -311,3 +311,43 @@ def test_cuda_graph_capture_of_step(name):
         graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(flat(a), flat(b), rtol=1e-5, atol=1e-6)
+
+
+def test_load_state_dict_refuses_another_class_and_bad_groups():
+    """A state of another class (its buffers mean other things) or an invalid loaded group is
+    refused before anything is loaded; classes keeping the same state load each other's."""
+    from largebatch.optim import CLARS
+
+    def trained(cls, **kw):
+        torch.manual_seed(0)
+        model = make_model()
+        opt = cls(param_groups(model, weight_decay=1e-3), lr=0.1, **kw)
+        if cls is CLARS:
+            opt.attach(model)
+        train(model, opt, 2, seed=0)
+        return model, opt
+
+    classes = [LARS, TVLARS, LAMB, LALC, CLARS]
+    saved = {cls: trained(cls)[1].state_dict() for cls in classes}
+    refused = 0
+    for a in classes:
+        for b in classes:
+            model, opt = trained(b)
+            before = copy.deepcopy(opt.state_dict())
+            same = {a, b} <= {LARS, CLARS}  # both keep only `velocity` (v, the same quantity)
+            if a is b or same:
+                opt.load_state_dict(copy.deepcopy(saved[a]))
+                continue
+            with pytest.raises(ValueError, match=r"^state_dict: .*another optimizer class"):
+                opt.load_state_dict(copy.deepcopy(saved[a]))
+            refused += 1
+            after = opt.state_dict()  # untouched by the refused load
+            assert all(torch.equal(before["state"][i][k], after["state"][i][k])
+                       for i in before["state"] for k in before["state"][i])
+    assert refused == 18
+    for key, bad in (("momentum", 1.5), ("lr", -3.0)):
+        _, opt = trained(LARS)
+        sd = opt.state_dict()
+        sd["param_groups"][0][key] = bad
+        with pytest.raises(ValueError, match=rf"{key}.*loaded param group 0"):
+            opt.load_state_dict(sd)

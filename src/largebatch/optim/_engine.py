@@ -120,6 +120,26 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         self._validate_group(group, where=f" (param group {len(self.param_groups) - 1})")
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, after checking, before anything is loaded,
+        that each saved group passes this class's validation and that each tensor's state has
+        exactly the keys this class keeps (a state of another class, whose buffers mean other
+        things, is refused instead of silently changing the update)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved = state_dict.get("state", {})
+        for i, group in enumerate(state_dict.get("param_groups", [])):
+            self._validate_group({**self.defaults, **group}, where=f" (loaded param group {i})")
+            for idx in group.get("params", []):
+                st = saved.get(idx)
+                if not st or not 0 <= idx < len(params):
+                    continue
+                keep = set(self._init_state(params[idx].new_empty(0), {**self.defaults, **group}))
+                if set(st) != keep:
+                    raise ValueError(
+                        f"state_dict: parameter {idx} has state {sorted(st)}, but {type(self).__name__} with these "
+                        f"hyper-parameters keeps {sorted(keep)}; was it saved by another optimizer class?")
+        super().load_state_dict(state_dict)
+
     # ------------------------------------------------------------------ algorithm hooks
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         """Return the initial state tensors of parameter ``p`` (created on first step)."""
