@@ -145,9 +145,9 @@ class TrainConfig:
         number("poly_power", 0.0, lo_open=True)
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
-        self._check_optimizer_fields(registry)
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
         info = registry.get(self.optimizer)
+        self._check_optimizer_fields(info, registry)
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
         if self.schedule == "auto":  # TVLARS: phi(t) replaces warm-up and decay, so no schedule
             self.schedule = info.schedule
         if self.lr_scaling == "auto":
@@ -164,12 +164,11 @@ class TrainConfig:
             raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         return self
 
-    def _check_optimizer_fields(self, registry) -> None:
+    def _check_optimizer_fields(self, info, registry) -> None:
         """The optimizer's hyper-parameters, by its own validation (the registry constructs it
         on a dummy parameter): the class, config files and flags accept the same values.
         A field the chosen optimizer does not take is checked by the first optimizer that does."""
         values = self.to_dict()
-        info = registry.get(self.optimizer)
         if self.optimizer_path != "auto" and not info.layerwise:
             raise ValueError(f"optimizer_path: {self.optimizer} is not a largebatch optimizer; leave it at auto")
         info.check(values)
