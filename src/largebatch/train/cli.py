@@ -63,21 +63,28 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit codes: 0 finished or stopped as asked, 2 a user error (nothing written), 3 a non-finite
+    loss (``failure.json``), 1 the run directory could not be written, 130 interrupted."""
     try:
         cfg = config_from_args(args)
     except (ValueError, OSError) as e:
         print(f"largebatch train: invalid configuration: {e}", file=sys.stderr)
         return 2
     from .loop import train
+    from .rundir import RunDirError
 
     try:
         result = train(cfg)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"largebatch train: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except RunDirError as e:
         print(f"largebatch train: {e}", file=sys.stderr)
-        return 2
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nlargebatch train: interrupted; {cfg.out_dir} keeps the checkpoint of the last finished epoch: "
+              f"continue with the same command plus --resume", file=sys.stderr)
+        return 130
     if result.status == "nonfinite":
         return 3
     return 0

@@ -25,8 +25,12 @@ ACTIVATIONS = ("relu", "tanh", "gelu", "silu", "leaky_relu", "identity")
 STEMS = ("cifar", "imagenet")
 METRIC_FORMATS = ("csv", "jsonl")
 
-# Fields that may differ between a run and its --resume continuation.
-RESUME_MUTABLE = ("resume", "stop_after_epochs", "progress", "out_dir", "data_dir", "download", "device")
+# Fields that may differ between a run and its --resume continuation (``epochs`` too, when the
+# schedule does not depend on it: rundir.check_resume_config).
+RESUME_MUTABLE = ("resume", "overwrite", "stop_after_epochs", "progress", "out_dir", "data_dir", "download", "device")
+# Fields that describe one invocation, not the run: not written to config.yaml, so that
+# ``--config RUN/config.yaml --resume`` does not stop again or overwrite.
+INVOCATION_FIELDS = ("resume", "overwrite", "stop_after_epochs")
 
 
 @dataclass
@@ -90,6 +94,7 @@ class TrainConfig:
     metrics_format: str = field(default="csv", metadata={"help": "csv or jsonl"})
     checkpoint: bool = field(default=True, metadata={"help": "write an atomic checkpoint every epoch"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT_DIR/checkpoint.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run already in OUT_DIR (its files are deleted)"})
     stop_after_epochs: int | None = field(default=None, metadata={"help": "stop this invocation after N epochs (resume later)"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar (quiet anyway when not a terminal)"})
 
@@ -114,8 +119,9 @@ class TrainConfig:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             ok = ok and (v > lo if lo_open else v >= lo) and v <= hi
             if not ok:
-                left = "(" if lo_open else "["
-                raise ValueError(f"{name}: must be a finite number in {left}{lo}, {hi}], got {v!r}")
+                rng = (f"> {lo:g}" if lo_open else f">= {lo:g}") if hi == math.inf else \
+                    f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+                raise ValueError(f"{name}: must be a finite number {rng}, got {v!r}")
 
         from largebatch.optim import registry
 
@@ -158,6 +164,11 @@ class TrainConfig:
             raise ValueError("warmup_epochs: needs schedule cosine or poly (schedule is 'none')")
         if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size: must be <= batch_size ({self.batch_size}), got {self.micro_batch_size}")
+        if self.resume and self.overwrite:
+            raise ValueError("overwrite: cannot be combined with resume (continue the run, or replace it)")
+        if self.resume and not self.checkpoint:
+            raise ValueError("resume: needs checkpoint: true (a resumed run must keep writing checkpoints); "
+                             "drop --no-checkpoint")
         if self.precision == "fp16" and not str(self.device).startswith("cuda"):
             raise ValueError("precision: fp16 needs device cuda (GradScaler); use bf16 on CPU")
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
@@ -206,24 +217,25 @@ def load_file(path: str) -> dict[str, Any]:
     """Read a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) config file into a flat dict.
 
     Keys may use dashes or underscores; a ``[train]`` table / ``train:`` mapping is also accepted.
+    A file that cannot be read or parsed is a ``ValueError`` naming it (and the line, when known).
     """
     ext = os.path.splitext(path)[1].lower()
-    with open(path, "rb") as f:
-        raw = f.read()
-    if ext in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(raw.decode()) or {}
-    elif ext == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python < 3.11
-            import tomli as tomllib  # type: ignore[no-redef]
-        data = tomllib.loads(raw.decode())
-    elif ext == ".json":
-        data = json.loads(raw.decode())
-    else:
+    if ext not in (".yaml", ".yml", ".toml", ".json"):
         raise ValueError(f"config: unknown file type {ext!r} for {path} (use .yaml, .yml, .toml or .json)")
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        raise ValueError(f"config: cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config: {path} is not UTF-8 text") from None
+    try:
+        data = _parse(text, ext)
+    except Exception as e:  # each parser has its own error class; all mean "fix the file"
+        raise ValueError(f"config: {path} is not valid {ext.lstrip('.').upper().replace('YML', 'YAML')}: "
+                         f"{_parse_problem(e)}") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ValueError(f"config: {path} must contain a mapping of field: value")
     if set(data) == {"train"} and isinstance(data["train"], dict):
@@ -231,18 +243,52 @@ def load_file(path: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def _parse(text: str, ext: str) -> Any:
+    if ext in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text)
+    if ext == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python < 3.11
+            import tomli as tomllib  # type: ignore[no-redef]
+        return tomllib.loads(text)
+    return json.loads(text)
+
+
+def _parse_problem(e: Exception) -> str:
+    """One line: what the parser says, with the line number when it gives one."""
+    mark = getattr(e, "problem_mark", None)  # yaml.MarkedYAMLError
+    if mark is not None:
+        return f"{getattr(e, 'problem', None) or e} at line {mark.line + 1}, column {mark.column + 1}"
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} at line {e.lineno}, column {e.colno}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def _coerce(name: str, value: Any) -> Any:
-    """Convert file values to the field's type (YAML gives lists for tuples, ints for floats)."""
+    """Convert file values to the field's type: YAML gives lists for tuples, ints for floats, and
+    strings for numbers like ``1e-3`` (YAML 1.1 needs a dot: ``1.0e-3``), which are accepted."""
     f = {f.name: f for f in fields(TrainConfig)}[name]
     t = str(f.type)
     if value is None:
         return None
+    if t.startswith("float") and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name}: must be a number, got {value!r}") from None
     if t.startswith("float") and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if t.startswith("tuple") and isinstance(value, str):
-        return tuple(float(x) for x in value.split(","))
-    if t.startswith("tuple") and isinstance(value, list):
-        return tuple(value)
+    if t.startswith("tuple"):
+        parts = value.split(",") if isinstance(value, str) else value
+        try:
+            if isinstance(parts, (list, tuple)) and len(parts) == 2 and not any(isinstance(x, bool) for x in parts):
+                return tuple(float(x) for x in parts)
+        except (TypeError, ValueError):
+            pass
+        raise ValueError(f"{name}: must be two numbers like 0.9,0.999 (or a list [0.9, 0.999]), got {value!r}")
     return value
 
 
@@ -258,10 +304,11 @@ def resolve(file: str | None = None, overrides: dict[str, Any] | None = None) ->
 
 
 def save(cfg: TrainConfig, path: str) -> None:
-    """Write the resolved config as YAML (atomically)."""
+    """Write the resolved config as YAML (atomically), without the per-invocation fields."""
     import yaml
 
+    d = {k: v for k, v in cfg.to_dict().items() if k not in INVOCATION_FIELDS}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        yaml.safe_dump(d, f, sort_keys=False)
     os.replace(tmp, path)

@@ -25,6 +25,7 @@ optimizer, scheduler, GradScaler, RNG states and the metric history (``rundir.py
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from .diagnostics import LayerStatsRecorder
 from .evaluate import autocast_for, evaluate
 from .factory import build_optimizer, build_scheduler, effective_lr, lr_applied, steps_per_epoch
 from .models import build_model, init_weights
-from .rundir import RunDir
+from .rundir import RunDir, first_line
 
 CHECK_EVERY = 50  # steps between the (one-bool) checks for a non-finite loss
 
@@ -122,35 +123,39 @@ def train(cfg: TrainConfig, dataset: data_mod.ArrayDataset | None = None, *,
 def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: float) -> RunResult:
     micro, accum = cfg.check_world_size(info.world_size)
     run = RunDir(cfg.out_dir, cfg.metrics_format, info.is_main)
-    resume_state = run.load_checkpoint(cfg, log)
+    resume_state = run.inspect(cfg, log)  # reads only: a refusal leaves the directory as it was
+    if resume_state is not None and resume_state["epoch"] > cfg.epochs:
+        raise ValueError(f"epochs: the run in {cfg.out_dir} already completed {resume_state['epoch']} epochs; "
+                         f"pass --epochs {resume_state['epoch']} or more")
 
-    # data (a batch larger than the data set is a config error: raised before anything is written)
+    # data, model and optimizer (a bad data file, a batch larger than the data set or a model too
+    # big for memory is a user error raised before anything is written)
     ds = dataset if dataset is not None else data_mod.load(cfg.dataset, cfg.data_dir, cfg.download)
     n_train = ds.train_x.shape[0]
     spe = steps_per_epoch(n_train, cfg.batch_size, info.world_size, cfg.drop_last)
     total_steps = cfg.epochs * spe
     ds = ds.to(info.device)
-    run.create(cfg)
-
     setup = _build(cfg, ds, info, spe, micro)
-    history, start_epoch, global_step = [], 0, 0
-    if resume_state is not None:
-        start_epoch, global_step, history = run.restore(resume_state, setup.core, setup.opt, setup.sched,
-                                                        setup.scaler, info.device)
-        log(f"resume: continuing {cfg.out_dir} after epoch {start_epoch} (step {global_step})")
-    run.open(history, global_step)
-
-    log(f"train: {cfg.dataset if dataset is None else ds.name} ({n_train} train / {ds.test_x.shape[0]} test) "
-        f"{cfg.model} {cfg.optimizer} lr {effective_lr(cfg):g} | global batch {cfg.batch_size} = micro {micro} "
-        f"x accum {accum} x world {info.world_size} | {spe} steps/epoch, {total_steps} steps | {info.device}")
+    _on_rank0(info, lambda: run.create(cfg))
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=global_step, disable=None if (cfg.progress and info.is_main) else True,
-               dynamic_ncols=True, leave=False, file=sys.stderr)
+    bar = None
     status, failure, epochs_this_run = "finished", None, 0
-    setup.core.train()
+    history, start_epoch, global_step = [], 0, 0
     try:
+        if resume_state is not None:
+            start_epoch, global_step, history = run.restore(resume_state, setup.core, setup.opt, setup.sched,
+                                                            setup.scaler, info.device)
+            log(f"resume: continuing {cfg.out_dir} after epoch {start_epoch} (step {global_step})")
+        run.open(history, global_step)
+        log(f"train: {cfg.dataset if dataset is None else ds.name} ({n_train} train / {ds.test_x.shape[0]} test) "
+            f"{cfg.model} {cfg.optimizer} lr {effective_lr(cfg):g} | global batch {cfg.batch_size} = micro {micro} "
+            f"x accum {accum} x world {info.world_size} | {spe} steps/epoch, {total_steps} steps | {info.device}")
+        bar = tqdm(total=total_steps, initial=global_step,
+                   disable=None if (cfg.progress and info.is_main) else True,
+                   dynamic_ncols=True, leave=False, file=sys.stderr)
+        setup.core.train()
         for epoch in range(start_epoch, cfg.epochs):
             ep = _train_epoch(setup, run, epoch, global_step, bar)
             global_step = ep.end_step
@@ -169,21 +174,40 @@ def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: flo
         log(f"error: {e}")
         run.write_failure(failure)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         run.close()
     return RunResult(status, cfg.out_dir, len(history),
                      global_step if status != "nonfinite" else failure["global_step"],
                      history, failure, time.perf_counter() - t_start, setup.core)
 
 
+def _on_rank0(info: dist_mod.DistInfo, fn: Callable[[], None]) -> None:
+    """Run ``fn`` (which acts on rank 0 only) and raise its ``ValueError`` on every rank."""
+    err = None
+    try:
+        fn()
+    except ValueError as e:
+        err = e
+    if bool(dist_mod.any_flag(torch.tensor(err is not None, device=info.device), info)):
+        raise err or ValueError("rank 0 could not prepare the run directory (see its message)")
+
+
 def _build(cfg: TrainConfig, ds: data_mod.ArrayDataset, info: dist_mod.DistInfo, spe: int, micro: int) -> _Setup:
     """Model (seeded), optimizer, schedule and GradScaler; the model wrapped in DDP when distributed."""
     device = info.device
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, ds.num_classes, ds.shape, stem=cfg.stem, mlp_depth=cfg.mlp_depth,
-                        mlp_width=cfg.mlp_width, activation=cfg.activation, mlp_batchnorm=cfg.mlp_batchnorm)
-    init_weights(model, cfg.init)
-    model.to(device)
+    try:
+        model = build_model(cfg.model, ds.num_classes, ds.shape, stem=cfg.stem, mlp_depth=cfg.mlp_depth,
+                            mlp_width=cfg.mlp_width, activation=cfg.activation, mlp_batchnorm=cfg.mlp_batchnorm)
+        init_weights(model, cfg.init)
+        model.to(device)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one too
+        if "memory" not in str(e).lower():
+            raise
+        n = cfg.model if cfg.model != "mlp" else f"mlp (width {cfg.mlp_width}, depth {cfg.mlp_depth})"
+        raise ValueError(f"model: {n} does not fit in memory on {device} ({first_line(e)}); "
+                         f"choose a smaller model or another --device") from None
     if info.enabled and cfg.sync_bn:
         if device.type == "cpu":
             raise ValueError("sync_bn: SyncBatchNorm needs GPU (or XPU) devices; drop --sync-bn on CPU")
@@ -286,6 +310,9 @@ def _end_epoch(setup: _Setup, run: RunDir, ep: _Epoch, epoch: int, history: list
     tr = ep.sums.cpu().tolist()
     t_train = time.perf_counter() - ep.t0
     te_loss, te_acc = evaluate(setup.model, setup.ds, cfg.eval_batch_size, info, setup.autocast)
+    if not math.isfinite(te_loss):
+        failure = run.test_failure(te_loss, epoch, ep.end_step, cfg)
+        raise NonFiniteLoss(failure["message"], failure)
     row = {"epoch": epoch + 1, "step": ep.end_step, "lr": setup.opt.param_groups[0]["lr"],
            "train_loss": tr[0] / tr[2], "train_acc": tr[1] / tr[2], "test_loss": te_loss,
            "test_acc": te_acc, "epoch_seconds": round(t_train, 4),

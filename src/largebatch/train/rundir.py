@@ -3,17 +3,21 @@
 ``out_dir/`` holds ``config.yaml``, the tables ``metrics`` (one row per epoch), ``steps`` (one
 row per optimizer step) and ``layer_stats`` (per parameter tensor every ``stats_every`` steps) as
 ``.csv`` or ``.jsonl``, ``checkpoint.pt`` (written atomically after each epoch: model,
-optimizer, scheduler, GradScaler, RNG states, config and metric history), ``failure.json`` when
-a loss turned non-finite, and ``tensorboard/`` when TensorBoard is installed. Rank 0 writes;
-every rank reads the checkpoint.
+optimizer, scheduler, GradScaler, RNG states, config and metric history) and the one before it,
+``checkpoint-prev.pt``, ``failure.json`` when a loss turned non-finite, ``tensorboard/`` when
+TensorBoard is installed, and ``.lock`` (held while a process writes the directory). Rank 0
+writes; every rank reads the checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import random
+import shutil
+import socket
 from typing import Any, Callable
 
 import numpy as np
@@ -27,6 +31,9 @@ METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss",
                   "epoch_seconds", "images_per_s"]
 STEP_COLUMNS = ["step", "epoch", "lr", "lr_eff", "loss"]
 STAT_COLUMNS = ["step", "layer", "adapt", "w_norm", "g_norm", "lnr", "trust", "layer_lr"]
+RUN_FILES = ["config.yaml", "checkpoint.pt", "checkpoint-prev.pt", "failure.json", "tensorboard"] + [
+    f"{t}.{ext}" for t in ("metrics", "steps", "layer_stats") for ext in ("csv", "jsonl")]
+CHECKPOINT_KEYS = ("epoch", "global_step", "model", "optimizer", "rng", "config", "history")
 
 
 # ----------------------------------------------------------------------------- tables
@@ -103,37 +110,145 @@ def _num(v: str) -> Any:
     return v
 
 
+NONFINITE_ADVICE = (" To try other settings (a lower --lr, a longer --warmup-epochs, another optimizer), start a "
+                    "new run in another --out-dir, or add --overwrite to replace this one; --resume continues "
+                    "only with the same configuration.")
+
+
 # ----------------------------------------------------------------------------- the directory
+class RunDirError(RuntimeError):
+    """The run directory could not be written (disk full, permissions): the message says what was kept."""
+
+
 class RunDir:
-    """``out_dir`` of one run: its tables, checkpoint, failure record and TensorBoard writer."""
+    """``out_dir`` of one run: its tables, checkpoints, failure record and TensorBoard writer.
+
+    Nothing is lost: :meth:`inspect` decides, reading only, whether this invocation may use the
+    directory (a run already there is continued with ``--resume`` or replaced with
+    ``--overwrite``, never silently rewritten); :meth:`create` then takes an exclusive lock
+    (``.lock``, ``flock``: released by the kernel when the process dies, so ``kill -9`` and
+    ``--resume`` still work) so that two processes never write one directory; checkpoints are
+    written atomically and the previous one is kept as ``checkpoint-prev.pt``, the fallback when
+    the latest cannot be read.
+    """
 
     def __init__(self, out_dir: str, fmt: str, is_main: bool):
         self.path, self.is_main = out_dir, is_main
         self.checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
+        self.previous_path = os.path.join(out_dir, "checkpoint-prev.pt")
         self.metrics = Table(os.path.join(out_dir, "metrics"), fmt, METRIC_COLUMNS)
         self.steps = Table(os.path.join(out_dir, "steps"), fmt, STEP_COLUMNS)
         self.stats = Table(os.path.join(out_dir, "layer_stats"), fmt, STAT_COLUMNS)
         self.tb = None
+        self._lock = None
+        self._seen: list[str] | None = None
 
-    def load_checkpoint(self, cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any] | None:
-        """The checkpoint to resume from (``None``: start from scratch). A checkpoint without
-        ``--resume``, or one written under another configuration, is a ``ValueError``."""
-        if cfg.checkpoint and os.path.exists(self.checkpoint_path):
-            if not cfg.resume:
-                raise ValueError(f"out_dir: {self.path} already holds a checkpoint; pass --resume to continue it "
-                                 f"or choose another --out-dir")
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-            _check_resume_config(cfg, state["config"])
+    # ------------------------------------------------------------------ before anything is written
+    def run_files(self) -> list[str]:
+        """The files of a run present in the directory (any format)."""
+        if not os.path.isdir(self.path):
+            return []
+        names = [n for n in RUN_FILES if os.path.exists(os.path.join(self.path, n))]
+        return names
+
+    def inspect(self, cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any] | None:
+        """Read-only: may this invocation use ``out_dir``? Returns the checkpoint to resume from
+        (``None``: start from scratch). Every refusal is a ``ValueError`` saying what to do."""
+        p = self.path
+        if os.path.exists(p) and not os.path.isdir(p):
+            raise ValueError(f"out_dir: {p} exists and is not a directory; choose another --out-dir")
+        parent = _existing_ancestor(p)
+        if not os.path.isdir(parent):
+            raise ValueError(f"out_dir: {parent} is not a directory, so {p} cannot be created; choose another --out-dir")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"out_dir: {parent} is not writable; choose another --out-dir")
+        self._seen = self.run_files()
+        if not self._seen or cfg.overwrite:
+            if cfg.resume:
+                log(f"resume: no run in {p} yet; starting from scratch")
+            return None
+        held = ", ".join(self._seen)
+        if not cfg.resume:
+            raise ValueError(f"out_dir: {p} already holds a run ({held}); pass --resume to continue it, "
+                             f"--overwrite to replace it, or choose another --out-dir")
+        state = self._read_checkpoint(log)
+        if state is not None:
+            check_resume_config(cfg, state["config"])
             return state
-        if cfg.resume:
-            log(f"resume: no checkpoint in {self.path}; starting from scratch")
+        if self.metrics.read():
+            raise ValueError(f"out_dir: {p} holds a run with finished epochs but no checkpoint to resume from "
+                             f"(it ran with checkpoint: false); pass --overwrite to replace it or choose another "
+                             f"--out-dir")
+        saved = os.path.join(p, "config.yaml")
+        if os.path.exists(saved):
+            check_resume_config(cfg, config_mod.load_file(saved))
+        log(f"resume: {p} has no checkpoint yet (stopped in its first epoch); starting it from scratch")
+        return None
+
+    def _read_checkpoint(self, log: Callable[[str], None]) -> dict[str, Any] | None:
+        """The latest readable checkpoint, falling back to the previous one (and saying so)."""
+        problems = []
+        for path in (self.checkpoint_path, self.previous_path):
+            if not os.path.exists(path):
+                continue
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+                missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+                if missing:
+                    raise ValueError(f"not a largebatch checkpoint (no {', '.join(missing)})")
+            except Exception as e:  # truncated, empty, random or foreign: all mean "unreadable"
+                problems.append(f"{path} cannot be read ({first_line(e)})")
+                continue
+            if problems:
+                log(f"resume: {problems[0]}; falling back to the previous checkpoint {path} (epoch {state['epoch']})")
+            return state
+        if problems:
+            raise ValueError(f"resume: no readable checkpoint in {self.path}: {'; '.join(problems)}. Pass "
+                             f"--overwrite to start the run again, or choose another --out-dir")
         return None
 
     def create(self, cfg: TrainConfig) -> None:
-        """Rank 0: make the folder and write ``config.yaml``."""
-        if self.is_main:
+        """Rank 0: make the folder, lock it, clear it when overwriting, write ``config.yaml``."""
+        if not self.is_main:
+            return
+        try:
             os.makedirs(self.path, exist_ok=True)
+            self._take_lock()
+            now = self.run_files()
+            if cfg.overwrite:
+                for name in now:
+                    q = os.path.join(self.path, name)
+                    shutil.rmtree(q) if os.path.isdir(q) else os.remove(q)
+            elif now != self._seen:
+                raise ValueError(f"out_dir: {self.path} changed while this run was starting (another run wrote "
+                                 f"{', '.join(sorted(set(now) - set(self._seen or [])))}); choose another --out-dir")
             config_mod.save(cfg, os.path.join(self.path, "config.yaml"))
+        except OSError as e:
+            self.close()
+            raise ValueError(f"out_dir: cannot write {self.path} ({e.strerror or e}); choose another --out-dir") from None
+        except ValueError:
+            self.close()
+            raise
+
+    def _take_lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        f = open(os.path.join(self.path, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ValueError(f"out_dir: {self.path} is in use by another largebatch run ({holder}); wait for it "
+                             f"to finish or choose another --out-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._lock = f
 
     def open(self, history: list[dict[str, Any]], global_step: int) -> None:
         """Rank 0: tables as of the checkpoint (rows past it, from a run interrupted mid-epoch,
@@ -159,14 +274,27 @@ class RunDir:
             self.tb.flush()
 
     def save_checkpoint(self, model, opt, sched, scaler, cfg, epoch, global_step, history, device) -> None:
-        """Atomic: write ``path.tmp`` then ``os.replace`` (a crash leaves the previous checkpoint intact)."""
+        """Atomic: write ``checkpoint.pt.tmp``, keep the current one as ``checkpoint-prev.pt``, then
+        ``os.replace``. A crash leaves a readable checkpoint; a failed write (full disk) removes the
+        ``.tmp`` and raises :class:`RunDirError` (the previous checkpoint is kept)."""
         state = {"epoch": epoch, "global_step": global_step, "model": model.state_dict(),
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
                  "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state(device),
                  "config": cfg.to_dict(), "history": history}
         tmp = self.checkpoint_path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        try:
+            torch.save(state, tmp)
+            if os.path.exists(self.checkpoint_path):
+                os.replace(self.checkpoint_path, self.previous_path)
+            os.replace(tmp, self.checkpoint_path)
+        except (OSError, RuntimeError) as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            kept = next((q for q in (self.checkpoint_path, self.previous_path) if os.path.exists(q)), None)
+            raise RunDirError(f"could not write the checkpoint of epoch {epoch} to {self.path} "
+                              f"({first_line(e)}; disk full?). "
+                              + (f"{kept} is kept; free space, then continue with --resume." if kept else
+                                 "No checkpoint was written; free space and start again.")) from None
 
     @staticmethod
     def restore(state: dict[str, Any], model, opt, sched, scaler,
@@ -184,20 +312,32 @@ class RunDir:
     def failure_record(self, step_losses: torch.Tensor, info: dist_mod.DistInfo, epoch: int, first_step: int,
                        cfg: TrainConfig) -> dict[str, Any]:
         """What ``failure.json`` holds, from this epoch's losses so far. Every rank calls it (all-reduce)."""
-        ckpt = self.checkpoint_path
         losses = step_losses.detach().float().reshape(1, -1).clone()
         bad = (~torch.isfinite(losses)).float()
         dist_mod.all_reduce_sum(bad, info)
         i = int(torch.nonzero(bad[0] > 0)[0, 0])
+        return self._failure(f"non-finite training loss ({float(losses[0, i])}) at epoch {epoch + 1}, step {i + 1} "
+                             f"of the epoch (global step {first_step + i})", float(losses[0, i]), epoch,
+                             i + 1, first_step + i, cfg)
+
+    def test_failure(self, test_loss: float, epoch: int, global_step: int, cfg: TrainConfig) -> dict[str, Any]:
+        """``failure.json`` for a non-finite *test* loss (the eval-mode model's outputs, e.g. BatchNorm's
+        running statistics, are not finite although training losses were)."""
+        return self._failure(f"non-finite test loss ({test_loss}) after epoch {epoch + 1} (global step "
+                             f"{global_step}); the epoch's checkpoint was not written", test_loss, epoch, None,
+                             global_step, cfg)
+
+    def _failure(self, what: str, loss: float, epoch: int, step_in_epoch: int | None, global_step: int,
+                 cfg: TrainConfig) -> dict[str, Any]:
+        ckpt = self.checkpoint_path
         have = cfg.checkpoint and os.path.exists(ckpt)
-        msg = (f"non-finite training loss ({float(losses[0, i])}) at epoch {epoch + 1}, step {i + 1} of the epoch "
-               f"(global step {first_step + i}); training stopped. "
+        msg = (f"{what}; training stopped. "
                + (f"The last good checkpoint is {ckpt} "
                   f"(epoch {torch.load(ckpt, map_location='cpu', weights_only=False)['epoch']})."
                   if have else "No checkpoint was written before it.")
-               + " Try a lower --lr, a longer --warmup-epochs or another optimizer.")
-        return {"message": msg, "epoch": epoch + 1, "step_in_epoch": i + 1, "global_step": first_step + i,
-                "loss": str(float(losses[0, i])), "checkpoint": ckpt if have else None}
+               + NONFINITE_ADVICE)
+        return {"message": msg, "epoch": epoch + 1, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                "loss": str(loss), "checkpoint": ckpt if have else None}
 
     def write_failure(self, failure: dict[str, Any]) -> None:
         if self.is_main:
@@ -205,8 +345,13 @@ class RunDir:
                 json.dump(failure, f, indent=2)
 
     def close(self) -> None:
+        """Close TensorBoard and release the lock (also done by the kernel if the process dies)."""
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -233,10 +378,31 @@ def _set_rng(st: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
-def _check_resume_config(cfg: TrainConfig, saved: dict[str, Any]) -> None:
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """An exception as one short line (its type when it has no message)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__
+
+
+def _existing_ancestor(path: str) -> str:
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    return p
+
+
+def check_resume_config(cfg: TrainConfig, saved: dict[str, Any]) -> None:
+    """A resumed run must have the saved configuration, except for ``RESUME_MUTABLE`` fields and
+    ``epochs`` when the schedule does not depend on it (``schedule: none``, e.g. TVLARS)."""
     now = cfg.to_dict()
     for k, v in saved.items():
         if k in config_mod.RESUME_MUTABLE:
+            continue
+        if k == "epochs" and k in now and now[k] != v:
+            if saved.get("schedule") != "none":
+                raise ValueError(f"epochs: the checkpointed run has {v} epochs and a {saved.get('schedule')!r} "
+                                 f"schedule whose length is fixed by them, so it cannot be extended to {now[k]}; "
+                                 f"start a new run (another --out-dir) with --epochs {now[k]}")
             continue
         if k in now and now[k] != v:
             raise ValueError(f"{k}: differs from the checkpointed run ({v!r} there, {now[k]!r} now); "
