@@ -8,18 +8,35 @@ flip, per sample, as in the papers' CIFAR/Tiny ImageNet recipes) runs batched on
 On-disk formats read (no other files are needed):
 
 - ``cifar10`` / ``cifar100``: torchvision's extracted Python pickle batches
-  (``cifar-10-batches-py/data_batch_{1..5}, test_batch``; ``cifar-100-python/train, test``).
+  (``cifar-10-batches-py/data_batch_{1..5}, test_batch``; ``cifar-100-python/train, test``), each a dict
+  with ``b"data"`` (N x 3072 uint8 rows, 3x32x32) and ``b"labels"`` / ``b"fine_labels"``.
 - ``tinyimagenet``: the standard ``tiny-imagenet-200`` folder (``wnids.txt``,
   ``train/<wnid>/images/*.JPEG``, ``val/images`` + ``val/val_annotations.txt``); the JPEGs are
-  decoded once into ``largebatch-cache.npz`` next to them (or under ``~/.cache/largebatch``).
+  decoded once into a cache (see below).
 - ``fashion-mnist``: the idx files (``train-images-idx3-ubyte[.gz]`` ...), as torchvision stores
   them under ``FashionMNIST/raw`` or as Debian's ``dataset-fashion-mnist`` installs them in
   ``/usr/share/datasets/fashion-mnist`` (searched automatically).
 - ``digits``: scikit-learn's embedded 8x8 digits (always offline); a fixed 80/20 split.
 
+Damaged or inconsistent files (a truncated pickle or gzip, an idx header that does not match its data,
+an undecodable or differently sized JPEG, a label outside ``0..num_classes-1`` in any split) raise
+:class:`DataError`, a ``ValueError`` whose one-line message names the file and says what to do
+(``largebatch train`` prints it and exits 2); a missing dataset raises :class:`DatasetNotFound`.
+
+Tiny ImageNet cache: one file per image folder, ``largebatch-cache.npz`` inside the resolved
+``tiny-imagenet-200`` folder (or, if that is read-only, ``~/.cache/largebatch/tinyimagenet-<hash of the
+folder's real path>.npz``). It stores the decoded arrays and a key: the SHA-1 of every image's real path,
+size, mtime (ns) and label. A load recomputes the key (one ``stat`` per image, no reading) and uses the
+cache only if the stored key matches; otherwise it decodes again and replaces the file atomically
+(written to a uniquely named temporary file next to it, then ``os.replace``), so an image replaced in
+place invalidates it, relative/absolute/symlinked ``--data-dir`` spellings share it, and stale copies
+never accumulate (the per-key ``largebatch-cache-<hash>.npz`` files of earlier versions are removed when
+a cache is written). A cache that cannot be read (truncated, not a zip) is treated as absent, with a
+one-line warning on stderr; one that cannot be written only costs a warning.
+
 One module for one concept (every on-disk format the harness reads, and the one augmentation);
-it is a little over 300 lines because each format's reader is short and they share the
-``ArrayDataset`` and channel-statistics code.
+it is a little over 500 lines because each format's reader, with its checks, is short and they share the
+``ArrayDataset``, label-range and channel-statistics code.
 """
 
 from __future__ import annotations
@@ -28,7 +45,12 @@ import gzip
 import hashlib
 import os
 import pickle
+import re
 import struct
+import sys
+import uuid
+import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +67,20 @@ def default_root() -> str:
 
 class DatasetNotFound(FileNotFoundError):
     """The dataset is absent (and was not, or could not be, downloaded). The message says where to put it."""
+
+
+class DataError(ValueError):
+    """A dataset file is present but unusable: truncated, damaged, inconsistent with its header or the
+    other files, or holding a label out of range. The one-line message names the file and says what to do."""
+
+
+def _check_labels(y: np.ndarray, n_classes: int, path: str, advice: str) -> None:
+    """Every label in ``0..n_classes-1``, else :class:`DataError` naming ``path`` and the first bad value."""
+    bad = (y < 0) | (y >= n_classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: label {int(y[i])} (entry {i}) is outside 0..{n_classes - 1} for {n_classes} "
+                        f"classes ({int(bad.sum())} of {y.size} labels out of range); {advice}")
 
 
 @dataclass
@@ -64,6 +100,10 @@ class ArrayDataset:
                 raise ValueError(f"{self.name}: {split} images must be uint8 N x C x H x W, got {x.dtype} {tuple(x.shape)}")
             if y.dtype != torch.int64 or y.shape != (x.shape[0],):
                 raise ValueError(f"{self.name}: {split} labels must be int64 of length {x.shape[0]}")
+            lo, hi = (int(y.min()), int(y.max())) if y.numel() else (0, 0)
+            if lo < 0 or hi >= self.num_classes:
+                raise ValueError(f"{self.name}: {split} labels must be in 0..{self.num_classes - 1}, "
+                                 f"found {lo if lo < 0 else hi}")
         self.mean, self.std = channel_stats(self.train_x)
 
     @property
@@ -150,13 +190,35 @@ def load_digits() -> ArrayDataset:
 
 
 # --- CIFAR ---------------------------------------------------------------------------------
-def _read_cifar_batches(folder: str, files: list[str], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for fn in files:
-        with open(os.path.join(folder, fn), "rb") as f:
+def _read_cifar_batch(path: str, label_key: bytes, n_classes: int, advice: str) -> tuple[np.ndarray, np.ndarray]:
+    """One pickle batch: images ``N x 3 x 32 x 32`` uint8 and labels int64, checked (DataError naming ``path``)."""
+    try:
+        with open(path, "rb") as f:
             d = pickle.load(f, encoding="bytes")
-        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[label_key], dtype=np.int64))
+    except OSError:
+        raise
+    except Exception as e:  # truncated/garbage pickles raise UnpicklingError, EOFError, KeyError, ValueError ...
+        raise DataError(f"{path}: not a readable pickle batch ({type(e).__name__}: {e}); {advice}") from None
+    if not isinstance(d, dict) or b"data" not in d or label_key not in d:
+        found = sorted(map(repr, d))[:8] if isinstance(d, dict) else f"a {type(d).__name__}"
+        raise DataError(f"{path}: expected a dict with b'data' and {label_key!r}, found {found}; {advice}")
+    try:
+        x = np.asarray(d[b"data"], dtype=np.uint8)
+        y = np.asarray(d[label_key], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DataError(f"{path}: b'data' or {label_key!r} is not numeric ({e}); {advice}") from None
+    if x.ndim not in (1, 2) or (x.ndim == 2 and x.shape[1] != 3072) or x.size % 3072:
+        raise DataError(f"{path}: b'data' has shape {x.shape}, expected rows of 3072 values (3x32x32); {advice}")
+    x = x.reshape(-1, 3, 32, 32)
+    if y.shape != (x.shape[0],):
+        raise DataError(f"{path}: {y.size} labels for {x.shape[0]} images; {advice}")
+    _check_labels(y, n_classes, path, advice)
+    return x, y
+
+
+def _read_cifar_batches(folder: str, files: list[str], label_key: bytes, n_classes: int,
+                        advice: str) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = zip(*(_read_cifar_batch(os.path.join(folder, fn), label_key, n_classes, advice) for fn in files))
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -179,8 +241,10 @@ def _load_cifar(root: str | None, download: bool, n_classes: int) -> ArrayDatase
                 f"cifar{n_classes}: not found. Put torchvision's extracted folder {sub}/ (files "
                 f"{', '.join(train_files + test_files)}) under {root} (--data-dir or $LARGEBATCH_DATA), "
                 f"or pass --download.")
-    xtr, ytr = _read_cifar_batches(folder, train_files, key)
-    xte, yte = _read_cifar_batches(folder, test_files, key)
+    archive = "cifar-10-python.tar.gz" if n_classes == 10 else "cifar-100-python.tar.gz"
+    advice = f"the file is damaged: delete {folder} and extract {archive} again (or pass --download)"
+    xtr, ytr = _read_cifar_batches(folder, train_files, key, n_classes, advice)
+    xte, yte = _read_cifar_batches(folder, test_files, key, n_classes, advice)
     return ArrayDataset(f"cifar{n_classes}", torch.from_numpy(xtr), torch.from_numpy(ytr),
                         torch.from_numpy(xte), torch.from_numpy(yte), n_classes, augment_default=True)
 
@@ -195,18 +259,32 @@ def load_cifar100(root: str | None = None, download: bool = False) -> ArrayDatas
 
 # --- Fashion-MNIST ---------------------------------------------------------------------------
 def read_idx(path: str) -> np.ndarray:
-    """Read an idx file (LeCun's MNIST format; gzip if the name ends in .gz)."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    """Read a uint8 idx file (LeCun's MNIST format; gzip if the name ends in .gz); DataError if damaged."""
+    advice = _idx_advice(path)
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # not gzip, cut short, corrupt stream
+        raise DataError(f"{path}: not a complete gzip file ({e}); {advice}") from None
+    if len(data) < 4:
+        raise DataError(f"{path}: {len(data)} bytes, too short for an idx header; {advice}")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path}: not a uint8 idx file (magic {data[:4].hex()})")
+        hint = " (gzip data: name it .gz)" if data[:2] == b"\x1f\x8b" else ""
+        raise DataError(f"{path}: not a uint8 idx file (magic {data[:4].hex()}, expected 000008xx){hint}; {advice}")
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: idx header cut short ({len(data)} bytes for {ndim} dimensions); {advice}")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: expected {int(np.prod(dims))} values for shape {dims}, found {arr.size}")
+        raise DataError(f"{path}: expected {int(np.prod(dims))} values for shape {dims}, found {arr.size}; {advice}")
     return arr.reshape(dims)
+
+
+def _idx_advice(path: str) -> str:
+    if os.path.abspath(path).startswith(SYSTEM_FASHION_MNIST + os.sep):
+        return "the file is damaged: reinstall it (apt-get install --reinstall dataset-fashion-mnist)"
+    return "the file is damaged: delete it and download it again (--download fetches it)"
 
 
 _FMNIST = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -249,7 +327,20 @@ def load_fashion_mnist(root: str | None = None, download: bool = False) -> Array
             "fashion-mnist: not found. Looked in " + ", ".join(fashion_mnist_candidates(root))
             + f" for {', '.join(_FMNIST)} (optionally .gz). Install the Debian package dataset-fashion-mnist, "
               "put the files in --data-dir, or pass --download.")
-    xtr, ytr, xte, yte = (read_idx(_find_idx(folder, s)) for s in _FMNIST)  # type: ignore[arg-type]
+    paths: list[str] = [_find_idx(folder, s) for s in _FMNIST]  # type: ignore[misc]
+    xtr, ytr, xte, yte = (read_idx(p) for p in paths)
+    advice = _idx_advice(paths[0])
+    for (x, px), (y, py) in (((xtr, paths[0]), (ytr, paths[1])), ((xte, paths[2]), (yte, paths[3]))):
+        if x.ndim != 3:
+            raise DataError(f"{px}: images must be N x H x W, found shape {x.shape}; {advice}")
+        if y.ndim != 1:
+            raise DataError(f"{py}: labels must be 1-D, found shape {y.shape}; {advice}")
+        if len(y) != len(x):
+            raise DataError(f"{py}: {len(y)} labels for the {len(x)} images of {px}; {advice}")
+        _check_labels(y, 10, py, advice)
+    if xte.shape[1:] != xtr.shape[1:]:
+        raise DataError(f"{paths[2]}: images are {xte.shape[1]}x{xte.shape[2]}, the training images "
+                        f"({paths[0]}) {xtr.shape[1]}x{xtr.shape[2]}; {advice}")
     return ArrayDataset("fashion-mnist", torch.from_numpy(xtr[:, None].copy()), torch.from_numpy(ytr.astype(np.int64)),
                         torch.from_numpy(xte[:, None].copy()), torch.from_numpy(yte.astype(np.int64)), 10,
                         augment_default=False)
@@ -273,6 +364,28 @@ def _decode(path: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
+def _decode_all(paths: list[str], advice: str, size: tuple[int, int] | None = None,
+                size_of: str = "") -> np.ndarray:
+    """Decode images into one ``N x 3 x H x W`` uint8 array. Every image must be ``size`` (default: the
+    first image's size); DataError naming the image otherwise, or if it cannot be decoded."""
+    out = np.empty((len(paths), 3, *(size or (0, 0))), np.uint8)
+    for i, p in enumerate(paths):
+        try:
+            im = _decode(p)
+        except FileNotFoundError:
+            raise DatasetNotFound(f"tinyimagenet: missing image {p}; {advice}") from None
+        except Exception as e:  # PIL: UnidentifiedImageError, "image file is truncated", ... (OSError, ValueError)
+            raise DataError(f"tinyimagenet: cannot decode {p} ({type(e).__name__}: {e}); {advice}") from None
+        if size is None:
+            size, size_of = im.shape[:2], p
+            out = np.empty((len(paths), 3, *size), np.uint8)
+        elif im.shape[:2] != tuple(size):
+            raise DataError(f"tinyimagenet: {p} is {im.shape[1]}x{im.shape[0]} pixels, but {size_of} is "
+                            f"{size[1]}x{size[0]}; {advice}")
+        out[i] = im.transpose(2, 0, 1)
+    return out
+
+
 def load_tinyimagenet(root: str | None = None, download: bool = False) -> ArrayDataset:
     """Tiny ImageNet 200 (64x64); the validation split (labels in val_annotations.txt) is the test set."""
     root = root or default_root()
@@ -288,8 +401,12 @@ def load_tinyimagenet(root: str | None = None, download: bool = False) -> ArrayD
                 f"tinyimagenet: not found. Put the extracted tiny-imagenet-200/ folder (wnids.txt, "
                 f"train/<wnid>/images/*.JPEG, val/images/, val/val_annotations.txt) under {root} "
                 f"(--data-dir or $LARGEBATCH_DATA), or pass --download.")
+    folder = os.path.realpath(folder)  # every path below (and so the cache key) is absolute and resolved
+    advice = f"replace that file, or delete {folder} and extract tiny-imagenet-200.zip again (--download fetches it)"
     with open(os.path.join(folder, "wnids.txt")) as f:
         wnids = [line.strip() for line in f if line.strip()]
+    if not wnids:
+        raise DataError(f"tinyimagenet: {os.path.join(folder, 'wnids.txt')} lists no classes; {advice}")
     index = {w: i for i, w in enumerate(wnids)}
     train = []
     for w in wnids:
@@ -298,6 +415,9 @@ def load_tinyimagenet(root: str | None = None, download: bool = False) -> ArrayD
             raise DatasetNotFound(f"tinyimagenet: missing folder {d}")
         train += [(os.path.join(d, fn), index[w]) for fn in sorted(os.listdir(d))
                   if fn.lower().endswith((".jpeg", ".jpg", ".png"))]
+    if not train:
+        raise DatasetNotFound(f"tinyimagenet: no images in {folder}/train/<wnid>/images; "
+                              f"extract tiny-imagenet-200.zip again")
     val = []
     ann = os.path.join(folder, "val", "val_annotations.txt")
     if not os.path.isfile(ann):
@@ -307,34 +427,105 @@ def load_tinyimagenet(root: str | None = None, download: bool = False) -> ArrayD
             parts = line.strip().split("\t")
             if len(parts) >= 2:
                 if parts[1] not in index:
-                    raise ValueError(f"tinyimagenet: {ann} names class {parts[1]!r} absent from wnids.txt")
+                    raise DataError(f"tinyimagenet: {ann} names class {parts[1]!r} absent from wnids.txt; {advice}")
                 val.append((os.path.join(folder, "val", "images", parts[0]), index[parts[1]]))
-    key = hashlib.sha1("\n".join(p for p, _ in train + val).encode()).hexdigest()[:16]
-    cache = _cache_path(folder, key)
-    if cache and os.path.isfile(cache):
-        z = np.load(cache)
-        xtr, ytr, xte, yte = z["xtr"], z["ytr"], z["xte"], z["yte"]
-    else:
-        xtr = np.stack([_decode(p) for p, _ in train]).transpose(0, 3, 1, 2).copy()
-        xte = np.stack([_decode(p) for p, _ in val]).transpose(0, 3, 1, 2).copy()
-        ytr = np.array([c for _, c in train], dtype=np.int64)
-        yte = np.array([c for _, c in val], dtype=np.int64)
+    ytr = np.array([c for _, c in train], dtype=np.int64)
+    yte = np.array([c for _, c in val], dtype=np.int64)
+    key = _cache_key(train, val, advice)
+    cache = _cache_path(folder)
+    arrays = _read_cache(cache, key, len(train), len(val)) if cache else None
+    if arrays is None:
+        xtr = _decode_all([p for p, _ in train], advice)
+        xte = _decode_all([p for p, _ in val], advice, xtr.shape[2:], train[0][0])
         if cache:
-            tmp = cache + ".tmp.npz"
-            np.savez(tmp, xtr=xtr, ytr=ytr, xte=xte, yte=yte)
-            os.replace(tmp, cache)
+            _write_cache(cache, key, xtr, xte)
+    else:
+        xtr, xte = arrays
     return ArrayDataset("tinyimagenet", torch.from_numpy(xtr), torch.from_numpy(ytr),
                         torch.from_numpy(xte), torch.from_numpy(yte), len(wnids), augment_default=True)
 
 
-def _cache_path(folder: str, key: str) -> str | None:
-    """Decoded-array cache next to the images if writable, else under ~/.cache/largebatch."""
-    name = f"largebatch-cache-{key}.npz"
-    if os.access(folder, os.W_OK):
-        return os.path.join(folder, name)
+# --- Tiny ImageNet cache (design in the module docstring) ------------------------------------
+CACHE_NAME = "largebatch-cache.npz"
+_CACHE_VERSION = 2  # part of the key: bump when the stored layout changes
+_LEGACY_CACHE = re.compile(r"largebatch-cache-[0-9a-f]{16}\.npz")  # one file per path list (version 1)
+
+
+def _warn(msg: str) -> None:
+    print(f"largebatch: {msg}", file=sys.stderr)
+
+
+def _cache_key(train: list[tuple[str, int]], val: list[tuple[str, int]], advice: str) -> str:
+    """SHA-1 over every image's (resolved) path, size, mtime_ns and label: one stat per image, no reads."""
+    h = hashlib.sha1(f"largebatch tinyimagenet cache v{_CACHE_VERSION}\n".encode())
+    for split, items in (("train", train), ("val", val)):
+        for p, c in items:
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                raise DatasetNotFound(f"tinyimagenet: missing image {p}; {advice}") from None
+            h.update(f"{split}\t{p}\t{st.st_size}\t{st.st_mtime_ns}\t{c}\n".encode())
+    return h.hexdigest()
+
+
+def _writable(folder: str) -> bool:
+    return os.access(folder, os.W_OK)
+
+
+def _cache_path(folder: str) -> str | None:
+    """The cache of the (resolved) image folder: inside it if writable, else under ~/.cache/largebatch."""
+    if _writable(folder):
+        return os.path.join(folder, CACHE_NAME)
     alt = os.path.expanduser(os.path.join("~", ".cache", "largebatch"))
     try:
         os.makedirs(alt, exist_ok=True)
     except OSError:
         return None
-    return os.path.join(alt, name)
+    return os.path.join(alt, f"tinyimagenet-{hashlib.sha1(folder.encode()).hexdigest()[:16]}.npz")
+
+
+def _read_cache(cache: str, key: str, n_train: int, n_val: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached (train, val) images if ``cache`` holds ``key``; None if absent, stale or unreadable."""
+    if not os.path.isfile(cache):
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                _warn(f"tinyimagenet: images changed since {cache} was written; decoding them again")
+                return None
+            xtr, xte = z["xtr"], z["xte"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        _warn(f"ignoring unreadable cache {cache} ({type(e).__name__}: {e}); decoding the images again")
+        return None
+    ok = (xtr.dtype == xte.dtype == np.uint8 and xtr.ndim == xte.ndim == 4 and xtr.shape[1] == 3
+          and xtr.shape[0] == n_train and xte.shape[0] == n_val and xtr.shape[1:] == xte.shape[1:])
+    if not ok:
+        _warn(f"ignoring inconsistent cache {cache} (arrays {xtr.shape}, {xte.shape}); decoding the images again")
+        return None
+    return xtr, xte
+
+
+def _write_cache(cache: str, key: str, xtr: np.ndarray, xte: np.ndarray) -> None:
+    """Write to a uniquely named temporary file next to ``cache``, then rename over it (atomic: concurrent
+    readers and writers, e.g. DDP ranks, see the old file or the new one, never a partial one)."""
+    tmp = f"{cache}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            np.savez(f, key=np.array(key), xtr=xtr, xte=xte)
+        os.replace(tmp, cache)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if not isinstance(e, OSError):
+            raise
+        _warn(f"could not write the cache {cache} ({e}); the images will be decoded again next time")
+        return
+    folder = os.path.dirname(cache)
+    for fn in os.listdir(folder):
+        if _LEGACY_CACHE.fullmatch(fn):
+            try:
+                os.remove(os.path.join(folder, fn))
+            except OSError:
+                pass
