@@ -203,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         resume = os.path.exists(os.path.join(c.cfg["out_dir"], "checkpoint.pt"))
         print(f"[{i}/{len(cells)}] {os.path.basename(c.cfg['out_dir'])}{' (resuming)' if resume else ''}", flush=True)
-        train(resolve(overrides={**c.cfg, "resume": resume}))
+        # --resume also starts a directory left by a run that stopped in its first epoch
+        train(resolve(overrides={**c.cfg, "resume": os.path.isdir(c.cfg["out_dir"])}))
     print(collect(cells))
     return 0
