@@ -39,10 +39,11 @@ def _none_or(conv):
     return f
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
+    """``--config FILE`` and one flag per field of ``cls`` (``TrainConfig`` or a subclass)."""
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="YAML/TOML/JSON config file (flags override its values)")
-    for f in fields(TrainConfig):
+    for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
         conv = _type_of(str(f.type))
@@ -56,10 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                 metavar=f.name.upper())
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
+def config_from_args(args: argparse.Namespace, cls: type = TrainConfig):
+    names = {f.name for f in fields(cls)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
-    return resolve(getattr(args, "config", None), overrides)
+    return resolve(getattr(args, "config", None), overrides, cls)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -267,10 +267,10 @@ def _parse_problem(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def _coerce(name: str, value: Any) -> Any:
+def _coerce(name: str, value: Any, cls: type = None) -> Any:
     """Convert file values to the field's type: YAML gives lists for tuples, ints for floats, and
     strings for numbers like ``1e-3`` (YAML 1.1 needs a dot: ``1.0e-3``), which are accepted."""
-    f = {f.name: f for f in fields(TrainConfig)}[name]
+    f = {f.name: f for f in fields(cls or TrainConfig)}[name]
     t = str(f.type)
     if value is None:
         return None
@@ -292,15 +292,18 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def resolve(file: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults <- file <- overrides, then validate. Unknown keys raise ValueError naming them."""
+def resolve(file: str | None = None, overrides: dict[str, Any] | None = None, cls: type = None):
+    """Defaults <- file <- overrides, then validate. Unknown keys raise ValueError naming them.
+    ``cls`` is the configuration class (``TrainConfig`` or a subclass, e.g. pre-training's)."""
+    cls = cls or TrainConfig
+    names = tuple(f.name for f in fields(cls))
     values: dict[str, Any] = {}
     for source, d in (("config file", load_file(file) if file else {}), ("override", overrides or {})):
         for k, v in d.items():
-            if k not in FIELD_NAMES:
-                raise ValueError(f"{k}: unknown config field in {source} (known: {', '.join(FIELD_NAMES)})")
-            values[k] = _coerce(k, v)
-    return TrainConfig(**values).validate()
+            if k not in names:
+                raise ValueError(f"{k}: unknown config field in {source} (known: {', '.join(names)})")
+            values[k] = _coerce(k, v, cls)
+    return cls(**values).validate()
 
 
 def save(cfg: TrainConfig, path: str) -> None:

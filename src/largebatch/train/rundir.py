@@ -132,11 +132,11 @@ class RunDir:
     the latest cannot be read.
     """
 
-    def __init__(self, out_dir: str, fmt: str, is_main: bool):
+    def __init__(self, out_dir: str, fmt: str, is_main: bool, metric_columns: list[str] = METRIC_COLUMNS):
         self.path, self.is_main = out_dir, is_main
         self.checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
         self.previous_path = os.path.join(out_dir, "checkpoint-prev.pt")
-        self.metrics = Table(os.path.join(out_dir, "metrics"), fmt, METRIC_COLUMNS)
+        self.metrics = Table(os.path.join(out_dir, "metrics"), fmt, metric_columns)
         self.steps = Table(os.path.join(out_dir, "steps"), fmt, STEP_COLUMNS)
         self.stats = Table(os.path.join(out_dir, "layer_stats"), fmt, STAT_COLUMNS)
         self.tb = None
@@ -269,8 +269,9 @@ class RunDir:
         self.metrics.rewrite(history)
         if self.tb is not None:
             row = history[-1]
-            for k in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
-                self.tb.add_scalar(k, row[k], row["epoch"])
+            for k in self.metrics.columns[2:]:
+                if isinstance(row.get(k), (int, float)):
+                    self.tb.add_scalar(k, row[k], row["epoch"])
             self.tb.flush()
 
     def save_checkpoint(self, model, opt, sched, scaler, cfg, epoch, global_step, history, device) -> None:
