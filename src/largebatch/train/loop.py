@@ -44,7 +44,7 @@ from .diagnostics import LayerStatsRecorder
 from .evaluate import autocast_for, evaluate
 from .factory import build_optimizer, build_scheduler, effective_lr, lr_applied, steps_per_epoch
 from .models import build_model, init_weights
-from .rundir import RunDir, first_line
+from .rundir import METRIC_COLUMNS, RunDir, first_line
 
 CHECK_EVERY = 50  # steps between the (one-bool) checks for a non-finite loss
 
@@ -87,9 +87,9 @@ class _Setup:
     sched: Any  # LambdaLR or None
     scaler: Any  # GradScaler (fp16) or None
     names: dict[int, str]  # id(param) -> parameter name, for the layer statistics
-    augment: bool
     autocast: Any  # the forward pass's context
     persample: bool  # the optimizer measures per-sample statistics (CLARS): set its loss scale
+    task: "Task"
 
 
 @dataclass
@@ -97,7 +97,7 @@ class _Epoch:
     """What one epoch leaves on the device until its single host copy."""
     first_step: int
     t0: float
-    sums: torch.Tensor  # loss sum, correct, count
+    sums: torch.Tensor  # the task's running sums (classification: loss sum, correct, count)
     step_losses: torch.Tensor  # mean loss of each step (NaN for steps not run)
     stats: LayerStatsRecorder
     step_lrs: list[tuple[float, float]] = field(default_factory=list)  # (lr, lr_eff) of each step
@@ -107,22 +107,124 @@ class _Epoch:
         return self.first_step + len(self.step_lrs)
 
 
+# ----------------------------------------------------------------------------- tasks
+class Task:
+    """What a run learns; the loop around it (steps, diagnostics, checkpoints, resume, DDP, the
+    non-finite stop) is the same for all. :class:`Classification` is the reference; Barlow Twins
+    pre-training (``train/pretrain.py``) is the other."""
+
+    name = "train"
+    metric_columns = METRIC_COLUMNS  # the metrics table: epoch, step, lr, <metrics()>, epoch_seconds, images_per_s
+    sums_size = 3  # device sums an epoch accumulates; the last one counts the images
+
+    def check(self, cfg: TrainConfig) -> None:
+        """Refuse (``ValueError``) what the task cannot do with ``cfg``."""
+
+    def build_model(self, cfg: TrainConfig, ds: data_mod.ArrayDataset) -> nn.Module:
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module, cfg: TrainConfig, info: dist_mod.DistInfo) -> nn.Module:
+        """The model the optimizer sees (e.g. with SyncBatchNorm), before the optimizer is built."""
+        return model
+
+    def wrap(self, model: nn.Module, info: dist_mod.DistInfo) -> nn.Module:
+        """What runs forward (DDP-wrapped under data parallelism)."""
+        if not info.enabled:
+            return model
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+    def step_gradients(self, setup: _Setup, idx: torch.Tensor, gen: torch.Generator,
+                       sums: torch.Tensor) -> torch.Tensor:
+        """Gradients of one optimizer step over this rank's rows ``idx``; adds to ``sums``; returns
+        the step's loss (a device scalar)."""
+        raise NotImplementedError
+
+    def metrics(self, setup: _Setup, sums: list[float], epoch: int) -> dict[str, float]:
+        """The epoch's metric fields from the reduced ``sums`` (and any evaluation)."""
+        raise NotImplementedError
+
+    def summary(self, row: dict[str, Any]) -> str:
+        return " | ".join(f"{k} {row[k]:.4f}" for k in self.metric_columns[3:-2])
+
+
+class Classification(Task):
+    """Supervised training: cross-entropy of a classifier, test loss and accuracy each epoch."""
+
+    def build_model(self, cfg: TrainConfig, ds: data_mod.ArrayDataset) -> nn.Module:
+        model = build_model(cfg.model, ds.num_classes, ds.shape, stem=cfg.stem, mlp_depth=cfg.mlp_depth,
+                            mlp_width=cfg.mlp_width, activation=cfg.activation, mlp_batchnorm=cfg.mlp_batchnorm)
+        init_weights(model, cfg.init)
+        return model
+
+    def prepare(self, model: nn.Module, cfg: TrainConfig, info: dist_mod.DistInfo) -> nn.Module:
+        if info.enabled and cfg.sync_bn:
+            if info.device.type == "cpu":
+                raise ValueError("sync_bn: SyncBatchNorm needs GPU (or XPU) devices; drop --sync-bn on CPU")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
+    def step_gradients(self, setup: _Setup, idx: torch.Tensor, gen: torch.Generator,
+                       sums: torch.Tensor) -> torch.Tensor:
+        """Gradients of ``sum of losses / rows`` over this step's rows ``idx``, one micro-batch at a
+        time (DDP all-reduces on the last one only). Adds to ``sums``; returns the step's mean loss."""
+        cfg, ds, model, scaler = setup.cfg, setup.ds, setup.model, setup.scaler
+        augment = ds.augment_default if cfg.augment is None else cfg.augment
+        count = idx.numel()
+        chunks = idx.split(setup.micro)
+        step_loss = torch.zeros((), device=setup.info.device)
+        if setup.persample:  # per-sample norms: hooks see (scale / count) * grad f_i
+            setup.opt.persample.loss_scale = (scaler.get_scale() if scaler is not None else 1.0) / count
+        for j, ch in enumerate(chunks):
+            x = ds.train_x[ch]
+            if augment:
+                x = data_mod.random_crop_flip(x, gen)
+            x = data_mod.normalize(x, ds.mean, ds.std)
+            y = ds.train_y[ch]
+            sync = (not setup.info.enabled) or j == len(chunks) - 1
+            ctx = contextlib.nullcontext() if sync else model.no_sync()
+            with ctx:
+                with setup.autocast:
+                    logits = model(x)
+                loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+                loss = loss_sum / count
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            ls = loss_sum.detach()
+            step_loss += ls
+            sums[0] += ls
+            sums[1] += (logits.detach().argmax(1) == y).sum()
+            sums[2] += ch.numel()
+        return step_loss / count
+
+    def metrics(self, setup: _Setup, sums: list[float], epoch: int) -> dict[str, float]:
+        te_loss, te_acc = evaluate(setup.model, setup.ds, setup.cfg.eval_batch_size, setup.info, setup.autocast)
+        return {"train_loss": sums[0] / sums[2], "train_acc": sums[1] / sums[2], "test_loss": te_loss,
+                "test_acc": te_acc}
+
+    def summary(self, row: dict[str, Any]) -> str:
+        return (f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+                f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}")
+
+
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, dataset: data_mod.ArrayDataset | None = None, *,
-          log: Callable[[str], None] | None = None) -> RunResult:
-    """Run (or resume) training as configured. ``dataset`` overrides ``cfg.dataset`` (demo, benchmarks)."""
+          log: Callable[[str], None] | None = None, task: "Task | None" = None) -> RunResult:
+    """Run (or resume) training as configured. ``dataset`` overrides ``cfg.dataset`` (demo, benchmarks);
+    ``task`` is what is learned (default :class:`Classification`; ``largebatch pretrain``: Barlow Twins)."""
     cfg.validate()
+    task = task or Classification()
     t_start = time.perf_counter()
     info = dist_mod.setup(cfg.device)
     try:
-        return _train(cfg, dataset, info, log or (print if info.is_main else (lambda s: None)), t_start)
+        return _train(cfg, dataset, info, log or (print if info.is_main else (lambda s: None)), t_start, task)
     finally:
         dist_mod.cleanup(info)
 
 
-def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: float) -> RunResult:
+def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: float, task: "Task") -> RunResult:
     micro, accum = cfg.check_world_size(info.world_size)
-    run = RunDir(cfg.out_dir, cfg.metrics_format, info.is_main)
+    task.check(cfg)
+    run = RunDir(cfg.out_dir, cfg.metrics_format, info.is_main, task.metric_columns)
     resume_state = run.inspect(cfg, log)  # reads only: a refusal leaves the directory as it was
     if resume_state is not None and resume_state["epoch"] > cfg.epochs:
         raise ValueError(f"epochs: the run in {cfg.out_dir} already completed {resume_state['epoch']} epochs; "
@@ -135,7 +237,7 @@ def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: flo
     spe = steps_per_epoch(n_train, cfg.batch_size, info.world_size, cfg.drop_last)
     total_steps = cfg.epochs * spe
     ds = ds.to(info.device)
-    setup = _build(cfg, ds, info, spe, micro)
+    setup = _build(cfg, ds, info, spe, micro, task)
     _on_rank0(info, lambda: run.create(cfg))
 
     from tqdm.auto import tqdm
@@ -149,7 +251,7 @@ def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: flo
                                                             setup.scaler, info.device)
             log(f"resume: continuing {cfg.out_dir} after epoch {start_epoch} (step {global_step})")
         run.open(history, global_step)
-        log(f"train: {cfg.dataset if dataset is None else ds.name} ({n_train} train / {ds.test_x.shape[0]} test) "
+        log(f"{task.name}: {cfg.dataset if dataset is None else ds.name} ({n_train} train / {ds.test_x.shape[0]} test) "
             f"{cfg.model} {cfg.optimizer} lr {effective_lr(cfg):g} | global batch {cfg.batch_size} = micro {micro} "
             f"x accum {accum} x world {info.world_size} | {spe} steps/epoch, {total_steps} steps | {info.device}")
         bar = tqdm(total=total_steps, initial=global_step,
@@ -160,8 +262,7 @@ def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: flo
             ep = _train_epoch(setup, run, epoch, global_step, bar)
             global_step = ep.end_step
             row = _end_epoch(setup, run, ep, epoch, history)
-            log(f"epoch {epoch + 1}/{cfg.epochs} step {global_step} | train loss {row['train_loss']:.4f} "
-                f"acc {row['train_acc']:.4f} | test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f} | "
+            log(f"epoch {epoch + 1}/{cfg.epochs} step {global_step} | {task.summary(row)} | "
                 f"lr {row['lr']:.4g} | {row['images_per_s']:.0f} img/s")
             epochs_this_run += 1
             if cfg.stop_after_epochs is not None and epochs_this_run >= cfg.stop_after_epochs \
@@ -193,37 +294,28 @@ def _on_rank0(info: dist_mod.DistInfo, fn: Callable[[], None]) -> None:
         raise err or ValueError("rank 0 could not prepare the run directory (see its message)")
 
 
-def _build(cfg: TrainConfig, ds: data_mod.ArrayDataset, info: dist_mod.DistInfo, spe: int, micro: int) -> _Setup:
-    """Model (seeded), optimizer, schedule and GradScaler; the model wrapped in DDP when distributed."""
+def _build(cfg: TrainConfig, ds: data_mod.ArrayDataset, info: dist_mod.DistInfo, spe: int, micro: int,
+           task: "Task") -> _Setup:
+    """The task's model (seeded), optimizer, schedule and GradScaler; the model wrapped for data
+    parallelism as the task says (DDP for classification)."""
     device = info.device
     torch.manual_seed(cfg.seed)
     try:
-        model = build_model(cfg.model, ds.num_classes, ds.shape, stem=cfg.stem, mlp_depth=cfg.mlp_depth,
-                            mlp_width=cfg.mlp_width, activation=cfg.activation, mlp_batchnorm=cfg.mlp_batchnorm)
-        init_weights(model, cfg.init)
-        model.to(device)
+        model = task.build_model(cfg, ds).to(device)
     except RuntimeError as e:  # torch.OutOfMemoryError is one too
         if "memory" not in str(e).lower():
             raise
         n = cfg.model if cfg.model != "mlp" else f"mlp (width {cfg.mlp_width}, depth {cfg.mlp_depth})"
         raise ValueError(f"model: {n} does not fit in memory on {device} ({first_line(e)}); "
                          f"choose a smaller model or another --device") from None
-    if info.enabled and cfg.sync_bn:
-        if device.type == "cpu":
-            raise ValueError("sync_bn: SyncBatchNorm needs GPU (or XPU) devices; drop --sync-bn on CPU")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = task.prepare(model, cfg, info)
     opt = build_optimizer(cfg, model, spe)
     sched = build_scheduler(cfg, opt, spe)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     names = {id(p): n for n, p in model.named_parameters()}
-    core = model
-    if info.enabled:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    return _Setup(cfg, info, ds, spe, micro, model, core, opt, sched, scaler, names,
-                  augment=ds.augment_default if cfg.augment is None else cfg.augment,
+    return _Setup(cfg, info, ds, spe, micro, task.wrap(model, info), model, opt, sched, scaler, names,
                   autocast=autocast_for(cfg.precision, device),
-                  persample=registry.get(cfg.optimizer).persample)
+                  persample=registry.get(cfg.optimizer).persample, task=task)
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -235,12 +327,12 @@ def _train_epoch(setup: _Setup, run: RunDir, epoch: int, global_step: int, bar) 
     local = dist_mod.shard(perm, info.rank, info.world_size)
     rows_per_step = cfg.batch_size // info.world_size
     ep = _Epoch(first_step=global_step, t0=time.perf_counter(),
-                sums=torch.zeros(3, device=device, dtype=torch.float64),
+                sums=torch.zeros(setup.task.sums_size, device=device, dtype=torch.float64),
                 step_losses=torch.full((setup.spe,), float("nan"), device=device),
                 stats=LayerStatsRecorder(setup.opt, cfg.stats_every))
     for s in range(setup.spe):
         idx = local[s * rows_per_step:(s + 1) * rows_per_step]
-        ep.step_losses[s] = _forward_backward(setup, idx, gen, ep.sums)
+        ep.step_losses[s] = setup.task.step_gradients(setup, idx, gen, ep.sums)
         lr_now = setup.opt.param_groups[0]["lr"]
         ep.step_lrs.append((lr_now, lr_applied(setup.opt, global_step)))
         _optimizer_step(setup, ep.stats, global_step)
@@ -254,37 +346,6 @@ def _train_epoch(setup: _Setup, run: RunDir, epoch: int, global_step: int, bar) 
                 failure = run.failure_record(ep.step_losses[: s + 1], info, epoch, ep.first_step, cfg)
                 raise NonFiniteLoss(failure["message"], failure)
     return ep
-
-
-def _forward_backward(setup: _Setup, idx: torch.Tensor, gen: torch.Generator, sums: torch.Tensor) -> torch.Tensor:
-    """Gradients of ``sum of losses / rows`` over this step's rows ``idx``, one micro-batch at a
-    time (DDP all-reduces on the last one only). Adds to ``sums``; returns the step's mean loss."""
-    cfg, ds, model, scaler = setup.cfg, setup.ds, setup.model, setup.scaler
-    count = idx.numel()
-    chunks = idx.split(setup.micro)
-    step_loss = torch.zeros((), device=setup.info.device)
-    if setup.persample:  # per-sample norms: hooks see (scale / count) * grad f_i
-        setup.opt.persample.loss_scale = (scaler.get_scale() if scaler is not None else 1.0) / count
-    for j, ch in enumerate(chunks):
-        x = ds.train_x[ch]
-        if setup.augment:
-            x = data_mod.random_crop_flip(x, gen)
-        x = data_mod.normalize(x, ds.mean, ds.std)
-        y = ds.train_y[ch]
-        sync = (not setup.info.enabled) or j == len(chunks) - 1
-        ctx = contextlib.nullcontext() if sync else model.no_sync()
-        with ctx:
-            with setup.autocast:
-                logits = model(x)
-            loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
-            loss = loss_sum / count
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        ls = loss_sum.detach()
-        step_loss += ls
-        sums[0] += ls
-        sums[1] += (logits.detach().argmax(1) == y).sum()
-        sums[2] += ch.numel()
-    return step_loss / count
 
 
 def _optimizer_step(setup: _Setup, stats: LayerStatsRecorder, global_step: int) -> None:
@@ -307,16 +368,15 @@ def _end_epoch(setup: _Setup, run: RunDir, ep: _Epoch, epoch: int, history: list
     to ``history``); rank 0 writes the tables and the checkpoint."""
     cfg, info = setup.cfg, setup.info
     dist_mod.all_reduce_sum(ep.sums, info)
-    tr = ep.sums.cpu().tolist()
+    sums = ep.sums.cpu().tolist()
     t_train = time.perf_counter() - ep.t0
-    te_loss, te_acc = evaluate(setup.model, setup.ds, cfg.eval_batch_size, info, setup.autocast)
+    metrics = setup.task.metrics(setup, sums, epoch)
+    te_loss = metrics.get("test_loss", 0.0)
     if not math.isfinite(te_loss):
         failure = run.test_failure(te_loss, epoch, ep.end_step, cfg)
         raise NonFiniteLoss(failure["message"], failure)
-    row = {"epoch": epoch + 1, "step": ep.end_step, "lr": setup.opt.param_groups[0]["lr"],
-           "train_loss": tr[0] / tr[2], "train_acc": tr[1] / tr[2], "test_loss": te_loss,
-           "test_acc": te_acc, "epoch_seconds": round(t_train, 4),
-           "images_per_s": round(tr[2] / t_train, 1)}
+    row = {"epoch": epoch + 1, "step": ep.end_step, "lr": setup.opt.param_groups[0]["lr"], **metrics,
+           "epoch_seconds": round(t_train, 4), "images_per_s": round(sums[-1] / t_train, 1)}
     history.append(row)
     if info.is_main:
         losses = ep.step_losses.cpu().tolist()
