@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "groups": ("largebatch.optim.groups", "print which parameter gets which optimizer treatment"),
     "optimizers": ("largebatch.optim.registry", "list the registered optimizers: flags, defaults, auto schedule"),
     "train": ("largebatch.train.cli", "train a classifier (config file and/or flags)"),
+    "pretrain": ("largebatch.train.pretrain", "Barlow Twins self-supervised pre-training (config file and/or flags)"),
+    "linear-eval": ("largebatch.train.linear_eval", "linear evaluation of a run's frozen backbone (or a baseline)"),
     "plot": ("largebatch.train.plot", "plot one or more run directories"),
     "explosion": ("largebatch.experiments.explosion", "gradient-explosion analysis of normalized networks (seed 003)"),
     "reproduce-tvlars-table1": ("largebatch.experiments.tvlars_table1",

@@ -64,28 +64,32 @@ def config_from_args(args: argparse.Namespace, cls: type = TrainConfig):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit codes: 0 finished or stopped as asked, 2 a user error (nothing written), 3 a non-finite
-    loss (``failure.json``), 1 the run directory could not be written, 130 interrupted."""
-    try:
-        cfg = config_from_args(args)
-    except (ValueError, OSError) as e:
-        print(f"largebatch train: invalid configuration: {e}", file=sys.stderr)
-        return 2
     from .loop import train
+
+    return execute(args, "train", TrainConfig, train)
+
+
+def execute(args: argparse.Namespace, prog: str, cls: type, run_fn) -> int:
+    """Resolve the configuration and run it; the exit codes of ``train`` and ``pretrain``: 0 finished
+    or stopped as asked, 2 a user error (nothing written), 3 a non-finite loss (``failure.json``),
+    1 the run directory could not be written, 130 interrupted."""
+    try:
+        cfg = config_from_args(args, cls)
+    except (ValueError, OSError) as e:
+        print(f"largebatch {prog}: invalid configuration: {e}", file=sys.stderr)
+        return 2
     from .rundir import RunDirError
 
     try:
-        result = train(cfg)
+        result = run_fn(cfg)
     except (ValueError, FileNotFoundError) as e:
-        print(f"largebatch train: {e}", file=sys.stderr)
+        print(f"largebatch {prog}: {e}", file=sys.stderr)
         return 2
     except RunDirError as e:
-        print(f"largebatch train: {e}", file=sys.stderr)
+        print(f"largebatch {prog}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\nlargebatch train: interrupted; {cfg.out_dir} keeps the checkpoint of the last finished epoch: "
+        print(f"\nlargebatch {prog}: interrupted; {cfg.out_dir} keeps the checkpoint of the last finished epoch: "
               f"continue with the same command plus --resume", file=sys.stderr)
         return 130
-    if result.status == "nonfinite":
-        return 3
-    return 0
+    return 3 if result.status == "nonfinite" else 0

@@ -2,7 +2,8 @@
 
 Writes into ``--out`` (default: the first run directory):
 
-- ``curves.png``: test accuracy and loss (train loss dotted) vs epoch, one colour per run;
+- ``curves.png``: test accuracy and loss (train loss dotted) vs epoch, one colour per run; for
+  pre-training runs the kNN accuracy and the Barlow Twins loss;
 - ``lr.png``: the learning rate applied at each step (TVLARS: ``lr * phi(t)``) per run;
 - ``layers-<run>.png``: seed 000 Fig. 3 panels for each run with layer statistics: LWN ``||w||``,
   LGN ``||g||``, LNR ``||w||/||g||`` and the per-layer learning rate applied, per layer vs step.
@@ -32,20 +33,33 @@ def _label(run_dir: str) -> str:
 
 
 def plot_curves(run_dirs: list[str], path: str, labels: list[str] | None = None) -> str:
+    """Accuracy and loss per epoch. Classification runs: test accuracy, test loss (train dotted);
+    pre-training runs (``largebatch pretrain``): kNN accuracy and the Barlow Twins training loss."""
     plt = pyplot()
     labels = labels or [_label(d) for d in run_dirs]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    kinds = set()
     for i, (d, lab) in enumerate(zip(run_dirs, labels)):
         rows = _table(d, "metrics")
         if not rows:
             raise ValueError(f"run_dir: {d} has no metrics.csv / metrics.jsonl")
         ep = [r["epoch"] for r in rows]
         c = f"C{i % 10}"
-        ax_acc.plot(ep, [100 * r["test_acc"] for r in rows], color=c, marker=".", label=lab)
-        ax_loss.plot(ep, [r["test_loss"] for r in rows], color=c, marker=".", label=f"{lab} (test)")
-        ax_loss.plot(ep, [r["train_loss"] for r in rows], color=c, linestyle=":", label=f"{lab} (train)")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss (solid: test, dotted: train)", yscale="log")
+        acc = "test_acc" if "test_acc" in rows[0] else "knn_acc"
+        kinds.add(acc)
+        pts = [(e, 100 * r[acc]) for e, r in zip(ep, rows) if isinstance(r.get(acc), (int, float))
+               and r[acc] == r[acc]]  # the kNN monitor is NaN between its epochs
+        ax_acc.plot([p[0] for p in pts], [p[1] for p in pts], color=c, marker=".", label=lab)
+        if "test_loss" in rows[0]:
+            ax_loss.plot(ep, [r["test_loss"] for r in rows], color=c, marker=".", label=f"{lab} (test)")
+            ax_loss.plot(ep, [r["train_loss"] for r in rows], color=c, linestyle=":", label=f"{lab} (train)")
+        else:
+            ax_loss.plot(ep, [r["train_loss"] for r in rows], color=c, marker=".", label=f"{lab} (train)")
+    name = {"test_acc": "test accuracy", "knn_acc": "kNN accuracy"}
+    acc_name = " / ".join(name[k] for k in sorted(kinds, reverse=True))
+    ax_acc.set(xlabel="epoch", ylabel=f"{acc_name} (%)", title=acc_name[0].upper() + acc_name[1:])
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss (solid: test or pre-training, dotted: train)",
+                yscale="log")
     ax_acc.legend(fontsize=8)
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
