@@ -52,3 +52,32 @@ def test_run_skips_finished_runs_and_collects(tmp_path, capsys):
     assert main(args + ["--collect"]) == 0
     table = capsys.readouterr().out
     assert "3: " in table and "(81.56)" in table and " - " not in table
+
+
+def test_ssl_cells_are_table1_barlow_twins():
+    from largebatch.train.pretrain import PretrainConfig
+
+    cells = t1.grid(t1.DATASETS, t1.OPTIMIZERS, t1.LRS, "out", {}, problems=("ssl",))
+    assert len(cells) == 108 and all(c.problem == "ssl" for c in cells)
+    for c in cells:
+        cfg = resolve(overrides=c.cfg, cls=PretrainConfig)
+        assert cfg.epochs == 1000 and cfg.projector == "2048-2048-4096" and cfg.lr_scaling == "none"
+        assert cfg.optimizer != "tvlars" or (cfg.tvlars_lam == 1e-5 and cfg.schedule == "none")
+        assert "/bt-" in cfg.out_dir and 0 < c.paper < 100
+    assert t1.grid(["tinyimagenet"], ["tvlars"], [512], "o", {}, problems=("ssl",))[2].paper == 31.44
+    line = t1.command_line(cells[0])
+    assert line.startswith("largebatch pretrain ") and " && largebatch linear-eval " in line
+
+
+def test_ssl_cells_run_pretrain_then_linear_eval(tmp_path, capsys):
+    args = ["reproduce-tvlars-table1", "--problems", "ssl", "--datasets", "cifar10", "--batch-sizes", "512",
+            "--optimizers", "lars", "--out", str(tmp_path), "--set", "dataset=digits", "--set", "model=mlp",
+            "--set", "mlp_width=32", "--set", "projector=32-32", "--set", "epochs=2", "--set", "warmup_epochs=1",
+            "--set", "progress=false"]
+    assert main(args + ["--run"]) == 0
+    out = capsys.readouterr().out
+    assert "[3/3]" in out and "Barlow Twins, linear-eval top-1" in out and "(60.76)" in out
+    for lr in (1, 2, 3):
+        assert (tmp_path / f"bt-cifar10-lars-b512-lr{lr}" / "linear-eval" / "pretrained.json").exists()
+    assert main(args + ["--run"]) == 0
+    assert "[1/3]" not in capsys.readouterr().out
