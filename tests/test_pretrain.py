@@ -174,3 +174,17 @@ def test_two_processes_equal_one_on_the_global_batch(tmp_path):
             assert torch.allclose(v, r0["weights"][k], rtol=1e-4, atol=1e-5), k
     assert [h["train_loss"] for h in single.history] == pytest.approx([h["train_loss"] for h in r0["history"]],
                                                                        rel=1e-5)
+
+
+def test_barlow_twins_mini_smoke(tmp_path, capsys):
+    out = tmp_path / "mini"
+    args = ["barlow-twins-mini", "--dataset", "digits", "--epochs", "2", "--batch-size", "512", "--width", "32",
+            "--projector", "32-32", "--linear-epochs", "3", "--knn-every", "1", "--out-dir", str(out)]
+    assert main(args) == 0
+    table = (out / "results.md").read_text()
+    for name in ("lars pre-trained", "lamb pre-trained", "tvlars pre-trained", "random-init", "raw-pixels"):
+        assert f"| {name} | " in table
+    capsys.readouterr()
+    assert main(args) == 0  # finished runs are not trained again
+    assert "epoch 1/2" not in capsys.readouterr().out
+    assert main(args[:-2] + ["--optimizers", "sgd", "--out-dir", str(out)]) == 2

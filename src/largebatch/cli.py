@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "linear-eval": ("largebatch.train.linear_eval", "linear evaluation of a run's frozen backbone (or a baseline)"),
     "plot": ("largebatch.train.plot", "plot one or more run directories"),
     "explosion": ("largebatch.experiments.explosion", "gradient-explosion analysis of normalized networks (seed 003)"),
+    "barlow-twins-mini": ("largebatch.experiments.barlow_twins_mini",
+                          "Barlow Twins on CPU: LARS, LAMB, TVLARS vs random-init and raw-pixel baselines"),
     "reproduce-tvlars-table1": ("largebatch.experiments.tvlars_table1",
                                 "the classification grid of TVLARS's Table 1: list, run or tabulate it"),
 }
