@@ -8,6 +8,7 @@ weights, keeping its own state.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -80,7 +81,9 @@ class Reference:
         m = b1 * st.get("m", torch.zeros_like(w)) + (1 - b1) * g
         v = b2 * st.get("v", torch.zeros_like(w)) + (1 - b2) * g * g
         st.update(m=m, v=v, t=t + 1)
-        r = (m / (1 - b1 ** (t + 1))) / (torch.sqrt(v / (1 - b2 ** (t + 1))) + eps) + wd * w
+        # 1 - b^(t+1) exactly (in rationals), then rounded once: no cancellation
+        bc1, bc2 = (float(1 - Fraction(b) ** (t + 1)) for b in (b1, b2))
+        r = (m / bc1) / (torch.sqrt(v / bc2) + eps) + wd * w
         trust = 1.0
         if adapt:
             wn, rn = _norm(w), _norm(r)

@@ -268,3 +268,41 @@ def test_two_process_ddp_equals_single_process(tmp_path):
         assert got["count"] == [8.0, 8.0, 8.0]  # per-sample counts summed over ranks
         for k, v in model.state_dict().items():
             torch.testing.assert_close(got["w"][k], v, rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("flow", ["grad_scaler", "manual"])
+def test_skipped_step_drops_its_persample_statistics(flow):
+    """A step skipped for inf gradients (``GradScaler`` then never calls ``step()``) must not
+    leave its per-sample statistics to the next step: ``zero_grad()`` drops them with the
+    gradients, so the next step uses that batch's samples only (it counted 2 batches before)."""
+    torch.manual_seed(0)
+    a = Net()
+    b = copy.deepcopy(a)
+    data = batches(3, 8, seed=4)
+    opt = CLARS(param_groups(a, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=a)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if flow == "grad_scaler" else None
+    counts = []
+    for t, (x, y) in enumerate(data):
+        opt.zero_grad()
+        loss = F.cross_entropy(a(x), y)
+        if scaler is not None:
+            opt.persample.loss_scale = scaler.get_scale()
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if t == 1:
+            a.fc1.weight.grad[0, 0] = float("inf")   # overflow in this batch only
+        if scaler is not None:
+            scaler.step(opt)                         # skipped at t == 1: step() is not called
+            scaler.update()
+        elif t != 1:                                 # a scaler-like loop skips the step itself
+            opt.step()
+        counts.append(opt.last_persample.count.tolist())
+    assert counts[2] == [8.0, 8.0, 8.0]
+    fresh = CLARS(param_groups(b, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=b)
+    for x, y in (data[0], data[2]):                  # the same run without the skipped batch
+        fresh.zero_grad()
+        F.cross_entropy(b(x), y).backward()
+        fresh.step()
+    for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7, msg=k)

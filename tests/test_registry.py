@@ -16,7 +16,7 @@ from torch import nn
 from largebatch._validation import check_nonneg, check_unit
 from largebatch.cli import main
 from largebatch.optim import _compiled, param_groups, registry
-from largebatch.optim._engine import PATHS, LayerwiseOptimizer, zero_norm_safe_ratio
+from largebatch.optim._engine import PATHS, LayerwiseOptimizer, select, zero_norm_safe_ratio
 from largebatch.train.config import resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,8 +47,8 @@ class TrustAdam(LayerwiseOptimizer):
     def _update(self, group, w, g, st, w_norm, g_norm, fin, P):
         (b1, b2), wd = group["betas"], group["weight_decay"]
         m, v = st["exp_avg"], st["exp_avg_sq"]
-        m.mul_(P.coef(torch.where(fin, b1, 1.0))).add_(g, alpha=1 - b1)
-        v.mul_(P.coef(torch.where(fin, b2, 1.0))).addcmul_(g, g, value=1 - b2)
+        m.mul_(P.coef(select(fin, b1, 1.0, g_norm))).add_(g, alpha=1 - b1)
+        v.mul_(P.coef(select(fin, b2, 1.0, g_norm))).addcmul_(g, g, value=1 - b2)
         r = m.div(v.sqrt().add_(group["eps"]))
         if wd != 0:
             r.add_(w, alpha=wd)
@@ -87,9 +87,8 @@ def reference_step(w, g, st, lr, adapt, wd, betas, eta, eps):
 CASES = [dict(betas=(0.9, 0.99), eta=0.5, eps=1e-8), dict(betas=(0.5, 0.9), eta=2.0, eps=1e-3)]
 
 
-# float64: 1e-7, not ~1e-15: the engine's per-tensor coefficients (torch.where(fin, b1, 1.0))
-# are float32 scalars today, as in the built-in rules (the reliability issue, item 9)
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-7), (torch.float32, 2e-5)])
+# float64 at 1e-12: per-tensor scalars built with `select` keep the parameters' dtype
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kw", CASES)
 def test_toy_matches_its_reference_on_every_path(kw, path, dtype, tol, kernel_sized):

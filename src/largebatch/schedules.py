@@ -86,8 +86,10 @@ def _check_phi(lam: float, alpha: float, delay: float, gamma_min: float) -> None
 
 def phi(t, lam: float, alpha: float, delay: float, gamma_min: float):
     """The formula of TVLARS's eq. 8, unchecked: ``1 / (alpha + exp(lam (t - delay))) +
-    gamma_min``, for a number ``t`` or a tensor ``t`` (the optimizer's per-tensor step
-    counters). The one place it is written; ``exp`` overflowing gives ``phi = gamma_min``."""
+    gamma_min``, for a number ``t`` or a floating tensor ``t`` (the optimizer's per-tensor
+    step counters, converted to the parameters' compute dtype, in which ``phi`` is then
+    computed: SPEC "Precision"). The one place it is written; ``exp`` overflowing gives
+    ``phi = gamma_min``."""
     x = lam * (t - delay)
     if isinstance(x, torch.Tensor):
         return 1.0 / (alpha + torch.exp(x)) + gamma_min

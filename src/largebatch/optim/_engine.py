@@ -17,6 +17,14 @@ There is no host-device synchronization inside ``step()``: per-tensor decisions 
 rules, non-finite skips, clipping) are ``torch.where`` on device tensors, never a Python
 ``if`` on a tensor value. Python branches only look at hyper-parameters.
 
+Precision (SPEC "Precision", docs/algorithms.md section 8): ``_update`` computes in the
+*compute dtype* of the parameters (:func:`compute_dtype`): their own for float32 / float64,
+float32 for float16 / bfloat16 (whose state is float32 too; the engine hands ``_update``
+float32 copies of weights and gradients and rounds the result back), and complex tensors
+(weights, gradients, state) are seen as ``torch.view_as_real``. Per-tensor scalars are
+built in that dtype (:func:`select`, never ``torch.where(mask, 0.9, 1.0)``, which rounds
+to float32), and step counters are int64.
+
 Diagnostics: with ``opt.track_stats = True`` the engine keeps, after each step, the norms
 and the trust ratio / per-layer learning rate it applied as device tensors;
 :meth:`LayerwiseOptimizer.layer_stats` returns them.
@@ -34,10 +42,60 @@ from .._validation import HyperparameterError, check, check_nonneg
 from . import _compiled
 from ._paths import Foreach, PerTensor, TensorList
 
-__all__ = ["LayerwiseOptimizer", "HyperparameterError", "PATHS", "zero_norm_safe_ratio"]
+__all__ = ["LayerwiseOptimizer", "HyperparameterError", "PATHS", "zero_norm_safe_ratio", "select",
+           "state_dtype", "compute_dtype", "SUPPORTED_DTYPES"]
 
 PATHS = ("per_tensor", "foreach", "compiled")
 _PATH_IMPL = {"per_tensor": PerTensor, "foreach": Foreach, "compiled": _compiled.Compiled}
+
+#: parameter dtypes the optimizers accept (docs/algorithms.md, "Precision")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the optimizer state of a parameter of ``dtype``: float32 for float16 /
+    bfloat16, the parameter's own otherwise (complex state stays complex, as in ``torch.optim``)."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``_update`` computes in for a parameter of ``dtype``: float32 for float16 /
+    bfloat16, the real dtype of ``view_as_real`` for complex, the parameter's own otherwise."""
+    return state_dtype(dtype).to_real()
+
+
+def select(mask: Tensor, a: Tensor | float, b: Tensor | float, like: Tensor) -> Tensor:
+    """``torch.where(mask, a, b)`` in ``like``'s dtype (``mask`` broadcast to ``like``'s shape).
+
+    Python numbers enter at double precision and are rounded once, to ``like``'s dtype;
+    ``torch.where(mask, 0.9, 1.0)`` would give the default dtype (float32), which a float64
+    run must not use (docs/algorithms.md, "Precision")."""
+    return torch.where(mask, a if isinstance(a, Tensor) else torch.full_like(like, a), b)
+
+
+def _working_tensors(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Tensor]]):
+    """What ``_update`` works on for one (device, dtype) bucket: complex tensors as
+    ``view_as_real`` (weights, gradients and complex state; ``torch.optim``'s convention),
+    float16 / bfloat16 weights and gradients as float32 copies (their state is float32
+    already). Returns ``(w, g, states, targets)``: ``targets`` are the tensors the float32
+    result is copied (rounded) back into, ``None`` when ``w`` is updated in place."""
+    if params[0].is_complex():
+        params = [torch.view_as_real(p) for p in params]
+        grads = [torch.view_as_real(g) for g in grads]
+        states = [{k: torch.view_as_real(v) if v.is_complex() else v for k, v in st.items()} for st in states]
+    if params[0].dtype in _HALF:
+        return [p.float() for p in params], [g.float() for g in grads], states, params
+    return params, grads, states, None
+
+
+def _state_like(p: Tensor, empty: bool = False) -> Tensor:
+    """A tensor like ``p`` in :func:`state_dtype` (``p`` itself when that is ``p``'s dtype),
+    from which ``_init_state`` builds the state; 0 elements with ``empty`` (dtypes only)."""
+    dt = state_dtype(p.dtype)
+    if empty:
+        return torch.empty(0, dtype=dt, device=p.device)
+    return p if dt == p.dtype else torch.empty_like(p, dtype=dt)
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
@@ -118,13 +176,25 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        bad = sorted({str(p.dtype) for p in group["params"] if p.dtype not in SUPPORTED_DTYPES})
+        if bad:
+            self.param_groups.pop()
+            raise TypeError(
+                f"{type(self).__name__}: parameters of dtype {', '.join(bad)} are not supported; accepted: "
+                f"{', '.join(str(d) for d in SUPPORTED_DTYPES)} (docs/algorithms.md, 'Precision')")
         self._validate_group(group, where=f" (param group {len(self.param_groups) - 1})")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, after checking, before anything is loaded,
         that each saved group passes this class's validation and that each tensor's state has
         exactly the keys this class keeps (a state of another class, whose buffers mean other
-        things, is refused instead of silently changing the update)."""
+        things, is refused instead of silently changing the update).
+
+        Each state tensor is then cast from the saved value to the dtype this class keeps
+        (docs/algorithms.md, "Precision"), on the parameter's device: ``torch.optim`` casts
+        floating state to the parameter dtype (float32 state of a float16 parameter would
+        become float16) and leaves ``"step"`` as saved. Checkpoints with float32 step counters
+        (written before the counters became int64) load with exact int64 counters."""
         params = [p for g in self.param_groups for p in g["params"]]
         saved = state_dict.get("state", {})
         for i, group in enumerate(state_dict.get("param_groups", [])):
@@ -133,16 +203,29 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 st = saved.get(idx)
                 if not st or not 0 <= idx < len(params):
                     continue
-                keep = set(self._init_state(params[idx].new_empty(0), {**self.defaults, **group}))
+                keep = set(self._init_state(_state_like(params[idx], empty=True), {**self.defaults, **group}))
                 if set(st) != keep:
                     raise ValueError(
                         f"state_dict: parameter {idx} has state {sorted(st)}, but {type(self).__name__} with these "
                         f"hyper-parameters keeps {sorted(keep)}; was it saved by another optimizer class?")
         super().load_state_dict(state_dict)
+        ids = [idx for g in state_dict["param_groups"] for idx in g["params"]]
+        mine = [(p, g) for g in self.param_groups for p in g["params"]]
+        for idx, (p, group) in zip(ids, mine):
+            st = saved.get(idx)
+            if not st:
+                continue
+            want = self._init_state(_state_like(p, empty=True), group)
+            for k, v in st.items():
+                if isinstance(v, Tensor) and k in want:
+                    self.state[p][k] = v.to(device=p.device, dtype=want[k].dtype)
 
     # ------------------------------------------------------------------ algorithm hooks
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        """Return the initial state tensors of parameter ``p`` (created on first step)."""
+        """Return the initial state tensors of a parameter (created on first step). ``p`` has
+        the parameter's shape, layout and device, in :func:`state_dtype` (float32 for a
+        float16 / bfloat16 parameter): build tensors with ``torch.zeros_like(p)``. Step
+        counters: 0-d int64 on ``p.device`` (exact)."""
         return {}
 
     def _step_inputs(self, group: dict[str, Any], params: list[Tensor]) -> dict[str, list[Tensor]]:
@@ -155,8 +238,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """Update ``w`` (and the state ``st``) in place from the finite-masked gradient ``g``.
 
         ``w``, ``g`` and the values of ``st`` are tensors (per-tensor path) or
-        :class:`TensorList` (foreach path). ``w_norm`` (``None`` when the group is not
-        adapted), ``g_norm`` and ``fin`` (gradient finite) are 0-d / 1-D tensors.
+        :class:`TensorList` (foreach path), real and in the compute dtype (module docstring).
+        ``w_norm`` (``None`` when the group is not adapted), ``g_norm`` (in the compute dtype:
+        build per-tensor scalars with :func:`select` or from it) and ``fin`` (gradient
+        finite) are 0-d / 1-D tensors.
         Returns the trust ratio and the per-layer learning rate applied (for diagnostics).
         """
         raise NotImplementedError
@@ -209,7 +294,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         for p in params:
             st = self.state[p]
             if not st:
-                st.update(self._init_state(p, group))
+                st.update(self._init_state(_state_like(p), group))
             out.append(st)
         inputs = self._step_inputs(group, params)
         if inputs:  # shallow copies: state tensors are still updated in place
@@ -217,22 +302,24 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return out
 
     def _run(self, group, params: list[Tensor], P) -> Tensor:
-        grads = [p.grad for p in params]
-        states = self._states(group, params)
+        work, grads, states, targets = _working_tensors(params, [p.grad for p in params],
+                                                        self._states(group, params))
         if P is _compiled.Compiled:
-            fin, trust, lr, wn, gn = P.run(self, group, params, grads, states)
+            fin, trust, lr, wn, gn = P.run(self, group, work, grads, states)
         elif P is Foreach:
-            w, g = TensorList(params), TensorList(grads)
+            w, g = TensorList(work), TensorList(grads)
             st = {k: TensorList(s[k] for s in states) for k in states[0]}
             fin, trust, lr, wn, gn = self._masked_update(group, w, g, st, P)
         else:
             rows = [
                 self._masked_update(group, w, g, st, P)
-                for w, g, st in zip(params, grads, states)
+                for w, g, st in zip(work, grads, states)
             ]
             fin, trust, lr, wn, gn = (
                 None if col[0] is None else torch.stack(col) for col in zip(*rows)
             )
+        if targets is not None:  # float16 / bfloat16: the float32 result, rounded
+            torch._foreach_copy_(targets, work)
         if self.track_stats:
             n = len(params)
             nan = torch.full((n,), float("nan"), device=fin.device)

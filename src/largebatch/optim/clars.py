@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..persample import PerSampleGradNorms, PerSampleStats
+from ._engine import compute_dtype
 from .lars import _TrustMomentum
 
 __all__ = ["CLARS"]
@@ -135,7 +136,7 @@ class CLARS(_TrustMomentum):
                 if j is None or stats.local_count[j] == 0:
                     missing.append(stats.names[j] if j is not None else f"{g.get('name', 'group')} {tuple(p.shape)}")
                 else:
-                    inputs[p] = n_k[j].to(p.dtype)
+                    inputs[p] = n_k[j].to(compute_dtype(p.dtype))  # SPEC "Precision"
         if missing:
             raise RuntimeError(
                 f"CLARS step without per-sample statistics for {len(missing)} adapted tensor(s) "
@@ -148,6 +149,16 @@ class CLARS(_TrustMomentum):
         finally:
             self._n_k = {}
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``, and drop the per-sample statistics measured since
+        the last step: they belong to the gradient being cleared. (A step that ``GradScaler``
+        skips for non-finite gradients never calls :meth:`step`, which is where statistics are
+        consumed; without this they would join the next step's.) ``model.zero_grad()`` does not
+        do this: call the optimizer's."""
+        super().zero_grad(set_to_none)
+        if self.persample is not None:
+            self.persample.reset()
 
     def _step_inputs(self, group, params):
         # n_k of this step (docs/algorithms.md, "CLARS"), read by _trust_norm through `st`,

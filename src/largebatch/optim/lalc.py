@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import check, check_nonneg, check_unit
-from ._engine import LayerwiseOptimizer
+from ._engine import LayerwiseOptimizer, select
 
 __all__ = ["LALC"]
 
@@ -61,7 +61,7 @@ class LALC(LayerwiseOptimizer):
     def _init_state(self, p, group):
         if group["momentum"] == 0:
             return {}
-        return {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+        return {"step": torch.zeros((), dtype=torch.int64, device=p.device),
                 "momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
     def _update(self, group, w, g, st, w_norm, g_norm, fin, P):
@@ -70,9 +70,9 @@ class LALC(LayerwiseOptimizer):
         if mu != 0:
             buf = st["momentum_buffer"]
             first = P.stack(st["step"]) == 0                # buf is 0 there: buf <- d
-            c = torch.where(fin, torch.where(first, 1.0, 1.0 - group["dampening"]), 0.0)
-            buf.mul_(P.coef(torch.where(fin, mu, 1.0))).addcmul_(d, P.coef(c))
-            st["step"].add_(P.coef(fin.float()))
+            c = select(fin, select(first, 1.0, 1.0 - group["dampening"], g_norm), 0.0, g_norm)
+            buf.mul_(P.coef(select(fin, mu, 1.0, g_norm))).addcmul_(d, P.coef(c))
+            st["step"].add_(P.coef(fin.to(torch.int64)))
             h = d.add_(buf, alpha=mu) if group["nesterov"] else buf
         lr_t = torch.ones_like(g_norm) * lr                 # lr: a float, or a 0-d tensor (compiled path)
         if group["adapt"]:

@@ -7,17 +7,20 @@ The rule (docs/algorithms.md, "LAMB")::
     trust = ||w|| / ||r||          # adapted tensors; 1 otherwise; optional clip to [0, max_trust]
     w = w - lr_t * trust * r
 
-``t + 1`` is the tensor's number of applied updates (``state["step"]``; a step skipped for
-a non-finite gradient does not count). Zero-norm rule: trust = 1 where ``||w|| == 0`` or
-``||r|| == 0``.
+``t + 1`` is the tensor's number of applied updates (``state["step"]``, int64; a step
+skipped for a non-finite gradient does not count). The bias corrections ``1 - b^n`` are
+computed as ``-expm1(n * log(b))`` in the compute dtype, free of cancellation (SPEC
+"Precision"). Zero-norm rule: trust = 1 where ``||w|| == 0`` or ``||r|| == 0``.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._validation import check, check_nonneg, check_unit, is_real
-from ._engine import LayerwiseOptimizer, zero_norm_safe_ratio
+from ._engine import LayerwiseOptimizer, select, zero_norm_safe_ratio
 
 __all__ = ["LAMB"]
 
@@ -58,19 +61,20 @@ class LAMB(LayerwiseOptimizer):
 
     def _init_state(self, p, group):
         z = lambda: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731
-        return {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+        return {"step": torch.zeros((), dtype=torch.int64, device=p.device),
                 "exp_avg": z(), "exp_avg_sq": z()}
 
     def _update(self, group, w, g, st, w_norm, g_norm, fin, P):
         (b1, b2), eps, wd, lr = group["betas"], group["eps"], group["weight_decay"], group["lr"]
         m, v = st["exp_avg"], st["exp_avg_sq"]
         # g is zero where the gradient is non-finite: only the decays need masking.
-        m.mul_(P.coef(torch.where(fin, b1, 1.0))).add_(g, alpha=1 - b1)
-        v.mul_(P.coef(torch.where(fin, b2, 1.0))).addcmul_(g, g, value=1 - b2)
-        st["step"].add_(P.coef(fin.float()))
-        t = P.stack(st["step"]).clamp(min=1)               # a never-updated tensor has m = v = 0
-        r = v.sqrt().mul_(P.coef(torch.rsqrt(1 - b2 ** t))).add_(eps)   # the one full-size temporary
-        r.reciprocal_().mul_(m).mul_(P.coef(1 / (1 - b1 ** t)))
+        m.mul_(P.coef(select(fin, b1, 1.0, g_norm))).add_(g, alpha=1 - b1)
+        v.mul_(P.coef(select(fin, b2, 1.0, g_norm))).addcmul_(g, g, value=1 - b2)
+        st["step"].add_(P.coef(fin.to(torch.int64)))
+        t = P.stack(st["step"]).clamp(min=1).to(g_norm.dtype)  # a never-updated tensor has m = v = 0
+        bc1, bc2 = (-torch.expm1(t * _log(b)) for b in (b1, b2))  # 1 - b^t without cancellation
+        r = v.sqrt().mul_(P.coef(torch.rsqrt(bc2))).add_(eps)   # the one full-size temporary
+        r.reciprocal_().mul_(m).mul_(P.coef(1 / bc1))
         if wd != 0:
             r.add_(w, alpha=wd)
         if group["adapt"]:
@@ -82,3 +86,8 @@ class LAMB(LayerwiseOptimizer):
         lr_k = lr * trust
         w.addcmul_(r, P.coef(torch.where(fin, -lr_k, 0.0)))
         return trust, lr_k
+
+
+def _log(b: float) -> float:
+    """``log(b)`` for ``b`` in [0, 1): ``-inf`` at 0, so that ``-expm1(t * log(0)) = 1``."""
+    return math.log(b) if b > 0 else -math.inf

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check, check_nonneg, check_unit
-from ._engine import LayerwiseOptimizer, zero_norm_safe_ratio
+from ._engine import LayerwiseOptimizer, select, zero_norm_safe_ratio
 
 __all__ = ["LARS"]
 
@@ -48,8 +48,9 @@ class _TrustMomentum(LayerwiseOptimizer):
             st["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
 
-    def _lr_factor(self, group, st, P) -> Tensor | float:
-        """``f_t``, the factor of ``lr_t`` before the trust ratio (reads the state, never writes it)."""
+    def _lr_factor(self, group, st, P, dtype: torch.dtype) -> Tensor | float:
+        """``f_t``, the factor of ``lr_t`` before the trust ratio, in ``dtype`` (the compute
+        dtype) when a tensor (reads the state, never writes it)."""
         return 1.0
 
     def _trust_norm(self, group, w, g_norm, st, P) -> Tensor:
@@ -67,18 +68,18 @@ class _TrustMomentum(LayerwiseOptimizer):
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         nesterov = self._nesterov_only or group["nesterov"]
         trust = self._trust(group, w, w_norm, g_norm, st, P) if group["adapt"] else torch.ones_like(g_norm)
-        lr_k = lr * self._lr_factor(group, st, P) * trust
+        lr_k = lr * self._lr_factor(group, st, P, g_norm.dtype) * trust
         step = P.coef(torch.where(fin, -lr_k, 0.0))      # -lr_t f_t trust, 0 for skipped tensors
         d = g.add_(w, alpha=wd) if wd != 0 else g          # g is already a private (masked) copy
         if mu == 0:
             w.addcmul_(d, step)
             return trust, lr_k
         v = st["velocity"]                                 # v <- mu v + lr_k d
-        v.mul_(P.coef(torch.where(fin, mu, 1.0))).addcmul_(d, P.coef(torch.where(fin, lr_k, 0.0)))
+        v.mul_(P.coef(select(fin, mu, 1.0, g_norm))).addcmul_(d, P.coef(torch.where(fin, lr_k, 0.0)))
         if nesterov:
-            w.addcmul_(v, P.coef(torch.where(fin, -mu, 0.0))).addcmul_(d, step)
+            w.addcmul_(v, P.coef(select(fin, -mu, 0.0, g_norm))).addcmul_(d, step)
         else:
-            w.addcmul_(v, P.coef(torch.where(fin, -1.0, 0.0)))
+            w.addcmul_(v, P.coef(select(fin, -1.0, 0.0, g_norm)))
         return trust, lr_k
 
 

@@ -69,11 +69,12 @@ class TVLARS(_TrustMomentum):
 
     def _init_state(self, p, group):
         st = super()._init_state(p, group)
-        st["optimizer_steps"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        st["optimizer_steps"] = torch.zeros((), dtype=torch.int64, device=p.device)  # exact
         return st
 
-    def _lr_factor(self, group, st, P):
-        return phi(P.stack(st["optimizer_steps"]), group["lam"], group["alpha"], group["delay"], group["gamma_min"])
+    def _lr_factor(self, group, st, P, dtype):
+        t = P.stack(st["optimizer_steps"]).to(dtype)     # phi(t) in the compute dtype (SPEC "Precision")
+        return phi(t, group["lam"], group["alpha"], group["delay"], group["gamma_min"])
 
     def _update(self, group, w, g, st, w_norm, g_norm, fin, P):
         out = super()._update(group, w, g, st, w_norm, g_norm, fin, P)

@@ -96,6 +96,9 @@ class PerSampleGradNorms:
                 continue
             full = [f"{mname}.{n}" if mname else n for n, _ in own]
             for f, (_, p) in zip(full, own):
+                if p.is_complex():  # the rules square real numbers (SPEC "Precision": refuse)
+                    raise TypeError(f"parameter {f!r} is complex: per-sample gradient norms of complex "
+                                    "parameters are not supported (leave it out with params=...)")
                 if id(p) in owner:
                     raise ValueError(f"parameter {f!r} is the same tensor as {owner[id(p)]!r} (weight tying): "
                                      "the per-sample gradient of a shared tensor is not supported")
