@@ -1,4 +1,5 @@
-"""Training throughput (images/s): the `largebatch train` harness vs a bare hand-written loop.
+"""Training throughput (images/s): the `largebatch train` harness vs a bare hand-written loop,
+and Barlow Twins pre-training (`largebatch pretrain`) on the same backbone.
 
 Both train the same model with the same optimizer (LARS, warm-up + cosine via LambdaLR) on the
 same random uint8 data held on the device, one optimizer step per batch, no augmentation.
@@ -11,6 +12,9 @@ checkpoint/metrics writing excluded for both; the harness reports them separatel
 median over epochs 2..E is taken (epoch 1 is warm-up), then the best of ``--repeats``
 runs (other processes on a shared machine only ever slow a run down), which alternate bare-first and harness-first after one untimed warm-up run (it compiles
 the optimizer's CPU kernels) so that drift in machine load affects both.
+
+Pre-training counts images (each makes two views, each view a forward and backward through
+the backbone and the projector ``--projector``), with the kNN monitor off.
 
     python benchmarks/train_throughput.py            # both models, CPU
     python benchmarks/train_throughput.py --models mlp --device cuda
@@ -94,6 +98,20 @@ def harness(model_name, ds, batch, epochs, lr, device, stats_every) -> tuple[lis
     return [r["images_per_s"] for r in res.history], wall
 
 
+def pretraining(model_name, ds, batch, epochs, lr, device, stats_every, projector) -> list[float]:
+    """Images/s per epoch of `largebatch pretrain` (Barlow Twins) on the same backbone."""
+    from largebatch.train.pretrain import PretrainConfig, pretrain
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg = PretrainConfig(model=model_name, optimizer="lars", lr=lr, lr_scaling="none", batch_size=batch,
+                             epochs=epochs, schedule="cosine", warmup_epochs=1, stats_every=stats_every,
+                             projector=projector, knn_every=0, out_dir=os.path.join(d, "run"), progress=False,
+                             device=str(device))
+        res = pretrain(cfg, dataset=ds, log=lambda s: None)
+    assert res.status == "finished"
+    return [r["images_per_s"] for r in res.history]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mlp,resnet18", help="comma-separated subset of " + ", ".join(SETUPS))
@@ -101,6 +119,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--stats-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--projector", default="1024-1024", help="pre-training projector widths (default: 1024-1024)")
+    ap.add_argument("--no-pretrain", action="store_true", help="skip the pre-training column")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,24 +129,29 @@ def main() -> None:
     print(f"# {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {device}{gpu}, load average before {os.getloadavg()[0]:.2f}")
     print("| model | global batch | steps/epoch | bare loop, best (img/s) | harness, best (img/s) | harness / bare | "
-          "all runs (median over epochs 2..E) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          f"pretrain, best (img/s; projector {args.projector}) | pretrain / harness | all runs (median over epochs 2..E) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models.split(","):
         model_name, shape, classes, n, batch, epochs, lr = SETUPS[name]
         if device.type == "cuda":  # a GPU needs far more work per measurement
             n, batch = n * 8, batch * (2 if name == "mlp" else 4)
         ds = random_dataset(shape, classes, n)
         bare_loop(model_name, ds, batch, 2, lr, device)  # untimed: compiles the optimizer kernels, warms caches
-        bare, harn = [], []
+        got: dict[str, list[float]] = {"bare": [], "harness": [], "pretrain": []}
         for r in range(args.repeats):  # alternate which one goes first
             runs = [("bare", lambda: bare_loop(model_name, ds, batch, epochs, lr, device)),
                     ("harness", lambda: harness(model_name, ds, batch, epochs, lr, device, args.stats_every)[0])]
+            if not args.no_pretrain:
+                runs.append(("pretrain", lambda: pretraining(model_name, ds, batch, epochs, 0.2 * lr, device,
+                                                             args.stats_every, args.projector)))
             for kind, fn in (runs if r % 2 == 0 else runs[::-1]):
-                (bare if kind == "bare" else harn).append(statistics.median(fn()[1:]))
-        b, h = max(bare), max(harn)  # best of N: load from other processes only ever slows a run down
+                got[kind].append(statistics.median(fn()[1:]))
+        # best of N: load from other processes only ever slows a run down
+        b, h = max(got["bare"]), max(got["harness"])
+        p = max(got["pretrain"]) if got["pretrain"] else float("nan")
         spe = steps_per_epoch(n, batch, 1)
-        print(f"| {name} | {batch} | {spe} | {b:.0f} | {h:.0f} | {h / b:.3f} | "
-              f"bare {', '.join(f'{v:.0f}' for v in bare)}; harness {', '.join(f'{v:.0f}' for v in harn)} |",
+        print(f"| {name} | {batch} | {spe} | {b:.0f} | {h:.0f} | {h / b:.3f} | {p:.0f} | {p / h:.3f} | "
+              + "; ".join(f"{k} {', '.join(f'{v:.0f}' for v in vs)}" for k, vs in got.items() if vs) + " |",
               flush=True)
 
 
