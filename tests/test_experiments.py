@@ -1,83 +1,300 @@
-"""`largebatch reproduce-tvlars-table1`: the grid matches the paper's settings, runs, resumes, tabulates."""
+"""The artifacts' paper-scale grids hold the papers' settings and numbers; the tasks some artifacts add
+(FC freezing, the M_k probe) do what they say; the datasets they need (mnist, fashion-mnist-val, imagenet)
+read their real on-disk formats."""
 
+import gzip
+import json
+import math
+import os
+import struct
+
+import numpy as np
 import pytest
+import torch
 
-from largebatch.cli import main
-from largebatch.experiments import tvlars_table1 as t1
+from largebatch.experiments import engine
+from largebatch.experiments.artifacts import ARTIFACTS, clars, fair, lalc, tvlars
+from largebatch.experiments.artifacts.common import make_tiny_imagenet
+from largebatch.experiments.reproduce import context
+from largebatch.train import data
 from largebatch.train.config import resolve
+from largebatch.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_grid_is_table1():
-    cells = t1.grid(t1.DATASETS, t1.OPTIMIZERS, t1.LRS, "out", {})
-    assert len(cells) == 2 * 3 * 6 * 3 == 108
-    assert len({c.cfg["out_dir"] for c in cells}) == 108
-    for c in cells:
-        cfg = resolve(overrides=c.cfg)  # every cell is a valid config
-        assert cfg.lr in t1.LRS[cfg.batch_size] and cfg.weight_decay == 5e-4 and cfg.momentum == 0.9
+def _grid(art, scale="paper", seeds=None, out="out"):
+    ctx = context(ARTIFACTS[art], scale, seeds, out, {})
+    return ctx, ctx.grid()
+
+
+# ----------------------------------------------------------------------------- paper settings
+def test_tvlars_table1_is_the_papers_grid():
+    ctx, runs = _grid("tvlars-table1")
+    clf = [r for r in runs if r.tags["problem"] == "clf"]
+    ssl = [r for r in runs if r.tags["problem"] == "ssl"]
+    assert len(clf) == len(ssl) == 2 * 6 * 3 * 3 == 108
+    for r in clf:
+        cfg = ctx.resolved(r)
+        assert cfg.lr in tvlars.LRS[cfg.batch_size] and cfg.weight_decay == 5e-4 and cfg.momentum == 0.9
         assert cfg.model == {"cifar10": "resnet18", "tinyimagenet": "resnet34"}[cfg.dataset]
+        assert cfg.init == "kaiming_uniform" and cfg.stem == "imagenet" and cfg.epochs == 100
+        assert cfg.lr_scaling == "none" and cfg.seed == 0
         if cfg.optimizer == "tvlars":
-            assert cfg.schedule == "none" and cfg.tvlars_lam == 1e-4
+            assert cfg.schedule == "none" and cfg.tvlars_lam == 1e-4 and cfg.tvlars_delay_epochs == 10
         else:
             assert cfg.schedule == "cosine" and cfg.warmup_epochs == 20
-        assert len(t1.PAPER[cfg.dataset][cfg.optimizer][cfg.batch_size]) == 3 and 0 < c.paper < 100
-    assert t1.grid(["cifar10"], ["lars"], [16384], "o", {})[2].paper == 38.57  # Table 1's LARS at 16K, lr 19
+    for r in ssl:
+        cfg = ctx.resolved(r)
+        assert r.kind == "pretrain" and r.linear_epochs == 100 and cfg.epochs == 1000
+        assert cfg.projector == "2048-2048-4096" and cfg.lambd == 0.0051
+        assert cfg.optimizer != "tvlars" or cfg.tvlars_lam == 1e-5
+    paper = tvlars.PAPER
+    assert paper["clf"]["cifar10"]["lars"][16384][tvlars.LRS[16384].index(19)] == 38.57
+    assert paper["ssl"]["tinyimagenet"]["tvlars"][512][2] == 31.44
 
 
-def test_list_and_bad_input(capsys):
-    assert main(["reproduce-tvlars-table1", "--datasets", "cifar10", "--batch-sizes", "512",
-                 "--set", "epochs=30"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 9 and all("--epochs 30" in line and line.startswith("largebatch train") for line in lines)
-    with pytest.raises(SystemExit, match="cifar10-lars-b512-lr1: invalid configuration: warmup_epochs"):
-        main(["reproduce-tvlars-table1", "--set", "epochs=7"])
-    with pytest.raises(SystemExit, match="--batch-sizes: invalid choice 500"):
-        main(["reproduce-tvlars-table1", "--batch-sizes", "500"])
-    with pytest.raises(SystemExit, match="FIELD=VALUE"):
-        main(["reproduce-tvlars-table1", "--set", "epoch=3"])
+def test_tvlars_figures_share_table1_cells():
+    ctx, runs = _grid("tvlars-fig1", "mini")
+    homes = {r.tags["optimizer"]: r.home for r in runs}
+    assert homes == {"lars": "tvlars-table1", "lars-nowarmup": None}
+    t1 = {ctx.path(r) for r in _grid("tvlars-table1", "mini")[1]}
+    shared = [r for r in runs if r.home]
+    assert shared and {ctx.path(r) for r in shared} <= t1
+    # the lam ablation: lam 1e-4 is Table 1's TVLARS cell, the others its own, delay 10 % of the run
+    ctx, runs = _grid("tvlars-ablation-lambda")
+    assert {r.tags.get("tvlars_lam", 1e-4) for r in runs} == set(tvlars.LAMBDAS)
+    for r in runs:
+        cfg = ctx.resolved(r)
+        assert cfg.tvlars_delay_epochs == 10 and cfg.tvlars_alpha == 1 and cfg.batch_size in (1024, 16384)
+        assert (r.home == "tvlars-table1") == (cfg.tvlars_lam == 1e-4)
+    ctx, runs = _grid("tvlars-fig2")
+    assert {ctx.resolved(r).schedule for r in runs} == {"cosine", "poly"}
+    assert all(ctx.resolved(r).stats_every == 1 and ctx.resolved(r).batch_size == 16384 for r in runs)
+    ctx, runs = _grid("tvlars-ablation-init")
+    assert {ctx.resolved(r).init for r in runs} == set(tvlars.INITS)
 
 
-def test_run_skips_finished_runs_and_collects(tmp_path, capsys):
-    # one real cell per LR, on offline data: digits + an MLP stand in for CIFAR-10 + ResNet-18
-    args = ["reproduce-tvlars-table1", "--datasets", "cifar10", "--batch-sizes", "512", "--optimizers", "tvlars",
-            "--out", str(tmp_path), "--set", "dataset=digits", "--set", "model=mlp", "--set", "epochs=1",
-            "--set", "progress=false"]
-    assert main(args + ["--run"]) == 0
+def test_lalc_table2_is_the_papers_grid():
+    ctx, runs = _grid("lalc-table2")
+    assert len(runs) == 9 * 4
+    for r in runs:
+        cfg, m, b = ctx.resolved(r), r.tags["method"], r.tags["batch"]
+        assert cfg.dataset == "cifar10" and cfg.model == "resnet50" and cfg.stem == "cifar"
+        assert cfg.lr * cfg.batch_size / cfg.base_batch_size == pytest.approx(0.1 * b / 128)  # linear rule
+        assert cfg.lr_scaling == "linear" and cfg.weight_decay == 5e-4 and cfg.momentum == 0.9
+        assert cfg.warmup_epochs == (10 if "WarmUp" in m else 0) and cfg.schedule == "cosine"
+        assert cfg.nesterov == ("Nesterov" in m)
+        if cfg.optimizer != "sgd":
+            assert cfg.eta == lalc.ETA[cfg.optimizer][b]
+    assert lalc.ETA["clars"][8192] == 1e-4 and lalc.ETA["lars"][128] == 0.01 and lalc.PAPER["LALC"][3] == 93.68
+
+
+def test_clars_paper_settings():
+    ctx, runs = _grid("clars-table1")
+    by = {r.tags["method"]: ctx.resolved(r) for r in runs}
+    lars, cl, small = by["LARS"], by["CLARS"], by["small batch"]
+    assert lars.dataset == "imagenet" and lars.model == "resnet50" and lars.epochs == 90
+    assert lars.batch_size == cl.batch_size == 16384 and lars.micro_batch_size == 512
+    assert (lars.eta, lars.warmup_epochs, lars.schedule, lars.lr) == (1e-3, 5, "poly", 25)
+    assert (cl.eta, cl.warmup_epochs, cl.optimizer) == (1e-2, 0, "clars") and small.batch_size == 256
+    ctx, runs = _grid("clars-fig2")
+    assert {(r.tags["data"], r.tags["arch"]) for r in runs} == {("mnist", "fcn5"), ("mnist", "cnn5"), ("cifar10", "resnet8")}
+    for r in runs:
+        cfg = ctx.resolved(r)
+        assert (cfg.optimizer, cfg.nesterov, cfg.lr, cfg.schedule, cfg.batch_size) == ("sgd", True, 0.001, "none", 128)
+        assert cfg.epochs == (6 if r.tags["arch"] == "resnet8" else 10) and r.task().probe == 60000
+    ctx, runs = _grid("clars-fig3")
+    for r in runs:
+        cfg = ctx.resolved(r)
+        assert (cfg.dataset, cfg.model, cfg.batch_size, cfg.epochs, cfg.lr) == ("cifar100", "resnet56", 8192, 200, 1.0)
+        assert cfg.warmup_epochs == (20 if r.tags["method"] == "warm-up" else 0)
+        assert isinstance(r.task() if r.task else None, clars.FreezeHead) == (r.tags["method"] == "FC freeze")
+
+
+def test_fair_baselines_give_every_optimizer_the_same_budget(tmp_path):
+    ctx, runs = _grid("fair-baselines", "mini", out=str(tmp_path))
+    per = {}
+    for r in runs:
+        assert r.tags["stage"] == "search" and ctx.resolved(r).dataset == "fashion-mnist-val"
+        per.setdefault(r.tags["optimizer"], []).append(r)
+    expected = {o for o in fair.OPTIMIZERS if fair.available(o)}
+    assert set(per) == expected and {len(v) for v in per.values()} == {10}
+    assert {ctx.resolved(r).batch_size for r in runs} == {4096}
+
+
+def test_fair_baselines_pick_the_best_search_trial_when_the_search_is_complete():
+    def res(status, acc=None, name="r"):
+        return engine.Result(engine.Run(name), status, "p", [{"epoch": 1, "test_acc": acc}] if acc is not None else [])
+
+    assert fair.best_trial([res("finished", 0.5, "a"), res("finished", 0.7, "b"), res("failed")]).run.name == "b"
+    assert fair.best_trial([res("finished", 0.5), res("partial")]) is None
+    assert fair.best_trial([res("failed"), res("failed")]) is None
+    assert fair.best_trial([res("finished", 0.9, "a"), res("finished", math.nan, "b")]).run.name == "a"
+
+
+def test_fair_baselines_final_runs_are_the_best_trial_on_the_test_set_with_fresh_seeds(tmp_path, capsys):
+    from largebatch.cli import main
+
+    assert main(["reproduce", "fair-baselines", "--scale", "smoke", "--out", str(tmp_path), "--seeds", "2", "--run"]) == 0
+    ctx = context(ARTIFACTS["fair-baselines"], "smoke", 2, str(tmp_path), {})
+    runs = ctx.grid()
+    for opt in ("sgd", "lars", "tvlars"):
+        search = [ctx.result(r) for r in runs if r.tags == {**r.tags, "stage": "search", "optimizer": opt}]
+        best = max(search, key=lambda r: r.final["test_acc"])
+        final = [r for r in runs if r.tags["stage"] == "final" and r.tags["optimizer"] == opt]
+        assert [r.cfg["seed"] for r in final] == [1, 2]
+        assert all({**r.cfg, "seed": 0} == best.run.cfg for r in final)  # digits: the same data at smoke scale
+
+
+def test_tvlars_fig3_bounds_hold(tmp_path, capsys):
+    from largebatch.cli import main
+
+    assert main(["reproduce", "tvlars-fig3", "--out", str(tmp_path), "--collect"]) == 0
     out = capsys.readouterr().out
-    assert "[1/3]" in out and "[3/3]" in out
-    assert "| 512 | tvlars | 1: " in out and "(78.92)" in out and "*" not in out.split("`*`")[0]
-    assert main(args + ["--run"]) == 0  # everything finished: nothing retrained
-    assert "[1/3]" not in capsys.readouterr().out
-    assert main(args + ["--collect"]) == 0
-    table = capsys.readouterr().out
-    assert "3: " in table and "(81.56)" in table and " - " not in table
+    assert out.count("| yes |") == sum(len(v) for _, v, _ in tvlars.PHI_PANELS) and "| NO |" not in out
 
 
-def test_ssl_cells_are_table1_barlow_twins():
-    from largebatch.train.pretrain import PretrainConfig
-
-    cells = t1.grid(t1.DATASETS, t1.OPTIMIZERS, t1.LRS, "out", {}, problems=("ssl",))
-    assert len(cells) == 108 and all(c.problem == "ssl" for c in cells)
-    for c in cells:
-        cfg = resolve(overrides=c.cfg, cls=PretrainConfig)
-        assert cfg.epochs == 1000 and cfg.projector == "2048-2048-4096" and cfg.lr_scaling == "none"
-        assert cfg.optimizer != "tvlars" or (cfg.tvlars_lam == 1e-5 and cfg.schedule == "none")
-        assert "/bt-" in cfg.out_dir and 0 < c.paper < 100
-    assert t1.grid(["tinyimagenet"], ["tvlars"], [512], "o", {}, problems=("ssl",))[2].paper == 31.44
-    line = t1.command_line(cells[0])
-    assert line.startswith("largebatch pretrain ") and " && largebatch linear-eval " in line
+# ----------------------------------------------------------------------------- tasks
+def _digits(tmp_path, **kw):
+    return resolve(overrides={**dict(dataset="digits", model="mlp", mlp_width=16, mlp_depth=1, batch_size=256,
+                                     out_dir=str(tmp_path / "run"), progress=False), **kw})
 
 
-def test_ssl_cells_run_pretrain_then_linear_eval(tmp_path, capsys):
-    args = ["reproduce-tvlars-table1", "--problems", "ssl", "--datasets", "cifar10", "--batch-sizes", "512",
-            "--optimizers", "lars", "--out", str(tmp_path), "--set", "dataset=digits", "--set", "model=mlp",
-            "--set", "mlp_width=32", "--set", "projector=32-32", "--set", "epochs=2", "--set", "warmup_epochs=1",
-            "--set", "progress=false"]
-    assert main(args + ["--run"]) == 0
-    out = capsys.readouterr().out
-    assert "[3/3]" in out and "Barlow Twins, linear-eval top-1" in out and "(60.76)" in out
-    for lr in (1, 2, 3):
-        assert (tmp_path / f"bt-cifar10-lars-b512-lr{lr}" / "linear-eval" / "pretrained.json").exists()
-    assert main(args + ["--run"]) == 0
-    assert "[1/3]" not in capsys.readouterr().out
+def test_fc_freeze_leaves_the_head_alone_for_its_epochs_then_trains_it(tmp_path):
+    cfg = _digits(tmp_path, optimizer="sgd", lr=0.5, epochs=2, schedule="cosine", min_lr_ratio=1.0,
+                  stop_after_epochs=1)
+    torch.manual_seed(cfg.seed)
+    from largebatch.train.models import build_model
+
+    head0 = build_model("mlp", 10, (1, 8, 8), mlp_depth=1, mlp_width=16)[-1].weight.detach().clone()
+    r = train(cfg, task=clars.FreezeHead(1.0), log=lambda s: None)
+    body = r.model[1].weight.detach().clone()
+    assert torch.equal(r.model[-1].weight, head0) and r.status == "stopped"
+    cfg.resume, cfg.stop_after_epochs = True, None
+    r = train(cfg, task=clars.FreezeHead(1.0), log=lambda s: None)
+    assert not torch.equal(r.model[-1].weight, head0) and r.status == "finished"
+    assert not torch.equal(r.model[1].weight, body)
+    with pytest.raises(ValueError, match="schedule: FC freezing"):
+        train(_digits(tmp_path, optimizer="sgd", schedule="none", overwrite=True), task=clars.FreezeHead(1.0))
+
+
+@pytest.mark.parametrize("arch", ["fcn5", "cnn5"])
+def test_variance_probe_writes_m_k_per_weight_layer_each_epoch(tmp_path, arch):
+    cfg = _digits(tmp_path, optimizer="sgd", nesterov=True, lr=0.001, schedule="none", weight_decay=0.0, epochs=2,
+                  batch_size=128)
+    train(cfg, task=clars.VarianceProbe(arch, 300), log=lambda s: None)
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "variance.jsonl")]
+    assert [x["epoch"] for x in lines] == [1, 2] and all(x["probe"] == 300 for x in lines)
+    for x in lines:
+        assert len(x["M"]) == 5 and all(v >= 1.0 for v in x["M"].values())  # mean of squares >= square of mean
+    res = engine.Result(engine.Run("r"), "finished", str(tmp_path / "run"))
+    assert clars.variance_of(res) == {1: lines[0]["M"], 2: lines[1]["M"]}
+
+
+def test_variance_probe_matches_per_sample_gradients():
+    torch.manual_seed(0)
+    model = clars.build_arch("fcn5", (1, 4, 4), 3, width=8)
+    x, y = torch.randn(20, 1, 4, 4), torch.randint(0, 3, (20,))
+    from largebatch.persample import gradient_variance
+
+    m = gradient_variance(model, [(x, y)], torch.nn.CrossEntropyLoss(reduction="sum"))
+    w = model[1].weight
+    g = torch.stack([torch.autograd.grad(torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), w)[0]
+                     for i in range(20)])
+    expect = (g.flatten(1).pow(2).sum(1).mean() / g.mean(0).pow(2).sum()).item()
+    assert m["1.weight"] == pytest.approx(expect, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- datasets
+def _write_idx(path, arr):
+    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def _idx_files(folder, n_train=12, n_test=5, seed=0):
+    rng = np.random.RandomState(seed)
+    arrays = {"train-images-idx3-ubyte.gz": rng.randint(0, 256, (n_train, 28, 28)),
+              "train-labels-idx1-ubyte.gz": rng.randint(0, 10, n_train),
+              "t10k-images-idx3-ubyte.gz": rng.randint(0, 256, (n_test, 28, 28)),
+              "t10k-labels-idx1-ubyte.gz": rng.randint(0, 10, n_test)}
+    os.makedirs(folder, exist_ok=True)
+    for name, arr in arrays.items():
+        _write_idx(os.path.join(folder, name), arr)
+    return arrays
+
+
+def test_mnist_reads_torchvisions_idx_layout(tmp_path):
+    arrays = _idx_files(tmp_path / "MNIST" / "raw")
+    ds = data.load("mnist", str(tmp_path))
+    assert ds.name == "mnist" and ds.train_x.shape == (12, 1, 28, 28) and ds.test_x.shape == (5, 1, 28, 28)
+    assert np.array_equal(ds.train_x[:, 0].numpy(), arrays["train-images-idx3-ubyte.gz"])
+    assert np.array_equal(ds.test_y.numpy(), arrays["t10k-labels-idx1-ubyte.gz"])
+    with pytest.raises(data.DatasetNotFound, match="mnist: not found.*" + str(tmp_path / "none")):
+        data.load("mnist", str(tmp_path / "none"))
+
+
+def test_fashion_mnist_val_holds_out_training_images(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(data, "VALIDATION_SIZE", 4)
+    arrays = _idx_files(tmp_path)
+    ds = data.load("fashion-mnist-val", str(tmp_path))
+    xtr = arrays["train-images-idx3-ubyte.gz"].astype(np.uint8)
+    assert ds.train_x.shape[0] == 8 and ds.test_x.shape[0] == 4
+    rows = {x.tobytes() for x in xtr}
+    seen = [x.tobytes() for x in ds.train_x[:, 0].numpy()] + [x.tobytes() for x in ds.test_x[:, 0].numpy()]
+    assert set(seen) == rows and len(seen) == len(rows)  # a split of the training set, nothing of t10k
+    assert resolve(overrides={"dataset": "fashion-mnist-val"}).dataset == "fashion-mnist-val"
+
+
+def test_imagenet_folder_uses_the_papers_transforms(tmp_path):
+    import torchvision.transforms as T
+    from PIL import Image
+
+    root = make_tiny_imagenet(str(tmp_path / "inet"), classes=2, train=3, val=2)
+    ds = data.load("imagenet", str(tmp_path / "inet"))
+    assert ds.train_x.shape == (6, 3, 224, 224) and ds.test_x.shape == (4, 3, 224, 224) and ds.num_classes == 2
+    assert ds.train_y.tolist() == [0, 0, 0, 1, 1, 1] and ds.test_y.tolist() == [0, 0, 1, 1]
+    assert torch.allclose(ds.mean, torch.tensor([0.485, 0.456, 0.406]))
+    torch.manual_seed(5)
+    got = ds.train_x[torch.tensor([4, 0, 2])]
+    torch.manual_seed(5)
+    tv = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.PILToTensor()])
+    want = torch.stack([tv(Image.open(ds.train_x.paths[i]).convert("RGB")) for i in (4, 0, 2)])
+    assert torch.equal(got, want)
+    ev = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
+    assert torch.equal(ds.test_x[1:3], torch.stack([ev(Image.open(p).convert("RGB")) for p in ds.test_x.paths[1:3]]))
+    assert [c.shape[0] for c in ds.test_x.split(3)] == [3, 1]
+    assert root.endswith("inet")
+
+
+def test_imagenet_errors_name_the_folder_or_file(tmp_path):
+    with pytest.raises(data.DatasetNotFound, match="imagenet: not found.*ImageFolder"):
+        data.load("imagenet", str(tmp_path / "none"))
+    root = make_tiny_imagenet(str(tmp_path / "inet"), classes=2, train=2, val=1)
+    os.makedirs(os.path.join(root, "val", "n99999999"))
+    with pytest.raises(data.DataError, match="n99999999 is a class absent"):
+        data.load("imagenet", root)
+    os.rmdir(os.path.join(root, "val", "n99999999"))
+    bad = os.path.join(root, "train", "n00000001", "train_1_0.JPEG")
+    open(bad, "wb").write(b"<html>not an image</html>")
+    ds = data.load("imagenet", root)
+    with pytest.raises(data.DataError, match="cannot read .*train_1_0.JPEG"):
+        ds.train_x[torch.arange(4)]
+    with pytest.raises(ValueError, match="augment: imagenet"):
+        resolve(overrides={"dataset": "imagenet", "augment": True})
+
+
+def test_imagenet_training_resumes_exactly(tmp_path):
+    root = make_tiny_imagenet(str(tmp_path / "inet"), classes=2, train=4, val=2)
+
+    def cfg(out, **kw):
+        return resolve(overrides=dict(dataset="imagenet", data_dir=root, model="mlp", mlp_width=4, mlp_depth=1,
+                                      batch_size=4, epochs=2, out_dir=str(tmp_path / out), progress=False, **kw))
+
+    whole = train(cfg("a"), log=lambda s: None)
+    assert train(cfg("b", stop_after_epochs=1), log=lambda s: None).status == "stopped"
+    resumed = train(cfg("b", resume=True), log=lambda s: None)
+    strip = [{k: v for k, v in h.items() if k not in ("epoch_seconds", "images_per_s")} for h in whole.history]
+    assert strip == [{k: v for k, v in h.items() if k not in ("epoch_seconds", "images_per_s")} for h in resumed.history]

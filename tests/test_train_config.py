@@ -45,7 +45,7 @@ def test_toml_file_with_train_table(tmp_path):
     ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
     ({"betas": (0.9, 1.0)}, "betas"),
     ({"precision": "fp16", "device": "cpu"}, "precision"),
-    ({"dataset": "imagenet"}, "dataset"),
+    ({"dataset": "imagenet21k"}, "dataset"),
     ({"stats_every": -1}, "stats_every"),
     ({"init": "orthogonal"}, "init"),
     ({"learning_rate": 0.1}, "learning_rate"),

@@ -23,8 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explosion": ("largebatch.experiments.explosion", "gradient-explosion analysis of normalized networks (seed 003)"),
     "barlow-twins-mini": ("largebatch.experiments.barlow_twins_mini",
                           "Barlow Twins on CPU: LARS, LAMB, TVLARS vs random-init and raw-pixel baselines"),
+    "reproduce": ("largebatch.experiments.reproduce",
+                  "every table and figure of the papers at paper, mini or smoke scale: list, run, collect"),
     "reproduce-tvlars-table1": ("largebatch.experiments.tvlars_table1",
-                                "the classification grid of TVLARS's Table 1: list, run or tabulate it"),
+                                "alias of `largebatch reproduce tvlars-table1 --scale paper`"),
 }
 
 

@@ -4,6 +4,8 @@
   the training harness; prints a results table and writes the plots.
 - ``explosion`` (``largebatch explosion``): gradient explosion of normalized networks at
   initialization (seed 003), built on the theory and measurements of ``largebatch.analysis``.
-- ``tvlars_table1`` (``largebatch reproduce-tvlars-table1``): the classification grid of TVLARS's
-  Table 1 as ``largebatch train`` runs: list, run or resume the missing ones, tabulate the results.
+- ``barlow_twins_mini`` (``largebatch barlow-twins-mini``): Barlow Twins on CPU with LARS, LAMB, TVLARS.
+- ``reproduce`` (``largebatch reproduce``): every table and figure of the papers at paper, mini or smoke
+  scale, on the engine of ``engine.py``; the artifacts are declared in ``artifacts/`` (one module per
+  paper, plus ``fair.py``). ``tvlars_table1`` is the ``reproduce-tvlars-table1`` alias.
 """

@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "tinyimagenet")
+DATASETS = ("digits", "fashion-mnist", "fashion-mnist-val", "mnist", "cifar10", "cifar100", "tinyimagenet",
+            "imagenet")
 MODELS = ("mlp", "resnet20", "resnet32", "resnet44", "resnet56", "resnet18", "resnet34", "resnet50")
 INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 SCHEDULES = ("auto", "none", "cosine", "poly")
@@ -164,6 +165,9 @@ class TrainConfig:
             raise ValueError("warmup_epochs: needs schedule cosine or poly (schedule is 'none')")
         if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size: must be <= batch_size ({self.batch_size}), got {self.micro_batch_size}")
+        if self.dataset == "imagenet" and self.augment is not None:
+            raise ValueError("augment: imagenet always uses the papers' transforms (RandomResizedCrop(224) + flip for "
+                             "training, Resize(256) + CenterCrop(224) for evaluation); leave augment unset")
         if self.resume and self.overwrite:
             raise ValueError("overwrite: cannot be combined with resume (continue the run, or replace it)")
         if self.resume and not self.checkpoint:

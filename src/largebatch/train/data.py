@@ -16,7 +16,14 @@ On-disk formats read (no other files are needed):
 - ``fashion-mnist``: the idx files (``train-images-idx3-ubyte[.gz]`` ...), as torchvision stores
   them under ``FashionMNIST/raw`` or as Debian's ``dataset-fashion-mnist`` installs them in
   ``/usr/share/datasets/fashion-mnist`` (searched automatically).
+- ``mnist``: LeCun's idx files, as torchvision stores them (``MNIST/raw``) or in the root / ``mnist/``.
+- ``fashion-mnist-val``: Fashion-MNIST's training set split 50,000 / 10,000 (fixed permutation) for tuning
+  without reading the test set (the held-out 10,000 are its "test" split).
 - ``digits``: scikit-learn's embedded 8x8 digits (always offline); a fixed 80/20 split.
+- ``imagenet``: torchvision's ``ImageFolder`` layout (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``). The
+  one dataset not held in memory (1.28M images at 224 x 224 would take 193 GB): its splits are
+  :class:`ImageFiles`, decoded on demand with the papers' transforms (``RandomResizedCrop(224)`` + flip for
+  training, ``Resize(256)`` + ``CenterCrop(224)`` for evaluation) and ImageNet's mean/std.
 
 Damaged or inconsistent files (a truncated pickle or gzip, an idx header that does not match its data,
 an undecodable or differently sized JPEG, a label outside ``0..num_classes-1`` in any split) raise
@@ -35,7 +42,7 @@ a cache is written). A cache that cannot be read (truncated, not a zip) is treat
 one-line warning on stderr; one that cannot be written only costs a warning.
 
 One module for one concept (every on-disk format the harness reads, and the one augmentation);
-it is a little over 500 lines because each format's reader, with its checks, is short and they share the
+it is long because each format's reader, with its checks, is short and they share the
 ``ArrayDataset``, label-range and channel-statistics code.
 """
 
@@ -166,8 +173,9 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None, pad: in
 # ----------------------------------------------------------------------------- loaders
 def load(name: str, root: str | None = None, download: bool = False) -> ArrayDataset:
     """Load dataset ``name`` (see module docstring) as CPU tensors."""
-    loaders = {"digits": load_digits, "fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10,
-               "cifar100": load_cifar100, "tinyimagenet": load_tinyimagenet}
+    loaders = {"digits": load_digits, "fashion-mnist": load_fashion_mnist, "fashion-mnist-val": load_fashion_mnist_val,
+               "mnist": load_mnist, "cifar10": load_cifar10, "cifar100": load_cifar100,
+               "tinyimagenet": load_tinyimagenet, "imagenet": load_imagenet}
     if name not in loaders:
         raise ValueError(f"dataset: {name!r} is not one of {', '.join(loaders)}")
     if name == "digits":
@@ -288,6 +296,8 @@ def _idx_advice(path: str) -> str:
 
 
 _FMNIST = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+#: idx datasets: name -> (torchvision class, its folder under the root, another usual folder)
+_IDX_DATASETS = {"fashion-mnist": ("FashionMNIST", "fashion-mnist"), "mnist": ("MNIST", "mnist")}
 
 
 def _find_idx(folder: str, stem: str) -> str | None:
@@ -298,35 +308,47 @@ def _find_idx(folder: str, stem: str) -> str | None:
     return None
 
 
-def fashion_mnist_candidates(root: str | None) -> list[str]:
-    roots = [root] if root else [default_root()]
-    out = []
-    for r in roots:
-        out += [r, os.path.join(r, "FashionMNIST", "raw"), os.path.join(r, "fashion-mnist")]
-    out.append(SYSTEM_FASHION_MNIST)
+def idx_candidates(name: str, root: str | None) -> list[str]:
+    """Folders searched for the idx files of ``name`` (``fashion-mnist`` or ``mnist``): the root, torchvision's
+    ``<root>/<Class>/raw``, ``<root>/<name>`` (and, for Fashion-MNIST, the Debian path)."""
+    tv, sub = _IDX_DATASETS[name]
+    r = root or default_root()
+    out = [r, os.path.join(r, tv, "raw"), os.path.join(r, sub)]
+    if name == "fashion-mnist":
+        out.append(SYSTEM_FASHION_MNIST)
     return out
 
 
-def find_fashion_mnist(root: str | None = None) -> str | None:
-    """The first folder holding all four Fashion-MNIST idx files (root, root/FashionMNIST/raw, the Debian path)."""
-    for folder in fashion_mnist_candidates(root):
+def fashion_mnist_candidates(root: str | None) -> list[str]:
+    return idx_candidates("fashion-mnist", root)
+
+
+def find_idx_folder(name: str, root: str | None = None) -> str | None:
+    """The first candidate folder holding all four idx files of ``name``."""
+    for folder in idx_candidates(name, root):
         if all(_find_idx(folder, s) for s in _FMNIST):
             return folder
     return None
 
 
-def load_fashion_mnist(root: str | None = None, download: bool = False) -> ArrayDataset:
-    folder = find_fashion_mnist(root)
+def find_fashion_mnist(root: str | None = None) -> str | None:
+    """The first folder holding all four Fashion-MNIST idx files (root, root/FashionMNIST/raw, the Debian path)."""
+    return find_idx_folder("fashion-mnist", root)
+
+
+def _load_idx(name: str, root: str | None, download: bool) -> tuple[np.ndarray, ...]:
+    """(train images, train labels, test images, test labels) of an idx dataset, checked."""
+    folder = find_idx_folder(name, root)
     if folder is None and download:
         import torchvision
 
-        torchvision.datasets.FashionMNIST(root or default_root(), train=True, download=True)
-        folder = find_fashion_mnist(root)
+        getattr(torchvision.datasets, _IDX_DATASETS[name][0])(root or default_root(), train=True, download=True)
+        folder = find_idx_folder(name, root)
     if folder is None:
+        install = "Install the Debian package dataset-fashion-mnist, put" if name == "fashion-mnist" else "Put"
         raise DatasetNotFound(
-            "fashion-mnist: not found. Looked in " + ", ".join(fashion_mnist_candidates(root))
-            + f" for {', '.join(_FMNIST)} (optionally .gz). Install the Debian package dataset-fashion-mnist, "
-              "put the files in --data-dir, or pass --download.")
+            f"{name}: not found. Looked in " + ", ".join(idx_candidates(name, root))
+            + f" for {', '.join(_FMNIST)} (optionally .gz). {install} the files in --data-dir, or pass --download.")
     paths: list[str] = [_find_idx(folder, s) for s in _FMNIST]  # type: ignore[misc]
     xtr, ytr, xte, yte = (read_idx(p) for p in paths)
     advice = _idx_advice(paths[0])
@@ -341,9 +363,35 @@ def load_fashion_mnist(root: str | None = None, download: bool = False) -> Array
     if xte.shape[1:] != xtr.shape[1:]:
         raise DataError(f"{paths[2]}: images are {xte.shape[1]}x{xte.shape[2]}, the training images "
                         f"({paths[0]}) {xtr.shape[1]}x{xtr.shape[2]}; {advice}")
-    return ArrayDataset("fashion-mnist", torch.from_numpy(xtr[:, None].copy()), torch.from_numpy(ytr.astype(np.int64)),
+    return xtr, ytr, xte, yte
+
+
+def _idx_dataset(name: str, xtr, ytr, xte, yte) -> ArrayDataset:
+    return ArrayDataset(name, torch.from_numpy(xtr[:, None].copy()), torch.from_numpy(ytr.astype(np.int64)),
                         torch.from_numpy(xte[:, None].copy()), torch.from_numpy(yte.astype(np.int64)), 10,
                         augment_default=False)
+
+
+def load_fashion_mnist(root: str | None = None, download: bool = False) -> ArrayDataset:
+    return _idx_dataset("fashion-mnist", *_load_idx("fashion-mnist", root, download))
+
+
+def load_mnist(root: str | None = None, download: bool = False) -> ArrayDataset:
+    """LeCun's MNIST from torchvision's idx files (``<root>/MNIST/raw``, ``<root>/mnist`` or the root)."""
+    return _idx_dataset("mnist", *_load_idx("mnist", root, download))
+
+
+#: held-out images of ``fashion-mnist-val``
+VALIDATION_SIZE = 10_000
+
+
+def load_fashion_mnist_val(root: str | None = None, download: bool = False) -> ArrayDataset:
+    """Fashion-MNIST's *training* set split for tuning: a fixed permutation (seed 0) keeps 50,000 images for
+    training and holds out 10,000 as the "test" split. The real test set is not read."""
+    xtr, ytr, _, _ = _load_idx("fashion-mnist", root, download)
+    perm = np.random.RandomState(0).permutation(len(ytr))
+    va, tr = perm[:VALIDATION_SIZE], perm[VALIDATION_SIZE:]
+    return _idx_dataset("fashion-mnist-val", xtr[tr], ytr[tr], xtr[va], ytr[va])
 
 
 # --- Tiny ImageNet ---------------------------------------------------------------------------
@@ -529,3 +577,175 @@ def _write_cache(cache: str, key: str, xtr: np.ndarray, xte: np.ndarray) -> None
                 os.remove(os.path.join(folder, fn))
             except OSError:
                 pass
+
+
+# --- ImageNet (ImageFolder layout, streamed from the JPEG files) ------------------------------
+#: the papers' normalization and transforms (seed 003 App. B; torchvision's ImageNet recipe)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_CROP, IMAGENET_RESIZE = 224, 256
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+_DECODER = None  # the thread pool that decodes images (PIL releases the GIL while decoding)
+
+
+def _decoder():
+    global _DECODER
+    if _DECODER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = int(os.environ.get("LARGEBATCH_DECODE_THREADS", min(32, os.cpu_count() or 1)))
+        _DECODER = ThreadPoolExecutor(max_workers=max(n, 1), thread_name_prefix="largebatch-decode")
+    return _DECODER
+
+
+class ImageFiles:
+    """Images read from their files on demand, indexed like a uint8 ``N x 3 x 224 x 224`` tensor.
+
+    ImageNet does not fit in memory as a uint8 tensor (1.28M x 3 x 224 x 224 = 193 GB), so
+    :func:`load_imagenet`'s splits are this: ``x[idx]`` (an index tensor, a slice or an int list)
+    decodes those images on a thread pool, applies the split's transform and returns a uint8 tensor
+    on the dataset's device. Training split (``train=True``): torchvision's
+    ``RandomResizedCrop(224)`` + ``RandomHorizontalFlip()``, their random parameters drawn from
+    torch's global generator in the calling thread, image by image, as torchvision draws them (so
+    a run is reproducible and resumes exactly: checkpoints restore that generator). Test split:
+    ``Resize(256)`` + ``CenterCrop(224)``. Nothing is cached; throughput is the decoding rate of
+    the machine's cores (``$LARGEBATCH_DECODE_THREADS``, default min(32, cores)).
+    """
+
+    dtype = torch.uint8
+
+    def __init__(self, paths: list[str], train: bool, device: torch.device | str = "cpu",
+                 size: int = IMAGENET_CROP, resize: int = IMAGENET_RESIZE):
+        self.paths, self.train, self.device = paths, train, torch.device(device)
+        self.size, self.resize = size, resize
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.paths), 3, self.size, self.size))
+
+    def dim(self) -> int:
+        return 4
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def to(self, device: torch.device | str) -> "ImageFiles":
+        return ImageFiles(self.paths, self.train, device, self.size, self.resize)
+
+    def split(self, n: int):
+        """Decoded chunks of ``n`` images, in order (as ``Tensor.split``)."""
+        return (self[i:i + n] for i in range(0, len(self.paths), n))
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, slice):
+            rows = range(*idx.indices(len(self.paths)))
+        elif isinstance(idx, torch.Tensor):
+            rows = idx.reshape(-1).cpu().tolist()
+        else:
+            rows = list(idx)
+        from PIL import Image
+
+        jobs = []
+        for i in rows:  # random parameters in this thread, in order: torchvision's sequence of draws
+            path = self.paths[i]
+            try:
+                with Image.open(path) as im:  # the header only
+                    params = self._params(im) if self.train else None
+            except FileNotFoundError:
+                raise DatasetNotFound(f"imagenet: missing image {path}; the folder changed since it was listed") from None
+            except Exception as e:  # PIL.UnidentifiedImageError, truncated headers, ...
+                raise DataError(f"imagenet: cannot read {path} ({type(e).__name__}: {e}); replace or delete "
+                                f"that file") from None
+            jobs.append((path, params))
+        out = list(_decoder().map(self._decode, jobs)) if len(jobs) > 1 else [self._decode(j) for j in jobs]
+        x = torch.from_numpy(np.stack(out)) if out else torch.empty((0, 3, self.size, self.size), dtype=torch.uint8)
+        return x.to(self.device)
+
+    def _params(self, im) -> tuple:
+        import torchvision.transforms as T
+
+        crop = T.RandomResizedCrop.get_params(im, [0.08, 1.0], [3.0 / 4.0, 4.0 / 3.0])
+        return crop, bool(torch.rand(1) < 0.5)
+
+    def _decode(self, job: tuple) -> np.ndarray:
+        import torchvision.transforms.functional as TF
+        from PIL import Image
+
+        path, params = job
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+        except Exception as e:
+            raise DataError(f"imagenet: cannot decode {path} ({type(e).__name__}: {e}); replace or delete "
+                            f"that file") from None
+        if params is None:
+            im = TF.center_crop(TF.resize(im, self.resize), self.size)
+        else:
+            (i, j, h, w), flip = params
+            im = TF.resized_crop(im, i, j, h, w, [self.size, self.size])
+            if flip:
+                im = TF.hflip(im)
+        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+@dataclass
+class FileDataset(ArrayDataset):
+    """An :class:`ArrayDataset` whose images are :class:`ImageFiles` (labels are tensors); ``mean`` and
+    ``std`` are fixed (ImageNet's) instead of computed over the images."""
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            y = getattr(self, f"{split}_y")
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                raise ValueError(f"{self.name}: {split} labels must be in 0..{self.num_classes - 1}")
+        self.mean, self.std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+
+
+def _image_folder(folder: str, classes: list[str] | None = None) -> tuple[list[str], list[int], list[str]]:
+    """torchvision ``ImageFolder``'s listing: class = sorted sub-folder names (or ``classes``), files
+    found recursively in sorted order with an image extension. Returns (paths, labels, classes)."""
+    if classes is None:
+        classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(os.path.join(folder, name), followlinks=True)):
+            for fn in sorted(files):
+                if fn.lower().endswith(IMG_EXTENSIONS):
+                    paths.append(os.path.join(dirpath, fn))
+                    labels.append(c)
+    return paths, labels, classes
+
+
+def find_imagenet(root: str | None) -> str | None:
+    """The first of ``root``, ``root/imagenet`` holding ``train/`` and ``val/`` folders."""
+    r = root or default_root()
+    for cand in (r, os.path.join(r, "imagenet")):
+        if os.path.isdir(os.path.join(cand, "train")) and os.path.isdir(os.path.join(cand, "val")):
+            return cand
+    return None
+
+
+def load_imagenet(root: str | None = None, download: bool = False) -> FileDataset:
+    """ImageNet in torchvision's ``ImageFolder`` layout (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``),
+    streamed from the files (:class:`ImageFiles`): the papers' transforms, ImageNet's mean and std."""
+    folder = find_imagenet(root)
+    if folder is None:
+        r = root or default_root()
+        raise DatasetNotFound(
+            f"imagenet: not found. Put the ImageFolder layout train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (the "
+            f"validation images sorted into class folders) under {r} or {os.path.join(r, 'imagenet')} (--data-dir "
+            f"or $LARGEBATCH_DATA)" + ("; ImageNet cannot be downloaded automatically" if download else ""))
+    train, ytr, classes = _image_folder(os.path.join(folder, "train"))
+    if not train:
+        raise DatasetNotFound(f"imagenet: no images in {folder}/train/<class>/ (extensions {', '.join(IMG_EXTENSIONS)})")
+    val_dir = os.path.join(folder, "val")
+    stray = sorted(set(e.name for e in os.scandir(val_dir) if e.is_dir()) - set(classes))
+    if stray:
+        raise DataError(f"imagenet: {os.path.join(val_dir, stray[0])} is a class absent from {folder}/train "
+                        f"({len(stray)} such folders); the val folders must use the training classes' names")
+    val, yte, _ = _image_folder(val_dir, classes)
+    if not val:
+        raise DatasetNotFound(f"imagenet: no images in {val_dir}/<class>/; sort the validation images into class folders")
+    return FileDataset("imagenet", ImageFiles(train, True), torch.tensor(ytr, dtype=torch.int64),  # type: ignore[arg-type]
+                       ImageFiles(val, False), torch.tensor(yte, dtype=torch.int64), len(classes),  # type: ignore[arg-type]
+                       augment_default=False)
