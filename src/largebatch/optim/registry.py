@@ -131,7 +131,7 @@ class OptimizerInfo:
             arg = getattr(e, "arg", None)
             if arg is None:  # torch.optim's messages: "Invalid momentum value: -1", "Invalid learning rate"
                 m = re.match(r"[Ii]nvalid (\w+)", str(e))
-                arg = {"learning": "lr"}.get(m.group(1), m.group(1)) if m else None
+                arg = {"learning": "lr", "beta": "betas", "epsilon": "eps"}.get(m.group(1), m.group(1)) if m else None
             fields = {"lr": "lr", "weight_decay": "weight_decay", "path": "optimizer_path",
                       **{a: f for f, a in self.args.items()}}
             where = fields.get(arg, f"optimizer {self.name}")
@@ -169,6 +169,10 @@ register(OptimizerInfo(
     "sgd", torch.optim.SGD, {**_MOMENTUM, "nesterov": "nesterov"},
     "torch.optim.SGD (heavy-ball or Nesterov momentum), the baseline",
     demo=(dict(lr=0.1, lr_scaling="linear", warmup=0.15),)))
+register(OptimizerInfo(
+    "adamw", torch.optim.AdamW, {"betas": "betas", "eps": "eps"},
+    "torch.optim.AdamW (decoupled weight decay), the adaptive baseline of Nado et al. 2021",
+    lr_scaling="sqrt"))
 register(OptimizerInfo(
     "lars", LARS, {**_MOMENTUM, "nesterov": "nesterov", "eta": "eta", "trust_clip": "trust_clip", "eps": "eps"},
     "trust = eta ||w|| / (||g|| + wd ||w|| + eps) times lr, in the velocity (You et al. 2017)",
