@@ -32,6 +32,11 @@ the update), with no full-size temporary (LALC, whose ``_update`` has a graph br
   instance per class is the kernel's ``self``). Per-step inputs such as CLARS's ``n_k``
   come through ``st`` (``LayerwiseOptimizer._step_inputs``), not through ``self``.
 
+Sharded (DTensor) parameters (``_sharded.py``) use two kernels per class around the step's
+one collective: ``probe`` (the local sums of squares, for classes with norm operands: LAMB,
+LALC; the LARS family takes two ``_foreach_norm`` calls instead) and ``given`` (the update
+with the reduced norms), on the local shards.
+
 On CUDA the default stays ``"foreach"`` (multi-tensor kernels there are launched per op
 for all tensors at once); ``path="compiled"`` would compile through inductor/Triton there
 (untested: no GPU on the development machine).
@@ -123,9 +128,40 @@ class _KernelPath(PerTensor):
     def norm(x: Tensor) -> Tensor:
         return torch.linalg.vector_norm(x, dtype=torch.float64).to(x.dtype)
 
+    @staticmethod
+    def sqnorm(x: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(x, dtype=torch.float64).square()
+
 
 def _kernel_template(opt, hp, w, g, st):
     return opt._masked_update(hp, w, g, st, _KernelPath)
+
+
+def _probe_template(opt, hp, w, g, st):
+    return (opt._local_sq(hp, w, g, st, _KernelPath),)
+
+
+def _given_template(opt, hp, w, g, st, norms):
+    return opt._given_update(hp, w, g, st, norms, _KernelPath)
+
+
+#: sharded parameters (``_sharded.py``): the local sums of squares, then the update with the
+#: reduced norms, each its own kernel (the collective runs between them)
+_TEMPLATES = {"probe": _probe_template, "given": _given_template}
+_SHARDED_KERNELS: dict[tuple[type, str], Any] = {}
+
+
+def _compile(cls: type, template, name: str):
+    code = template.__code__.replace(co_name=name)
+    fn = types.FunctionType(code, template.__globals__, code.co_name)
+    # dynamic_threads: always emit an OpenMP region, sized by the runtime thread count
+    return (torch.compile(fn, dynamic=True, options={
+        "cpp.dynamic_threads": True, "post_grad_custom_post_pass": _realize_scalars_pass(),
+        # recompute element-wise intermediates in each loop instead of storing them: LAMB's
+        # r = m_hat / (sqrt(v_hat) + eps) + wd w was a full-size temporary, freshly
+        # allocated (and page-faulted) for every tensor and step
+        "realize_opcount_threshold": 10_000, "realize_reads_threshold": 100,
+    }), cls.__new__(cls))
 
 
 def _kernel_for(cls: type):
@@ -136,16 +172,16 @@ def _kernel_for(cls: type):
     a compilable class's ``_update`` reads only class attributes of ``self``)."""
     k = _KERNELS.get(cls)
     if k is None:
-        code = _kernel_template.__code__.replace(co_name=f"_compiled_{cls.__name__}")
-        fn = types.FunctionType(code, _kernel_template.__globals__, code.co_name)
-        # dynamic_threads: always emit an OpenMP region, sized by the runtime thread count
-        k = _KERNELS[cls] = (torch.compile(fn, dynamic=True, options={
-            "cpp.dynamic_threads": True, "post_grad_custom_post_pass": _realize_scalars_pass(),
-            # recompute element-wise intermediates in each loop instead of storing them: LAMB's
-            # r = m_hat / (sqrt(v_hat) + eps) + wd w was a full-size temporary, freshly
-            # allocated (and page-faulted) for every tensor and step
-            "realize_opcount_threshold": 10_000, "realize_reads_threshold": 100,
-        }), cls.__new__(cls))
+        k = _KERNELS[cls] = _compile(cls, _kernel_template, f"_compiled_{cls.__name__}")
+    return k
+
+
+def _sharded_kernel_for(cls: type, kind: str):
+    """:func:`_kernel_for` for the two kernels of sharded parameters (``kind``: ``"probe"``
+    or ``"given"``)."""
+    k = _SHARDED_KERNELS.get((cls, kind))
+    if k is None:
+        k = _SHARDED_KERNELS[(cls, kind)] = _compile(cls, _TEMPLATES[kind], f"_compiled_{cls.__name__}_{kind}")
     return k
 
 
@@ -169,51 +205,82 @@ def _compile_errors() -> tuple[type, ...]:
 
 
 class Compiled:
-    """Engine path object (``P``) for ``"compiled"``: :meth:`run` replaces the engine's loop."""
+    """Engine path object (``P``) for ``"compiled"``: :meth:`run` replaces the engine's loop
+    (:meth:`local_sq` and :meth:`run_given` for sharded parameters, ``_sharded.py``)."""
 
     @staticmethod
     def run(opt, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
             states: list[dict[str, Tensor]]):
         """Update ``params`` in place; returns ``fin, trust, lr, w_norm, g_norm`` stacked
         in ``params`` order (``w_norm`` is ``None`` for a non-adapted group)."""
-        global _FAILED
-        n = len(params)
-        use = available() and opt._compilable
-        big = [i for i in range(n) if use and _fits(params[i], grads[i], states[i])]
-        if sum(params[i].numel() for i in big) < MIN_TOTAL:
+        return _run_split(opt, group, params, grads, states, None, lambda idx: opt._masked_update(
+            group, *_lists(params, grads, states, idx), Foreach))
+
+    @staticmethod
+    def local_sq(opt, group, params, grads, states) -> Tensor:
+        """``LayerwiseOptimizer._local_sq`` of every tensor, ``[n, k]`` (writes nothing).
+        Without norm operands (the LARS family) the sums are two ``_foreach_norm`` calls."""
+        if not opt._n_norm_operands(group):
+            return opt._local_sq(group, *_lists(params, grads, states, range(len(params))), Foreach)
+        return _run_split(opt, group, params, grads, states, "probe", lambda idx: (opt._local_sq(
+            group, *_lists(params, grads, states, idx), Foreach),))[0]
+
+    @staticmethod
+    def run_given(opt, group, params, grads, states, norms: Tensor):
+        """:meth:`run` with the norms given (``[n, k]``, see ``LayerwiseOptimizer._given_update``)."""
+        return _run_split(opt, group, params, grads, states, "given", lambda idx: opt._given_update(
+            group, *_lists(params, grads, states, idx), norms[idx], Foreach), extra=norms)
+
+
+def _lists(params, grads, states, idx):
+    idx = list(idx)
+    st = {k: TensorList(states[i][k] for i in idx) for k in states[idx[0]]}
+    return TensorList(params[i] for i in idx), TensorList(grads[i] for i in idx), st
+
+
+def _run_split(opt, group, params, grads, states, kind: str | None, eager, extra: Tensor | None = None):
+    """Run the kernel (``kind``: ``None`` for the update, ``"probe"`` / ``"given"`` for
+    sharded parameters) on each large tensor and ``eager(indices)`` (the ``"foreach"``
+    spelling) on the others in one batch; returns the kernel's outputs stacked in
+    ``params`` order. ``extra``: a further per-tensor input (row ``i`` for tensor ``i``)."""
+    global _FAILED
+    n = len(params)
+    use = available() and opt._compilable
+    big = [i for i in range(n) if use and _fits(params[i], grads[i], states[i])]
+    if sum(params[i].numel() for i in big) < MIN_TOTAL:
+        big = []
+    rows: list[Any] = [None] * n
+    if big:
+        # lr: a 0-d tensor (a scheduler changing it reuses the kernel); other hyper-parameters
+        # are specialized constants (guarded): unspecialized floats that reach an op's Scalar
+        # argument (torch.full_like(x, lr)) were baked in without a guard by dynamo
+        hp = {k: group[k] for k in opt.defaults}
+        p0 = params[big[0]]
+        hp["lr"] = torch.as_tensor(group["lr"], dtype=p0.dtype, device=p0.device).reshape(())
+        kernel, algo = _kernel_for(type(opt)) if kind is None else _sharded_kernel_for(type(opt), kind)
+        done = 0
+        try:
+            with torch._dynamo.config.patch(specialize_float=True):
+                for i in big:
+                    st = {k: _flat(v) for k, v in states[i].items()}
+                    args = (algo, hp, _flat(params[i]), _flat(grads[i]), st)
+                    if extra is not None:  # a fresh tensor: a view of `extra` would be guarded on its base
+                        args += (extra[i].clone(),)
+                    rows[i] = kernel(*args)
+                    done += 1
+        except Exception as e:  # compilation unavailable: finish these tensors eagerly
+            if done or not isinstance(e, _compile_errors()):  # after a successful call: not a
+                raise                                       # compile failure
+            _FAILED = True
+            warnings.warn(f"largebatch: the compiled optimizer path is unavailable ({type(e).__name__}: "
+                          f"{e}); using the 'foreach' path", RuntimeWarning, stacklevel=4)
             big = []
-        rows: list[Any] = [None] * n
-        if big:
-            # lr: a 0-d tensor (a scheduler changing it reuses the kernel); other hyper-parameters
-            # are specialized constants (guarded): unspecialized floats that reach an op's Scalar
-            # argument (torch.full_like(x, lr)) were baked in without a guard by dynamo
-            hp = {k: group[k] for k in opt.defaults}
-            p0 = params[big[0]]
-            hp["lr"] = torch.as_tensor(group["lr"], dtype=p0.dtype, device=p0.device).reshape(())
-            kernel, algo = _kernel_for(type(opt))
-            done = 0
-            try:
-                with torch._dynamo.config.patch(specialize_float=True):
-                    for i in big:
-                        st = {k: _flat(v) for k, v in states[i].items()}
-                        rows[i] = kernel(algo, hp, _flat(params[i]), _flat(grads[i]), st)
-                        done += 1
-            except Exception as e:  # compilation unavailable: finish these tensors eagerly
-                if done or not isinstance(e, _compile_errors()):  # after a successful call: not a
-                    raise                                       # compile failure
-                _FAILED = True
-                warnings.warn(f"largebatch: the compiled optimizer path is unavailable ({type(e).__name__}: "
-                              f"{e}); using the 'foreach' path", RuntimeWarning, stacklevel=3)
-                big = []
-        small = [i for i in range(n) if rows[i] is None]
-        if small:
-            w = TensorList(params[i] for i in small)
-            g = TensorList(grads[i] for i in small)
-            st = {k: TensorList(states[i][k] for i in small) for k in states[small[0]]}
-            cols = opt._masked_update(group, w, g, st, Foreach)
-            if not big:
-                return cols
-            parts = [None if c is None else c.unbind() for c in cols]
-            for j, i in enumerate(small):
-                rows[i] = tuple(None if p is None else p[j] for p in parts)
-        return tuple(None if col[0] is None else torch.stack(col) for col in zip(*rows))
+    small = [i for i in range(n) if rows[i] is None]
+    if small:
+        cols = eager(small)
+        if not big:
+            return cols
+        parts = [None if c is None else c.unbind() for c in cols]
+        for j, i in enumerate(small):
+            rows[i] = tuple(None if p is None else p[j] for p in parts)
+    return tuple(None if col[0] is None else torch.stack(col) for col in zip(*rows))

@@ -11,7 +11,10 @@ Every layer-wise optimizer here is "a base direction + a layer-wise rule"
   the identity and its gradient is replaced by zeros) and ``found_inf`` is raised;
 * runs the algorithm's ``_update`` on an execution path, all tested equal:
   ``"per_tensor"`` (the readable reference), ``"foreach"`` (``_paths.py``) and
-  ``"compiled"`` (``_compiled.py``, for classes that declare ``compilable = True``).
+  ``"compiled"`` (``_compiled.py``, for classes that declare ``compilable = True``);
+* hands DTensor parameters (FSDP2, tensor parallelism) to ``_sharded.py``: the same
+  ``_update`` on the local shards, with the norms of the full tensors (SPEC "Notation") of
+  all tensors of the step reduced in one collective (docs/algorithms.md, section 13).
 
 There is no host-device synchronization inside ``step()``: per-tensor decisions (zero norm
 rules, non-finite skips, clipping) are ``torch.where`` on device tensors, never a Python
@@ -39,8 +42,8 @@ import torch
 from torch import Tensor
 
 from .._validation import HyperparameterError, check, check_nonneg
-from . import _compiled
-from ._paths import Foreach, PerTensor, TensorList
+from . import _compiled, _sharded
+from ._paths import Foreach, PerTensor, Replay, TensorList
 
 __all__ = ["LayerwiseOptimizer", "HyperparameterError", "PATHS", "zero_norm_safe_ratio", "select",
            "state_dtype", "compute_dtype", "SUPPORTED_DTYPES"]
@@ -121,6 +124,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     #: one bare instance per class (``cls.__new__(cls)``) is the compiled kernel's ``self``.
     #: Per-step inputs that are not state go through :meth:`_step_inputs`.
     compilable: ClassVar[bool] = False
+
+    #: DTensor parameters (FSDP2, tensor parallelism) take the sharded flow (``_sharded.py``):
+    #: local shards, all norms of the step in one collective. ``False`` hands the DTensors to
+    #: the paths as they are (DTensor dispatch: one collective per norm; benchmarks only).
+    _shard_aware: ClassVar[bool] = True
 
     #: group keys accepted besides the defaults (set by users, schedulers, or the engine)
     _extra_group_keys = frozenset({"params", "name", "initial_lr"})
@@ -246,6 +254,20 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """
         raise NotImplementedError
 
+    @classmethod
+    def _n_norm_operands(cls, group: dict[str, Any]) -> int:
+        """How many norms ``_update`` takes through ``P.norm`` (0 by default; LAMB's ``||r||``,
+        LALC's ``||h||``: 1 in adapted groups). Only sharded parameters need it."""
+        return 0
+
+    def _norm_operands(self, group, w, g, st, P, dtype: torch.dtype) -> list:
+        """The tensors whose norms ``_update`` takes through ``P.norm``, in that order, as
+        ``_update`` would compute them from this (unmasked) ``g`` if it is finite, written
+        out of place (``w``, ``g`` and ``st`` are not modified). For sharded parameters the
+        engine reduces their norms with ``||w||`` and ``||g||`` in one collective before
+        ``_update`` runs (``_sharded.py``); ``dtype`` is the compute dtype."""
+        return []
+
     def lr_multiplier(self, group: dict[str, Any], t: int) -> float:
         """The factor this optimizer applies to ``group["lr"]`` at optimizer step ``t``,
         before any trust ratio: 1 here; TVLARS: ``phi(t)``. For logs and plots."""
@@ -270,6 +292,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         loss = self._call_closure(closure)
         self._stats = []
         found_inf = None
+        dtensor = _sharded.dtensor_type() if self._shard_aware else None
+        sharded = []
         for group in self.param_groups:
             buckets: dict[tuple, list[Tensor]] = defaultdict(list)
             for p in group["params"]:
@@ -280,11 +304,19 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__} does not support sparse gradients "
                         "(use a dense embedding, e.g. nn.Embedding(sparse=False))"
                     )
-                buckets[(p.device, p.dtype)].append(p)
-            for (device, _), params in buckets.items():
-                fin = self._run(group, params, _PATH_IMPL[self._path_for(device)])
+                mesh = p.device_mesh if dtensor is not None and isinstance(p, dtensor) else None
+                buckets[(p.device, p.dtype, mesh)].append(p)
+            for (device, _, mesh), params in buckets.items():
+                P = _PATH_IMPL[self._path_for(device)]
+                if mesh is not None:  # DTensor parameters: all of the step's norms in one collective
+                    sharded.append((group, params, P))
+                    continue
+                fin = self._run(group, params, P)
                 bad = ~fin.all()
                 found_inf = bad if found_inf is None else found_inf | bad.to(found_inf.device)
+        for fin in _sharded.run(self, sharded) if sharded else ():
+            bad = ~fin.all()
+            found_inf = bad if found_inf is None else found_inf | bad.to(found_inf.device)
         self.found_inf = found_inf
         return loss
 
@@ -320,6 +352,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             )
         if targets is not None:  # float16 / bfloat16: the float32 result, rounded
             torch._foreach_copy_(targets, work)
+        self._record_stats(group, params, fin, trust, lr, wn, gn)
+        return fin
+
+    def _record_stats(self, group, params, fin, trust, lr, wn, gn) -> None:
         if self.track_stats:
             n = len(params)
             nan = torch.full((n,), float("nan"), device=fin.device)
@@ -331,13 +367,36 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 "lr": torch.broadcast_to(lr, (n,)).float(),
                 "adapt": torch.full((n,), group["adapt"], device=fin.device),
             })
-        return fin
 
     def _masked_update(self, group, w, g, st, P):
         g_norm = P.norm(g)
         fin = torch.isfinite(g_norm)
         w_norm = P.norm(w) if group["adapt"] else None
         trust, lr = self._update(group, w, P.zero_unless(fin, g), st, w_norm, g_norm, fin, P)
+        return fin, trust, lr, w_norm, g_norm
+
+    # ------------------------------------------------------------------ sharded parameters
+    def _local_sq(self, group, w, g, st, P) -> Tensor:
+        """Local sums of squares (float64, ``[..., k]``) of what the step takes norms of:
+        ``w`` (adapted groups), ``g``, then :meth:`_norm_operands`. Writes nothing."""
+        xs = [w] if group["adapt"] else []
+        xs.append(g)
+        if self._n_norm_operands(group):
+            dtype = (w.ts[0] if isinstance(w, TensorList) else w).dtype
+            xs += self._norm_operands(group, w, g, st, P, dtype)
+        return torch.stack([P.sqnorm(x) for x in xs], dim=-1)
+
+    def _given_update(self, group, w, g, st, norms, P):
+        """:meth:`_masked_update` with the norms given (``[..., k]`` as :meth:`_local_sq`,
+        already reduced over the shards and in the compute dtype): ``_update`` reads the
+        norms of its :meth:`_norm_operands` through ``P.norm`` (a :class:`Replay`)."""
+        a = 1 if group["adapt"] else 0
+        w_norm = norms[..., 0] if a else None
+        g_norm = norms[..., a]
+        fin = torch.isfinite(g_norm)
+        R = Replay(P, norms[..., a + 1:])
+        trust, lr = self._update(group, w, P.zero_unless(fin, g), st, w_norm, g_norm, fin, R)
+        R.done()
         return fin, trust, lr, w_norm, g_norm
 
     # ------------------------------------------------------------------ diagnostics

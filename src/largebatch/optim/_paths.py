@@ -7,7 +7,11 @@ supplies the few operations whose spelling differs between paths:
 * ``P.norm(x)``: the L2 norm of each tensor (0-d, or a 1-D vector over the bucket);
 * ``P.coef(v)``: a per-tensor scalar ready to multiply tensors;
 * ``P.stack(x)``: 0-d state tensors (step counters) as a vector over the bucket;
-* ``P.zero_unless(mask, x)``: ``x`` where ``mask`` holds, zeros elsewhere.
+* ``P.zero_unless(mask, x)``: ``x`` where ``mask`` holds, zeros elsewhere;
+* ``P.sqnorm(x)``: the local sum of squares of each tensor as float64 (sharded parameters,
+  ``_sharded.py``: the sums of all tensors are all-reduced at once); the norm itself is taken
+  in the tensor's dtype, as ``P.norm`` does (a float64 norm of float32 data is 10x slower on
+  CPU), and squared in float64, where the sums over the ranks cannot overflow.
 
 ``PerTensor`` (the readable reference) hands ``_update`` one tensor at a time; ``Foreach``
 hands it :class:`TensorList` objects, whose methods are ``torch._foreach_*`` calls over
@@ -22,7 +26,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["TensorList", "PerTensor", "Foreach"]
+__all__ = ["TensorList", "PerTensor", "Foreach", "Replay"]
 
 
 def _ts(x):
@@ -111,6 +115,10 @@ class PerTensor:
     def zero_unless(mask: Tensor, x: Tensor) -> Tensor:
         return torch.where(mask, x, 0)
 
+    @staticmethod
+    def sqnorm(x: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(x).double().square()
+
 
 class Foreach:
     """Multi-tensor path: ``_update`` sees a :class:`TensorList`; per-tensor scalars are
@@ -131,3 +139,38 @@ class Foreach:
     @staticmethod
     def zero_unless(mask: Tensor, x: TensorList) -> TensorList:
         return TensorList(torch.where(m, t, 0) for m, t in zip(mask.unbind(), x.ts))
+
+    @staticmethod
+    def sqnorm(x: TensorList) -> Tensor:
+        return torch.stack(torch._foreach_norm(x.ts)).double().square()
+
+
+class Replay:
+    """``P`` for an ``_update`` whose norms were computed beforehand (sharded parameters:
+    ``_sharded.py`` all-reduces them before any update). ``norm(x)`` returns the next of the
+    given norms (``[..., e]``, in the order ``_update`` asks for them, see
+    ``LayerwiseOptimizer._norm_operands``) and ignores ``x``; the rest is ``base``'s."""
+
+    def __init__(self, base, norms: Tensor):
+        self.base = base
+        self._queue = list(norms.unbind(-1))
+
+    def norm(self, x) -> Tensor:
+        if not self._queue:
+            raise RuntimeError(
+                "_update asked for more norms through P.norm than the class declares for sharded (DTensor) "
+                "parameters: define _n_norm_operands and _norm_operands (see LAMB; docs/algorithms.md, section 13)")
+        return self._queue.pop(0)
+
+    def coef(self, v):
+        return self.base.coef(v)
+
+    def stack(self, x):
+        return self.base.stack(x)
+
+    def zero_unless(self, mask, x):
+        return self.base.zero_unless(mask, x)
+
+    def done(self) -> None:
+        if self._queue:
+            raise RuntimeError("_update used fewer norms through P.norm than _n_norm_operands declares")

@@ -13,7 +13,9 @@ The rule (docs/algorithms.md, "CLARS")::
 times ``||mean_i grad f_i|| / mean_i ||grad f_i|| <= 1`` (eq. 5). ``n_k`` comes from
 :class:`largebatch.persample.PerSampleGradNorms`, which measures it exactly inside the
 ordinary ``loss.backward()`` (no extra passes); with BatchNorm in training mode the
-per-sample term is the sample's additive contribution to the batch gradient. Zero-norm rule:
+per-sample term is the sample's additive contribution to the batch gradient. Under FSDP2 and
+tensor parallelism ``n_k`` is the mean norm of the *full* per-sample gradients over all ranks'
+samples (docs/algorithms.md, section 13). Zero-norm rule:
 trust = 1 where ``||w|| == 0`` or ``n_k + wd * ||w|| == 0``.
 """
 

@@ -64,6 +64,22 @@ class LALC(LayerwiseOptimizer):
         return {"step": torch.zeros((), dtype=torch.int64, device=p.device),
                 "momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
+    @classmethod
+    def _n_norm_operands(cls, group):
+        return 1 if group["adapt"] else 0
+
+    def _norm_operands(self, group, w, g, st, P, dtype):
+        # h of _update below for a finite g, out of place (sharded parameters: ||h|| is reduced
+        # with ||w|| and ||g|| in the step's one collective, before the update)
+        mu, wd = group["momentum"], group["weight_decay"]
+        d = g.add(w, alpha=wd) if wd != 0 else g
+        if mu == 0:
+            return [d]
+        first = P.stack(st["step"]) == 0
+        c = select(first, 1.0, 1.0 - group["dampening"], first.to(dtype))
+        h = st["momentum_buffer"].mul(mu).addcmul_(d, P.coef(c))
+        return [d.add(h, alpha=mu) if group["nesterov"] else h]
+
     def _update(self, group, w, g, st, w_norm, g_norm, fin, P):
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         h = d = g.add_(w, alpha=wd) if wd != 0 else g     # g is already a private (masked) copy

@@ -64,6 +64,24 @@ class LAMB(LayerwiseOptimizer):
         return {"step": torch.zeros((), dtype=torch.int64, device=p.device),
                 "exp_avg": z(), "exp_avg_sq": z()}
 
+    @classmethod
+    def _n_norm_operands(cls, group):
+        return 1 if group["adapt"] else 0
+
+    def _norm_operands(self, group, w, g, st, P, dtype):
+        # r of _update below for a finite g, out of place (sharded parameters: ||r|| is reduced
+        # with ||w|| and ||g|| in the step's one collective, before the update)
+        (b1, b2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
+        m = st["exp_avg"].mul(b1).add_(g, alpha=1 - b1)
+        v = st["exp_avg_sq"].mul(b2).addcmul_(g, g, value=1 - b2)
+        t = (P.stack(st["step"]) + 1).to(dtype)
+        bc1, bc2 = (-torch.expm1(t * _log(b)) for b in (b1, b2))
+        r = v.sqrt_().mul_(P.coef(torch.rsqrt(bc2))).add_(eps)
+        r.reciprocal_().mul_(m).mul_(P.coef(1 / bc1))
+        if wd != 0:
+            r.add_(w, alpha=wd)
+        return [r]
+
     def _update(self, group, w, g, st, w_norm, g_norm, fin, P):
         (b1, b2), eps, wd, lr = group["betas"], group["eps"], group["weight_decay"], group["lr"]
         m, v = st["exp_avg"], st["exp_avg_sq"]

@@ -53,19 +53,27 @@ class PerSampleStats:
         divided by ``grad_weight``, which the tracker accumulated from the declared loss
         scale: exact when every micro-batch of the step used the same per-sample scale
         (``loss_scale / batch`` for ``"mean"``, ``loss_scale`` for ``"sum"``) and ``.grad``
-        was zero before the step's first backward. With DDP the gradient is assumed to be
-        averaged over ranks (DDP's default). With ``persample_subset`` the numerator uses
-        the subset and the denominator the whole batch (the paper's approximation).
+        was zero before the step's first backward. With DDP or FSDP2 the gradient is assumed
+        to be averaged over ranks (their default); DTensor gradients (FSDP2, tensor
+        parallelism) enter with the norms of the full tensors (one collective for all). With
+        ``persample_subset`` the numerator uses the subset and the denominator the whole batch
+        (the paper's approximation).
         NaN where a tensor has no gradient or no measured sample.
         """
         if grads is None:
             grads = [p.grad for p in self.params]
         if len(grads) != len(self.params):
             raise ValueError(f"grads: expected {len(self.params)} tensors, got {len(grads)}")
+        from ..optim._sharded import dtensor_type, global_sq_norms  # (optim imports persample)
+
         dev = self.sum_sq.device
+        DT = dtensor_type()  # sharded gradients (FSDP2, tensor parallelism): full norms, one collective
+        sharded = [i for i, g in enumerate(grads) if DT is not None and isinstance(g, DT)]
+        full = dict(zip(sharded, global_sq_norms([grads[i].detach() for i in sharded]))) if sharded else {}
         sq = torch.stack([
             torch.full((), float("nan"), device=dev, dtype=self.sum_sq.dtype) if g is None
+            else full[i].to(device=dev, dtype=self.sum_sq.dtype) if i in full
             else torch.linalg.vector_norm(g.detach().to(self.sum_sq.dtype)).pow(2).to(dev)
-            for g in grads
+            for i, g in enumerate(grads)
         ]) if grads else self.sum_sq.new_zeros(0)
         return self.mean_sq_norm() * self.grad_weight.pow(2) / sq

@@ -9,6 +9,13 @@ sample's squared norm; the tracker rescales them by the declared loss scale and 
 device value on the host. :meth:`PerSampleGradNorms.collect` all-reduces the accumulators
 (one collective) and returns a :class:`~.stats.PerSampleStats`.
 
+Sharded models (docs/algorithms.md, section 13): FSDP2 computes with unsharded parameters
+and plain activations, so the hooks see each sample's full per-sample gradient as under DDP.
+Under tensor parallelism the layer's input and output gradient are DTensors; the rules run
+on them and DTensor sums the shards' partial squared norms of each sample (:func:`_full`).
+The forward hooks are registered first in line (``prepend=True``), to see the layer's own
+output before other hooks (tensor parallelism's) replace it.
+
 Scale: with ``loss_reduction="mean"`` the backward loss is ``loss_scale * (1/b) sum_i f_i``
 for a micro-batch of ``b`` samples, so the hooks see ``loss_scale / b`` times each sample's
 gradient; with ``"sum"`` it is ``loss_scale * sum_i f_i``. The usual accumulation pattern
@@ -30,6 +37,24 @@ from .stats import PerSampleStats
 __all__ = ["PerSampleGradNorms"]
 
 _REDUCTIONS = ("mean", "sum")
+
+
+def _full(v: Tensor, x: Tensor, grad: Tensor) -> Tensor:
+    """A rule's per-sample values as a plain tensor. Under tensor parallelism the module's
+    input and output gradient are DTensors and so is ``v``: DTensor dispatch has summed the
+    shards' partial squared norms of each sample where needed (``Partial``), so
+    ``full_tensor()`` gives the squared norms of the full per-sample gradients (one
+    collective per layer and backward when the layer's activations are sharded). FSDP2
+    computes with unsharded parameters and plain activations: nothing to do."""
+    from ..optim._sharded import dtensor_type
+
+    DT = dtensor_type()
+    if DT is None:
+        return v
+    if isinstance(x, DT) != isinstance(grad, DT):
+        raise TypeError("per-sample norms: a layer's input and output gradient must both be DTensors or both "
+                        f"plain tensors, got {type(x).__name__} and {type(grad).__name__}")
+    return v.full_tensor() if isinstance(v, DT) else v
 
 
 class _Entry:
@@ -135,7 +160,9 @@ class PerSampleGradNorms:
         self._called: set[int] = set()
         self._handles = [model.register_forward_pre_hook(self._new_forward)]
         for i, e in enumerate(self._entries):
-            self._handles.append(e.module.register_forward_hook(self._make_forward_hook(i)))
+            # prepend: see the module's own output, before hooks that replace it (tensor parallelism
+            # turns a DTensor output into its local shard in a forward hook)
+            self._handles.append(e.module.register_forward_hook(self._make_forward_hook(i), prepend=True))
 
     # ------------------------------------------------------------------ hooks
     def _check_scale(self):
@@ -184,7 +211,7 @@ class PerSampleGradNorms:
         if n == 0:
             return None
         sq = entry.rule(entry.module, x, grad, n, set(entry.pnames), self.max_chunk_bytes)
-        sq = torch.stack([sq[p] for p in entry.pnames]).to(self._acc.dtype)  # [k, n]
+        sq = torch.stack([_full(sq[p], x, grad) for p in entry.pnames]).to(self._acc.dtype)  # [k, n]
         inv = 1.0 / s if not isinstance(s, Tensor) else (1.0 / s).to(self._acc)
         self._acc[0, j0:j0 + k] += sq.sqrt().sum(1) * inv
         self._acc[1, j0:j0 + k] += sq.sum(1) * (inv * inv)

@@ -1,0 +1,191 @@
+"""Sharded parameters (FSDP2 ``fully_shard``, tensor parallelism): one collective per step.
+
+Every rule reads norms of whole tensors (SPEC "Notation": ``||w||``, ``||g||`` of the full
+tensor). For DTensor parameters (``Shard(d)``, ``Replicate()`` on any mesh) the engine
+never materializes a full tensor, and never lets DTensor dispatch reduce each norm on its
+own (one collective per tensor and norm). ``LayerwiseOptimizer.step`` hands every DTensor
+bucket of the step (all groups) to :func:`run`, which works on the local shards
+(``to_local()``: the parameter, its gradient and its state; state stays a DTensor, as in
+``torch.optim``) in three phases:
+
+1. each rank computes, per tensor, the *local* sums of squares of ``w`` (adapted groups),
+   ``g`` and of the tensors ``_update`` takes further norms of (LAMB's ``r``, LALC's ``h``,
+   computed out of place as ``_update`` computes them from a finite gradient:
+   ``LayerwiseOptimizer._norm_operands``), in float64, into one flat vector;
+2. **one** ``all_reduce`` (sum) of that vector over the mesh's ranks, then ``sqrt``: the
+   norms of the full tensors. A ``Shard`` mesh dimension adds the shards' sums; along a
+   ``Replicate`` mesh dimension only coordinate 0 contributes (the copies add exact zeros).
+   When no tensor of the mesh is sharded (all ``Replicate()``) the local sums are the full
+   ones and there is no collective at all;
+3. the path's update (``per_tensor``, ``foreach`` or ``compiled``) on the local shards with
+   those norms (``LayerwiseOptimizer._given_update``; ``P.norm`` replays the reduced ones).
+
+Non-finite gradients (SPEC): a NaN or inf in any rank's shard makes that tensor's sum of
+squares NaN or inf on every rank after the reduction (squares are non-negative, so an inf
+cannot cancel), and every rank receives the same reduced vector: a tensor is skipped on
+every rank or on none, ``found_inf`` agrees, and the zero-norm rule reads the same norms.
+Nothing is read on the host (no ``.item()``, no branch on a value).
+
+A gradient whose placements differ from its parameter's (e.g. ``Partial``) is first
+redistributed to them, a collective of its own; FSDP2's and tensor-parallel gradients
+already match. Parameters on several meshes get one collective per mesh.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._paths import Foreach, PerTensor, TensorList
+
+__all__ = ["dtensor_type", "run", "global_sq_norms"]
+
+
+def dtensor_type():
+    """The ``DTensor`` class if ``torch.distributed.tensor`` is loaded, else ``None`` (no DTensor
+    can exist then; ``import largebatch`` does not import it)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
+
+
+def _process_group(mesh):
+    """A process group spanning ``mesh``'s ranks (``None``: the default group)."""
+    import torch.distributed as dist
+
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    if mesh.size() == dist.get_world_size():
+        return None
+    return mesh._flatten().get_group()
+
+
+def _contributes(mesh, placements) -> bool:
+    """Whether this rank's local sum of squares enters the sum over the mesh: not where it
+    holds a copy (coordinate != 0 along a ``Replicate`` dimension)."""
+    coord = mesh.get_coordinate()
+    for dim, pl in enumerate(placements):
+        if pl.is_replicate() and coord[dim] != 0:
+            return False
+    return True
+
+
+def _sharded(p) -> bool:
+    return any(pl.is_shard() for pl in p.placements)
+
+
+def _local_grad(p, DT) -> Tensor:
+    """``p.grad``'s local shard, laid out as ``p``'s."""
+    if not all(pl.is_shard() or pl.is_replicate() for pl in p.placements):
+        raise ValueError(f"a DTensor parameter with placements {tuple(p.placements)}: only Shard and Replicate "
+                         "parameters are supported (not Partial)")
+    g = p.grad
+    if not isinstance(g, DT):
+        raise TypeError(f"a DTensor parameter (placements {tuple(p.placements)}) has a gradient of type "
+                        f"{type(g).__name__}; expected a DTensor")
+    if g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements):
+        g = g.redistribute(p.device_mesh, p.placements)  # a collective of its own (not FSDP2 / TP)
+    return g.to_local()
+
+
+def _zero_copies(sq: Tensor, params, cache: dict) -> Tensor:
+    """Rows of tensors this rank holds only a copy of set to exact zeros (device ops only)."""
+    keep = []
+    for p in params:
+        key = (p.device_mesh, tuple(p.placements))
+        if key not in cache:
+            cache[key] = _contributes(*key)
+        keep.append(cache[key])
+    if all(keep):
+        return sq
+    return torch.stack([row if k else torch.zeros_like(row) for row, k in zip(sq.unbind(0), keep)])
+
+
+def _all_reduce(flat: Tensor, mesh) -> None:
+    import torch.distributed as dist
+
+    dist.all_reduce(flat, group=_process_group(mesh))
+
+
+def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]]) -> list[Tensor]:
+    """One step for the DTensor buckets ``jobs`` (``(group, params, P)``, ``P`` the path
+    object); returns each bucket's ``fin`` (gradient finite, per tensor)."""
+    from ._compiled import Compiled
+    from ._engine import _working_tensors
+
+    DT = dtensor_type()
+    cache: dict = {}
+    prepared, sqs = [], []
+    for group, params, P in jobs:  # 1. local sums of squares
+        states = [{k: v.to_local() if isinstance(v, DT) else v for k, v in st.items()}
+                  for st in opt._states(group, params)]
+        work, grads, states, targets = _working_tensors(
+            [p.to_local() for p in params], [_local_grad(p, DT) for p in params], states)
+        if P is Compiled:
+            sq = Compiled.local_sq(opt, group, work, grads, states)
+        elif P is Foreach:
+            sq = opt._local_sq(group, TensorList(work), TensorList(grads),
+                               {k: TensorList(s[k] for s in states) for k in states[0]}, Foreach)
+        else:
+            sq = torch.stack([opt._local_sq(group, w, g, st, PerTensor) for w, g, st in zip(work, grads, states)])
+        prepared.append((group, params, P, work, grads, states, targets, sq.shape))
+        sqs.append(sq)
+
+    norms: list[Tensor | None] = [None] * len(jobs)  # 2. one all_reduce per mesh (usually one)
+    by_mesh: dict[Any, list[int]] = {}
+    for j, (_, params, *_rest) in enumerate(prepared):
+        by_mesh.setdefault(params[0].device_mesh, []).append(j)
+    for mesh, idx in by_mesh.items():
+        if any(_sharded(p) for j in idx for p in prepared[j][1]):
+            flat = torch.cat([_zero_copies(sqs[j], prepared[j][1], cache).reshape(-1) for j in idx])
+            _all_reduce(flat, mesh)
+        else:  # every tensor is replicated: the local sums are the full ones, no collective
+            flat = torch.cat([sqs[j].reshape(-1) for j in idx])
+        flat = flat.sqrt_()
+        for j, part in zip(idx, flat.split([sqs[j].numel() for j in idx])):
+            norms[j] = part
+
+    fins = []
+    for (group, params, P, work, grads, states, targets, shape), nrm in zip(prepared, norms):  # 3. update
+        nrm = nrm.view(shape).to(work[0].dtype)  # the compute dtype
+        if P is Compiled:
+            cols = Compiled.run_given(opt, group, work, grads, states, nrm)
+        elif P is Foreach:
+            cols = opt._given_update(group, TensorList(work), TensorList(grads),
+                                     {k: TensorList(s[k] for s in states) for k in states[0]}, nrm, Foreach)
+        else:
+            rows = [opt._given_update(group, w, g, st, nrm[i], PerTensor)
+                    for i, (w, g, st) in enumerate(zip(work, grads, states))]
+            cols = tuple(None if col[0] is None else torch.stack(col) for col in zip(*rows))
+        fin, trust, lr, wn, gn = cols
+        if targets is not None:  # float16 / bfloat16: the float32 result, rounded
+            torch._foreach_copy_(targets, work)
+        opt._record_stats(group, params, fin, trust, lr, wn, gn)
+        fins.append(fin)
+    return fins
+
+
+def global_sq_norms(tensors: list[Tensor]) -> list[Tensor]:
+    """Squared L2 norms (float64, 0-d) of whole tensors: plain tensors locally, DTensors
+    (any placements) from their local shards with one ``all_reduce`` per mesh for all of
+    them (the same scheme as :func:`run`). For diagnostics (``PerSampleStats.variance_factor``)."""
+    DT = dtensor_type()
+    out: list[Tensor | None] = [None] * len(tensors)
+    by_mesh: dict[Any, list[int]] = {}
+    cache: dict = {}
+    for i, t in enumerate(tensors):
+        if DT is not None and isinstance(t, DT):
+            by_mesh.setdefault(t.device_mesh, []).append(i)
+        else:
+            out[i] = PerTensor.sqnorm(t)
+    for mesh, idx in by_mesh.items():
+        parts = [tensors[i] for i in idx]
+        flat = torch.stack([PerTensor.sqnorm(t.to_local()) for t in parts])
+        if any(_sharded(t) for t in parts):
+            flat = _zero_copies(flat.unsqueeze(1), parts, cache).reshape(-1)
+            _all_reduce(flat, mesh)
+        for i, v in zip(idx, flat.unbind()):
+            out[i] = v
+    return out
