@@ -213,6 +213,14 @@ def _undeclared_norm_error(mesh, rank, world):
 def _worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    # A forked child inherits inductor's compile thread pool object but not its threads (torch
+    # resets only the process pool after fork): waiting on it would hang forever once earlier
+    # tests in this pytest process compiled something. Compile synchronously in the child.
+    import torch._inductor.async_compile as async_compile
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1
+    async_compile.AsyncCompile.pool.cache_clear()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed.tensor import init_device_mesh
 
