@@ -321,16 +321,26 @@ def augment_view(x: Tensor, aug: ViewAugment = VIEW1, generator: torch.Generator
 
 def barlow_twins_views(x: Tensor, mean: Tensor, std: Tensor, generator: torch.Generator | None = None,
                        views: tuple[ViewAugment, ViewAugment] = (VIEW1, VIEW2),
-                       dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+                       dtype: torch.dtype = torch.float32, rank: int = 0,
+                       world_size: int = 1) -> tuple[Tensor, Tensor]:
     """The two normalized views ``((v - mean) / std`` per channel) of uint8 images ``x`` (B, C, H, W).
 
     ``mean``/``std`` are per-channel in [0, 1] units (``ArrayDataset.mean``/``.std``). View 1's
     choices are drawn before view 2's, all from ``generator`` (on ``x``'s device; None: the
-    global RNG), so a seed fixes both views.
+    global RNG), so a seed fixes both views. ``x`` may be rows ``rank::world_size`` of a global
+    batch: the choices are then drawn for the whole global batch and this rank's rows applied,
+    so N processes produce the views one process would.
     """
     c = x.shape[1]
     if mean.numel() != c or std.numel() != c:
         raise ValueError(f"augment: mean/std need {c} values (one per channel), got {mean.numel()}/{std.numel()}")
     m = mean.to(x.device, dtype).view(1, c, 1, 1)
     s = std.to(x.device, dtype).view(1, c, 1, 1)
-    return tuple((augment_view(x, v, generator, dtype) - m) / s for v in views)  # type: ignore[return-value]
+    n, _, height, width = x.shape
+    out = []
+    for v in views:  # with world_size > 1: draws for the global batch, this rank's rows rank::world_size
+        p = sample_params(n * world_size, height, width, v, generator, x.device)
+        if world_size > 1:
+            p = AugmentParams(*(t[rank::world_size] for t in p))
+        out.append((apply_params(x, p, v, dtype) - m) / s)
+    return out[0], out[1]

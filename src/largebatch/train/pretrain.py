@@ -37,7 +37,6 @@ from torch import nn
 
 from largebatch import ssl
 from largebatch.optim import registry
-from largebatch.ssl.augment import VIEW1, VIEW2, AugmentParams, apply_params, sample_params
 
 from . import data as data_mod
 from . import distributed as dist_mod
@@ -141,19 +140,9 @@ class BarlowTwinsTask(Task):
 def global_batch_views(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, gen: torch.Generator,
                        rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The two normalized views of this rank's images ``x``, rows ``rank::world_size`` of the
-    global batch (``distributed.shard``). The random choices are drawn for the whole global batch
-    from the generator every rank shares, and each rank applies its rows' choices: N processes
-    produce the views one process would (with ``world_size`` 1: ``ssl.barlow_twins_views``)."""
-    n, h, w = x.shape[0] * world_size, x.shape[2], x.shape[3]
-    m = mean.to(x.device).view(1, -1, 1, 1)
-    s = std.to(x.device).view(1, -1, 1, 1)
-    out = []
-    for aug in (VIEW1, VIEW2):
-        p = sample_params(n, h, w, aug, gen, x.device)
-        if world_size > 1:
-            p = AugmentParams(*(t[rank::world_size] for t in p))
-        out.append((apply_params(x, p, aug) - m) / s)
-    return out[0], out[1]
+    global batch (``distributed.shard``): ``ssl.barlow_twins_views`` with the choices drawn for
+    the whole global batch, so N processes produce the views one process would."""
+    return ssl.barlow_twins_views(x, mean, std, gen, rank=rank, world_size=world_size)
 
 
 def pretrain(cfg: PretrainConfig, dataset: data_mod.ArrayDataset | None = None, *, log=None):
