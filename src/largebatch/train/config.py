@@ -25,6 +25,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 ACTIVATIONS = ("relu", "tanh", "gelu", "silu", "leaky_relu", "identity")
 STEMS = ("cifar", "imagenet")
 METRIC_FORMATS = ("csv", "jsonl")
+FSDP_PARAM_DTYPES = ("fp32", "bf16")
 
 # Fields that may differ between a run and its --resume continuation (``epochs`` too, when the
 # schedule does not depend on it: rundir.check_resume_config).
@@ -52,6 +53,13 @@ class TrainConfig:
     mlp_batchnorm: bool = field(default=True, metadata={"help": "BatchNorm after each hidden Linear"})
     activation: str = field(default="relu", metadata={"help": f"MLP activation: {', '.join(ACTIVATIONS)}"})
     sync_bn: bool = field(default=False, metadata={"help": "convert BatchNorm to SyncBatchNorm under DDP"})
+    # data parallelism (torchrun)
+    fsdp: bool = field(default=False, metadata={"help": "shard parameters, gradients and optimizer state with FSDP2 "
+                                                "instead of DDP; checkpoints become torch.distributed.checkpoint "
+                                                "folders that resume on any number of processes"})
+    fsdp_param_dtype: str = field(default="fp32", metadata={"help": "FSDP2 mixed precision: fp32, or bf16 (bfloat16 "
+                                                             "parameters in forward/backward, float32 gradient "
+                                                             "reduction, float32 weights and optimizer state)"})
     # optimizer
     optimizer: str = field(default="lars", metadata={"help": "a registered optimizer: `largebatch optimizers` lists them"})
     optimizer_path: str = field(default="auto", metadata={"help": "largebatch optimizers' execution path: auto (fastest "
@@ -134,7 +142,7 @@ class TrainConfig:
                               ("optimizer", tuple(registry.OPTIMIZERS)), ("schedule", SCHEDULES),
                               ("lr_scaling", SCALING), ("precision", PRECISIONS), ("activation", ACTIVATIONS),
                               ("stem", STEMS), ("metrics_format", METRIC_FORMATS),
-                              ("optimizer_path", OPTIMIZER_PATHS)):
+                              ("optimizer_path", OPTIMIZER_PATHS), ("fsdp_param_dtype", FSDP_PARAM_DTYPES)):
             choice(name, allowed)
         for name in ("epochs", "batch_size", "base_batch_size", "eval_batch_size", "mlp_width"):
             positive_int(name)
@@ -175,6 +183,12 @@ class TrainConfig:
                              "drop --no-checkpoint")
         if self.precision == "fp16" and not str(self.device).startswith("cuda"):
             raise ValueError("precision: fp16 needs device cuda (GradScaler); use bf16 on CPU")
+        if self.fsdp_param_dtype != "fp32" and not self.fsdp:
+            raise ValueError("fsdp_param_dtype: applies to FSDP2 only; add --fsdp (or use --precision bf16 for "
+                             "autocast under DDP)")
+        if self.fsdp and self.precision == "fp16":
+            raise ValueError("precision: fp16 (GradScaler) is not supported with --fsdp; use bf16, or "
+                             "--fsdp-param-dtype bf16")
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         return self

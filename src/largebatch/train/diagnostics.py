@@ -57,9 +57,17 @@ def _pre_step_norms(opt) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor
             if p.grad is not None:
                 params.append(p)
                 lrs.append(g["lr"])
-    wn = torch.stack(torch._foreach_norm([p.detach() for p in params])).float()
-    gn = torch.stack(torch._foreach_norm([p.grad for p in params])).float()
+    wn = torch.stack(_full(torch._foreach_norm([p.detach() for p in params]))).float()
+    gn = torch.stack(_full(torch._foreach_norm([p.grad for p in params]))).float()
     return params, wn, gn, torch.tensor(lrs, device=wn.device, dtype=torch.float32)
+
+
+def _full(norms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Norms of DTensor parameters (FSDP2) as plain tensors (the norms of the full tensors)."""
+    from largebatch.optim._sharded import dtensor_type
+
+    DT = dtensor_type()
+    return [n.full_tensor() if DT is not None and isinstance(n, DT) else n for n in norms]
 
 
 def _collect_stats(opt, pre) -> tuple[list[int], torch.Tensor]:

@@ -30,7 +30,10 @@ def evaluate(model: nn.Module, ds: data_mod.ArrayDataset, batch: int, info: dist
     n = ds.test_x.shape[0]
     idx = torch.arange(info.rank, n, info.world_size, device=ds.test_x.device)
     sums = torch.zeros(3, device=ds.test_x.device, dtype=torch.float64)
-    for ch in idx.split(batch):
+    chunks = list(idx.split(batch))
+    per_rank = -(-n // info.world_size)  # every rank runs as many forwards (under FSDP each is a collective)
+    chunks += [idx[:0]] * (-(-per_rank // batch) - len(chunks))
+    for ch in chunks:
         x = data_mod.normalize(ds.test_x[ch], ds.mean, ds.std)
         y = ds.test_y[ch]
         with (autocast or contextlib.nullcontext()):
@@ -44,5 +47,5 @@ def evaluate(model: nn.Module, ds: data_mod.ArrayDataset, batch: int, info: dist
     return s[0] / s[2], s[1] / s[2]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _unwrap(model: nn.Module) -> nn.Module:  # DDP's module; an FSDP2 model is its own
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -29,6 +29,7 @@ from torch import nn
 from largebatch import ssl
 
 from . import data as data_mod
+from . import fsdp
 from .config import TrainConfig, load_file, resolve
 from .distributed import pick_device
 from .models import init_weights
@@ -59,7 +60,7 @@ def build_backbone(cfg, shape: tuple[int, int, int], state: dict | None) -> nn.M
                                      mlp_batchnorm=cfg.mlp_batchnorm)
     init_weights(backbone, cfg.init)
     if state is not None:
-        weights = state["model"]
+        weights = state["model"] if "model" in state else fsdp.read_model(state["dcp"])  # --fsdp: a DCP folder
         if any(k.startswith("backbone.") for k in weights):
             weights = {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")}
         else:

@@ -3,10 +3,10 @@
 Batch arithmetic (issue 4): ``global batch = micro-batch x accumulation steps x world size``.
 Each process draws its share of an epoch's permutation (``distributed.shard``), splits its
 ``batch_size / world_size`` rows of a step into micro-batches, and back-propagates
-``sum of per-sample losses / rows of this step``; DDP's gradient average over ranks then yields the
-gradient of the mean loss over the global batch (docs/algorithms.md: ``g`` is the global-batch
-gradient), whatever the accumulation. Gradient all-reduce happens once per step (``no_sync`` on
-the other micro-batches).
+``sum of per-sample losses / rows of this step``; DDP's gradient average over ranks (or FSDP2's
+reduce-scatter, ``--fsdp``: ``fsdp.py``) then yields the gradient of the mean loss over the global
+batch (docs/algorithms.md: ``g`` is the global-batch gradient), whatever the accumulation. Gradients
+are reduced once per step (``fsdp.grad_sync`` on the other micro-batches).
 
 Step counting: ``steps_per_epoch = floor(ceil(N / world) / (B / world))`` (``drop_last``, the
 default) or the ceiling. Warm-up epochs, TVLARS's delay ``d_e`` (in optimizer steps,
@@ -24,7 +24,6 @@ optimizer, scheduler, GradScaler, RNG states and the metric history (``rundir.py
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -39,6 +38,7 @@ from largebatch.optim import registry
 
 from . import data as data_mod
 from . import distributed as dist_mod
+from . import fsdp
 from .config import TrainConfig
 from .diagnostics import LayerStatsRecorder
 from .evaluate import autocast_for, evaluate
@@ -116,6 +116,7 @@ class Task:
     name = "train"
     metric_columns = METRIC_COLUMNS  # the metrics table: epoch, step, lr, <metrics()>, epoch_seconds, images_per_s
     sums_size = 3  # device sums an epoch accumulates; the last one counts the images
+    fsdp_methods: tuple[str, ...] = ()  # model methods besides forward that run it (``fsdp.shard_model``)
 
     def check(self, cfg: TrainConfig) -> None:
         """Refuse (``ValueError``) what the task cannot do with ``cfg``."""
@@ -128,7 +129,7 @@ class Task:
         return model
 
     def wrap(self, model: nn.Module, info: dist_mod.DistInfo) -> nn.Module:
-        """What runs forward (DDP-wrapped under data parallelism)."""
+        """What runs forward (DDP-wrapped under data parallelism; not called under ``--fsdp``)."""
         if not info.enabled:
             return model
         return nn.parallel.DistributedDataParallel(
@@ -181,9 +182,7 @@ class Classification(Task):
                 x = data_mod.random_crop_flip(x, gen)
             x = data_mod.normalize(x, ds.mean, ds.std)
             y = ds.train_y[ch]
-            sync = (not setup.info.enabled) or j == len(chunks) - 1
-            ctx = contextlib.nullcontext() if sync else model.no_sync()
-            with ctx:
+            with fsdp.grad_sync(model, j == len(chunks) - 1):
                 with setup.autocast:
                     logits = model(x)
                 loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
@@ -224,7 +223,7 @@ def train(cfg: TrainConfig, dataset: data_mod.ArrayDataset | None = None, *,
 def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: float, task: "Task") -> RunResult:
     micro, accum = cfg.check_world_size(info.world_size)
     task.check(cfg)
-    run = RunDir(cfg.out_dir, cfg.metrics_format, info.is_main, task.metric_columns)
+    run = RunDir(cfg.out_dir, cfg.metrics_format, info.is_main, task.metric_columns, sharded=cfg.fsdp)
     resume_state = run.inspect(cfg, log)  # reads only: a refusal leaves the directory as it was
     if resume_state is not None and resume_state["epoch"] > cfg.epochs:
         raise ValueError(f"epochs: the run in {cfg.out_dir} already completed {resume_state['epoch']} epochs; "
@@ -309,11 +308,14 @@ def _build(cfg: TrainConfig, ds: data_mod.ArrayDataset, info: dist_mod.DistInfo,
         raise ValueError(f"model: {n} does not fit in memory on {device} ({first_line(e)}); "
                          f"choose a smaller model or another --device") from None
     model = task.prepare(model, cfg, info)
+    if cfg.fsdp:  # parameters become DTensor shards before the optimizer sees them
+        model = fsdp.shard_model(model, info, cfg.fsdp_param_dtype, task.fsdp_methods)
     opt = build_optimizer(cfg, model, spe)
     sched = build_scheduler(cfg, opt, spe)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     names = {id(p): n for n, p in model.named_parameters()}
-    return _Setup(cfg, info, ds, spe, micro, task.wrap(model, info), model, opt, sched, scaler, names,
+    return _Setup(cfg, info, ds, spe, micro, model if cfg.fsdp else task.wrap(model, info), model, opt, sched,
+                  scaler, names,
                   autocast=autocast_for(cfg.precision, device),
                   persample=registry.get(cfg.optimizer).persample, task=task)
 
@@ -368,6 +370,8 @@ def _end_epoch(setup: _Setup, run: RunDir, ep: _Epoch, epoch: int, history: list
     to ``history``); rank 0 writes the tables and the checkpoint."""
     cfg, info = setup.cfg, setup.info
     dist_mod.all_reduce_sum(ep.sums, info)
+    if cfg.fsdp:  # FSDP leaves each rank its own BatchNorm statistics: evaluate and save rank 0's
+        fsdp.broadcast_buffers(setup.core, info)
     sums = ep.sums.cpu().tolist()
     t_train = time.perf_counter() - ep.t0
     metrics = setup.task.metrics(setup, sums, epoch)
@@ -384,9 +388,9 @@ def _end_epoch(setup: _Setup, run: RunDir, ep: _Epoch, epoch: int, history: list
                         [{"step": ep.first_step + i, "epoch": epoch + 1, "lr": lr, "lr_eff": le, "loss": losses[i]}
                          for i, (lr, le) in enumerate(ep.step_lrs)],
                         ep.stats.rows(setup.names))
-        if cfg.checkpoint:
-            run.save_checkpoint(setup.core, setup.opt, setup.sched, setup.scaler, cfg, epoch + 1, ep.end_step,
-                                history, info.device)
+    if cfg.checkpoint:  # rank 0 writes (--fsdp: every rank writes its shards)
+        run.save_checkpoint(setup.core, setup.opt, setup.sched, setup.scaler, cfg, epoch + 1, ep.end_step,
+                            history, info.device)
     return row
 
 

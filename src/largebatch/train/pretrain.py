@@ -15,7 +15,8 @@ checkpoints and exact ``--resume``, the non-finite stop, DDP, progress bar) with
   over samples;
 - **data parallelism**: every BatchNorm becomes a global-batch BatchNorm (the reference uses
   SyncBatchNorm), the loss's statistics and cross-correlation are all-reduced, and parameter
-  gradients are averaged once per step (no DDP wrapper);
+  gradients are averaged once per step (no DDP wrapper; with ``--fsdp``, FSDP2's reduce-scatter
+  averages them, after every micro-batch's backward when embedding caching is on);
 - **metrics**: ``train_loss`` (mean over the epoch's steps) and ``knn_acc``, the weighted kNN
   monitor (cosine similarity, ``--knn-k`` 200, temperature 0.1) of the backbone's test features
   against its training features, every ``--knn-every`` epochs and after the last (NaN between).
@@ -86,6 +87,7 @@ class BarlowTwinsTask(Task):
     name = "pretrain"
     metric_columns = PRETRAIN_COLUMNS
     sums_size = 2  # sum of (step loss x images), images
+    fsdp_methods = ("embed",)  # embedding caching runs the model through embed()
 
     def check(self, cfg: TrainConfig) -> None:
         if registry.get(cfg.optimizer).persample:
@@ -115,7 +117,8 @@ class BarlowTwinsTask(Task):
         v1, v2 = global_batch_views(ds.train_x[idx], ds.mean, ds.std, gen, info.rank, info.world_size)
         with setup.autocast:
             loss = ssl.cached_backward(setup.model, v1, v2, setup.micro)
-        ssl.average_gradients(setup.model.parameters())
+        if not setup.cfg.fsdp:  # FSDP2 reduce-scatters (averages) the gradients itself
+            ssl.average_gradients(setup.model.parameters())
         sums[0] += loss.double() * idx.numel()
         sums[1] += idx.numel()
         return loss

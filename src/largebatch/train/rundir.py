@@ -6,7 +6,9 @@ row per optimizer step) and ``layer_stats`` (per parameter tensor every ``stats_
 optimizer, scheduler, GradScaler, RNG states, config and metric history) and the one before it,
 ``checkpoint-prev.pt``, ``failure.json`` when a loss turned non-finite, ``tensorboard/`` when
 TensorBoard is installed, and ``.lock`` (held while a process writes the directory). Rank 0
-writes; every rank reads the checkpoint.
+writes; every rank reads the checkpoint. Under ``--fsdp`` the checkpoints are the folders
+``checkpoint/`` and ``checkpoint-prev/`` (``torch.distributed.checkpoint``, every rank writes its
+shards: ``fsdp.py``), replaced atomically the same way.
 """
 
 from __future__ import annotations
@@ -25,15 +27,18 @@ import torch
 
 from . import config as config_mod
 from . import distributed as dist_mod
+from . import fsdp
 from .config import TrainConfig
 
 METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                   "epoch_seconds", "images_per_s"]
 STEP_COLUMNS = ["step", "epoch", "lr", "lr_eff", "loss"]
 STAT_COLUMNS = ["step", "layer", "adapt", "w_norm", "g_norm", "lnr", "trust", "layer_lr"]
-RUN_FILES = ["config.yaml", "checkpoint.pt", "checkpoint-prev.pt", "failure.json", "tensorboard"] + [
+RUN_FILES = ["config.yaml", "checkpoint.pt", "checkpoint-prev.pt", "checkpoint", "checkpoint-prev", "failure.json",
+             "tensorboard"] + [
     f"{t}.{ext}" for t in ("metrics", "steps", "layer_stats") for ext in ("csv", "jsonl")]
 CHECKPOINT_KEYS = ("epoch", "global_step", "model", "optimizer", "rng", "config", "history")
+SHARDED_KEYS = ("epoch", "global_step", "param_groups", "optim_keys", "rng", "config", "history")
 
 
 # ----------------------------------------------------------------------------- tables
@@ -132,10 +137,12 @@ class RunDir:
     the latest cannot be read.
     """
 
-    def __init__(self, out_dir: str, fmt: str, is_main: bool, metric_columns: list[str] = METRIC_COLUMNS):
-        self.path, self.is_main = out_dir, is_main
-        self.checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
-        self.previous_path = os.path.join(out_dir, "checkpoint-prev.pt")
+    def __init__(self, out_dir: str, fmt: str, is_main: bool, metric_columns: list[str] = METRIC_COLUMNS,
+                 sharded: bool = False):
+        self.path, self.is_main, self.sharded = out_dir, is_main, sharded
+        ext = "" if sharded else ".pt"
+        self.checkpoint_path = os.path.join(out_dir, "checkpoint" + ext)
+        self.previous_path = os.path.join(out_dir, "checkpoint-prev" + ext)
         self.metrics = Table(os.path.join(out_dir, "metrics"), fmt, metric_columns)
         self.steps = Table(os.path.join(out_dir, "steps"), fmt, STEP_COLUMNS)
         self.stats = Table(os.path.join(out_dir, "layer_stats"), fmt, STAT_COLUMNS)
@@ -188,12 +195,16 @@ class RunDir:
     def _read_checkpoint(self, log: Callable[[str], None]) -> dict[str, Any] | None:
         """The latest readable checkpoint, falling back to the previous one (and saying so)."""
         problems = []
-        for path in (self.checkpoint_path, self.previous_path):
+        for name in ("checkpoint.pt", "checkpoint", "checkpoint-prev.pt", "checkpoint-prev"):
+            path = os.path.join(self.path, name)
             if not os.path.exists(path):
                 continue
             try:
-                state = torch.load(path, map_location="cpu", weights_only=False)
-                missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+                if os.path.isdir(path):  # --fsdp: a torch.distributed.checkpoint folder
+                    state, want = {**fsdp.read_meta(path), "dcp": path}, SHARDED_KEYS
+                else:
+                    state, want = torch.load(path, map_location="cpu", weights_only=False), CHECKPOINT_KEYS
+                missing = [k for k in want if not isinstance(state, dict) or k not in state]
                 if missing:
                     raise ValueError(f"not a largebatch checkpoint (no {', '.join(missing)})")
             except Exception as e:  # truncated, empty, random or foreign: all mean "unreadable"
@@ -275,34 +286,60 @@ class RunDir:
             self.tb.flush()
 
     def save_checkpoint(self, model, opt, sched, scaler, cfg, epoch, global_step, history, device) -> None:
-        """Atomic: write ``checkpoint.pt.tmp``, keep the current one as ``checkpoint-prev.pt``, then
-        ``os.replace``. A crash leaves a readable checkpoint; a failed write (full disk) removes the
-        ``.tmp`` and raises :class:`RunDirError` (the previous checkpoint is kept)."""
-        state = {"epoch": epoch, "global_step": global_step, "model": model.state_dict(),
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
+        """Every rank calls it. Atomic: write ``checkpoint.pt.tmp``, keep the current one as
+        ``checkpoint-prev.pt``, then ``os.replace`` (rank 0; ``--fsdp``: every rank writes its shards
+        of the folder ``checkpoint.tmp/``, then rank 0 renames folders the same way). A crash leaves
+        a readable checkpoint; a failed write (full disk) removes the ``.tmp`` and raises
+        :class:`RunDirError` (the previous checkpoint is kept)."""
+        if not (self.is_main or self.sharded):
+            return
+        state = {"epoch": epoch, "global_step": global_step,
+                 "scheduler": sched.state_dict() if sched is not None else None,
                  "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state(device),
                  "config": cfg.to_dict(), "history": history}
         tmp = self.checkpoint_path + ".tmp"
         try:
-            torch.save(state, tmp)
-            if os.path.exists(self.checkpoint_path):
-                os.replace(self.checkpoint_path, self.previous_path)
-            os.replace(tmp, self.checkpoint_path)
+            if self.sharded:
+                self._save_sharded(tmp, model, opt, state)
+            else:
+                torch.save({**state, "model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
+                if os.path.exists(self.checkpoint_path):
+                    os.replace(self.checkpoint_path, self.previous_path)
+                os.replace(tmp, self.checkpoint_path)
         except (OSError, RuntimeError) as e:
             with contextlib.suppress(OSError):
-                os.remove(tmp)
+                shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
             kept = next((q for q in (self.checkpoint_path, self.previous_path) if os.path.exists(q)), None)
             raise RunDirError(f"could not write the checkpoint of epoch {epoch} to {self.path} "
                               f"({first_line(e)}; disk full?). "
                               + (f"{kept} is kept; free space, then continue with --resume." if kept else
                                  "No checkpoint was written; free space and start again.")) from None
 
+    def _save_sharded(self, tmp: str, model, opt, state: dict[str, Any]) -> None:
+        """The DCP folder ``tmp`` (every rank), then the rotation (rank 0), between barriers."""
+        if self.is_main and os.path.exists(tmp):  # left by a crash
+            shutil.rmtree(tmp)
+        _barrier()
+        fsdp.save(tmp, model, opt, state)
+        _barrier()
+        if self.is_main:
+            if os.path.exists(self.checkpoint_path):
+                if os.path.exists(self.previous_path):
+                    shutil.rmtree(self.previous_path)
+                os.replace(self.checkpoint_path, self.previous_path)
+            os.replace(tmp, self.checkpoint_path)
+        _barrier()
+
     @staticmethod
     def restore(state: dict[str, Any], model, opt, sched, scaler,
                 device: torch.device) -> tuple[int, int, list[dict[str, Any]]]:
-        """Load a checkpoint into the run's objects and RNGs; returns (epoch, global step, history)."""
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        """Load a checkpoint into the run's objects and RNGs; returns (epoch, global step, history).
+        A DCP folder (``--fsdp``) is loaded by every rank, resharded to this run's processes."""
+        if "dcp" in state:
+            fsdp.load(state["dcp"], state, model, opt)
+        else:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
         if sched is not None:
             sched.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -333,12 +370,17 @@ class RunDir:
         ckpt = self.checkpoint_path
         have = cfg.checkpoint and os.path.exists(ckpt)
         msg = (f"{what}; training stopped. "
-               + (f"The last good checkpoint is {ckpt} "
-                  f"(epoch {torch.load(ckpt, map_location='cpu', weights_only=False)['epoch']})."
+               + (f"The last good checkpoint is {ckpt} (epoch {self._epoch_of(ckpt)})."
                   if have else "No checkpoint was written before it.")
                + NONFINITE_ADVICE)
         return {"message": msg, "epoch": epoch + 1, "step_in_epoch": step_in_epoch, "global_step": global_step,
                 "loss": str(loss), "checkpoint": ckpt if have else None}
+
+    @staticmethod
+    def _epoch_of(path: str) -> int:
+        if os.path.isdir(path):
+            return fsdp.read_meta(path)["epoch"]
+        return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
 
     def write_failure(self, failure: dict[str, Any]) -> None:
         if self.is_main:
@@ -356,6 +398,13 @@ class RunDir:
 
 
 # ----------------------------------------------------------------------------- helpers
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def _tensorboard(out: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
