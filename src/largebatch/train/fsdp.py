@@ -8,7 +8,8 @@ largebatch optimizers take their norms of the full tensors in one collective per
 all-reduce averages them, so the loop's loss (``sum / rows of this rank``) gives the same
 global-batch gradient. ``--fsdp-param-dtype bf16`` is FSDP2's ``MixedPrecisionPolicy``:
 bfloat16 parameters in forward and backward, float32 gradient reduction, float32 sharded
-weights and optimizer state.
+weights and optimizer state; normalization layers are units of their own that keep float32
+parameters (BatchNorm's float32 running statistics need them; autocast does the same).
 
 BatchNorm buffers are not sharded and FSDP does not synchronize them (DDP broadcasts rank 0's
 at every forward): :func:`broadcast_buffers` gives every rank rank 0's at the end of each epoch,
@@ -39,6 +40,8 @@ from torchvision.models import resnet as tvr
 from . import distributed as dist_mod
 
 META = "meta.pt"
+#: normalization layers: float32 parameters under ``--fsdp-param-dtype bf16`` (as autocast runs them)
+NORMS: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 #: modules sharded as one unit (all their parameters gathered together)
 BLOCKS: tuple[type, ...] = (tvr.BasicBlock, tvr.Bottleneck)
 
@@ -76,8 +79,12 @@ def shard_model(model: nn.Module, info: dist_mod.DistInfo, param_dtype: str = "f
     kw: dict[str, Any] = {"mesh": mesh}
     if param_dtype == "bf16":
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for m in model.modules():  # normalization layers compute with float32 parameters (and statistics)
+            if isinstance(m, NORMS) and next(m.parameters(), None) is not None:
+                fully_shard(m, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
     for u in units(model):
-        fully_shard(u, **kw)
+        if not is_sharded(u):
+            fully_shard(u, **kw)
     fully_shard(model, **kw)
     for name in methods:
         register_fsdp_forward_method(model, name)
