@@ -31,6 +31,9 @@ the update), with no full-size temporary (LALC, whose ``_update`` has a graph br
   tensor outside ``(group, w, g, st)`` and only class attributes of ``self`` (one bare
   instance per class is the kernel's ``self``). Per-step inputs such as CLARS's ``n_k``
   come through ``st`` (``LayerwiseOptimizer._step_inputs``), not through ``self``.
+* Under a ``torch.amp.GradScaler`` (``_engine.py``, "Mixed precision") its ``grad_scale`` and
+  "no inf found" are two more 0-d kernel inputs: the unscaling fuses into the kernel's loops.
+  A scaled step is one more compiled variant per class; the unscaled kernel is unchanged.
 
 Sharded (DTensor) parameters (``_sharded.py``) use two kernels per class around the step's
 one collective: ``probe`` (the local sums of squares, for classes with norm operands: LAMB,
@@ -133,16 +136,19 @@ class _KernelPath(PerTensor):
         return torch.linalg.vector_norm(x, dtype=torch.float64).square()
 
 
-def _kernel_template(opt, hp, w, g, st):
-    return opt._masked_update(hp, w, g, st, _KernelPath)
+# ``scale`` / ``ok``: a GradScaler's ``grad_scale`` (0-d, compute dtype) and "no inf found"
+# (0-d bool), or ``None`` (no scaler: the same graph as without them); with a scaler the
+# division by ``scale`` fuses into the kernel's loops (no separate unscale pass)
+def _kernel_template(opt, hp, w, g, st, scale, ok):
+    return opt._masked_update(hp, w, g, st, _KernelPath, scale, ok)
 
 
-def _probe_template(opt, hp, w, g, st):
-    return (opt._local_sq(hp, w, g, st, _KernelPath),)
+def _probe_template(opt, hp, w, g, st, scale):
+    return (opt._local_sq(hp, w, g, st, _KernelPath, scale),)
 
 
-def _given_template(opt, hp, w, g, st, norms):
-    return opt._given_update(hp, w, g, st, norms, _KernelPath)
+def _given_template(opt, hp, w, g, st, norms, scale, ok):
+    return opt._given_update(hp, w, g, st, norms, _KernelPath, scale, ok)
 
 
 #: sharded parameters (``_sharded.py``): the local sums of squares, then the update with the
@@ -210,26 +216,29 @@ class Compiled:
 
     @staticmethod
     def run(opt, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-            states: list[dict[str, Tensor]]):
+            states: list[dict[str, Tensor]], scale: Tensor | None = None, ok: Tensor | None = None):
         """Update ``params`` in place; returns ``fin, trust, lr, w_norm, g_norm`` stacked
-        in ``params`` order (``w_norm`` is ``None`` for a non-adapted group)."""
+        in ``params`` order (``w_norm`` is ``None`` for a non-adapted group). ``scale``, ``ok``:
+        a GradScaler's inputs (``LayerwiseOptimizer._masked_update``), kernel inputs here."""
         return _run_split(opt, group, params, grads, states, None, lambda idx: opt._masked_update(
-            group, *_lists(params, grads, states, idx), Foreach))
+            group, *_lists(params, grads, states, idx), Foreach, scale, ok), tail=(scale, ok))
 
     @staticmethod
-    def local_sq(opt, group, params, grads, states) -> Tensor:
+    def local_sq(opt, group, params, grads, states, scale: Tensor | None = None) -> Tensor:
         """``LayerwiseOptimizer._local_sq`` of every tensor, ``[n, k]`` (writes nothing).
         Without norm operands (the LARS family) the sums are two ``_foreach_norm`` calls."""
         if not opt._n_norm_operands(group):
-            return opt._local_sq(group, *_lists(params, grads, states, range(len(params))), Foreach)
+            return opt._local_sq(group, *_lists(params, grads, states, range(len(params))), Foreach, scale)
         return _run_split(opt, group, params, grads, states, "probe", lambda idx: (opt._local_sq(
-            group, *_lists(params, grads, states, idx), Foreach),))[0]
+            group, *_lists(params, grads, states, idx), Foreach, scale),), tail=(scale,))[0]
 
     @staticmethod
-    def run_given(opt, group, params, grads, states, norms: Tensor):
+    def run_given(opt, group, params, grads, states, norms: Tensor, scale: Tensor | None = None,
+                  ok: Tensor | None = None):
         """:meth:`run` with the norms given (``[n, k]``, see ``LayerwiseOptimizer._given_update``)."""
         return _run_split(opt, group, params, grads, states, "given", lambda idx: opt._given_update(
-            group, *_lists(params, grads, states, idx), norms[idx], Foreach), extra=norms)
+            group, *_lists(params, grads, states, idx), norms[idx], Foreach, scale, ok), extra=norms,
+            tail=(scale, ok))
 
 
 def _lists(params, grads, states, idx):
@@ -238,11 +247,13 @@ def _lists(params, grads, states, idx):
     return TensorList(params[i] for i in idx), TensorList(grads[i] for i in idx), st
 
 
-def _run_split(opt, group, params, grads, states, kind: str | None, eager, extra: Tensor | None = None):
+def _run_split(opt, group, params, grads, states, kind: str | None, eager, extra: Tensor | None = None,
+               tail: tuple = ()):
     """Run the kernel (``kind``: ``None`` for the update, ``"probe"`` / ``"given"`` for
     sharded parameters) on each large tensor and ``eager(indices)`` (the ``"foreach"``
     spelling) on the others in one batch; returns the kernel's outputs stacked in
-    ``params`` order. ``extra``: a further per-tensor input (row ``i`` for tensor ``i``)."""
+    ``params`` order. ``extra``: a further per-tensor input (row ``i`` for tensor ``i``);
+    ``tail``: the last arguments of every kernel call (the GradScaler's inputs or ``None``)."""
     global _FAILED
     n = len(params)
     use = available() and opt._compilable
@@ -266,7 +277,7 @@ def _run_split(opt, group, params, grads, states, kind: str | None, eager, extra
                     args = (algo, hp, _flat(params[i]), _flat(grads[i]), st)
                     if extra is not None:  # a fresh tensor: a view of `extra` would be guarded on its base
                         args += (extra[i].clone(),)
-                    rows[i] = kernel(*args)
+                    rows[i] = kernel(*args, *tail)
                     done += 1
         except Exception as e:  # compilation unavailable: finish these tensors eagerly
             if done or not isinstance(e, _compile_errors()):  # after a successful call: not a

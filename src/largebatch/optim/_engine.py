@@ -31,6 +31,20 @@ to float32), and step counters are int64.
 Diagnostics: with ``opt.track_stats = True`` the engine keeps, after each step, the norms
 and the trust ratio / per-layer learning rate it applied as device tensors;
 :meth:`LayerwiseOptimizer.layer_stats` returns them.
+
+Mixed precision: the optimizers follow ``torch.amp.GradScaler``'s protocol for optimizers
+that unscale inside their step (``_step_supports_amp_scaling = True``; torch 2.14
+``GradScaler.step``, as ``torch.optim.Adam(fused=True)``). The scaler checks the gradients
+for infs (one pass at ``inv_scale = 1``, no unscale pass), sets ``opt.grad_scale`` (its scale,
+a device tensor; ``None`` after an explicit ``scaler.unscale_(opt)``) and ``opt.found_inf``
+(a device tensor, nonzero: skip the step), calls ``step()`` and deletes both. ``step()`` then
+divides the gradients by ``grad_scale`` as part of the update (private copies; ``p.grad``
+keeps its scaled values; the compiled kernels take it as an input) and, where ``found_inf``
+is nonzero, masks every tensor as non-finite and restores the 0-d state (step counters, e.g.
+TVLARS's ``optimizer_steps``): weights and state stay untouched. All of it on the device:
+the scaler's ``step`` + ``update`` read nothing on the host. ``opt.found_inf`` reads the
+scaler's input while it is set and otherwise :attr:`LayerwiseOptimizer.last_found_inf`, the
+engine's output (a 0-d bool tensor: the last step left a tensor, or all of them, untouched).
 """
 
 from __future__ import annotations
@@ -133,6 +147,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     #: group keys accepted besides the defaults (set by users, schedulers, or the engine)
     _extra_group_keys = frozenset({"params", "name", "initial_lr"})
 
+    #: ``torch.amp.GradScaler`` protocol (module docstring, "Mixed precision"): the scaler sets
+    #: ``grad_scale`` and ``found_inf`` on the optimizer instead of unscaling and syncing.
+    _step_supports_amp_scaling: ClassVar[bool] = True
+
     def __init__(self, params, defaults: dict[str, Any], path: str | None = None):
         if path is not None and path not in PATHS:
             raise HyperparameterError("path", f"invalid path={path!r}: expected None or one of {PATHS}")
@@ -144,10 +162,29 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._compilable = self.is_compilable()  # read in step(): dynamo cannot trace cls.__dict__
         self.track_stats = False
         self._stats: list[dict[str, Any]] = []
-        self.found_inf: Tensor | None = None
+        #: the last step's output: a 0-d bool device tensor, ``True`` when it left a tensor
+        #: (non-finite gradient) or all of them (``found_inf`` given by a GradScaler) untouched
+        self.last_found_inf: Tensor | None = None
+        self._amp_found_inf: Tensor | None = None
         defaults = {"adapt": True, **defaults}
         self._validate_group(defaults, where="")
         super().__init__(params, defaults)
+
+    @property
+    def found_inf(self) -> Tensor | None:
+        """While ``torch.amp.GradScaler.step`` runs: the scaler's ``found_inf`` (an input of
+        ``step()``, torch's protocol); otherwise :attr:`last_found_inf`, the output of the last
+        step (``opt.found_inf`` after a step, as before the protocol; ``del`` clears the input)."""
+        given = getattr(self, "_amp_found_inf", None)
+        return given if given is not None else getattr(self, "last_found_inf", None)
+
+    @found_inf.setter
+    def found_inf(self, value) -> None:
+        self._amp_found_inf = value
+
+    @found_inf.deleter
+    def found_inf(self) -> None:
+        self._amp_found_inf = None
 
     @classmethod
     def is_compilable(cls) -> bool:
@@ -287,10 +324,20 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         with torch.enable_grad():
             return closure()
 
+    def _amp(self) -> "_AmpInputs | None":
+        """The GradScaler's inputs of this step (module docstring, "Mixed precision"), or ``None``."""
+        scale, found = getattr(self, "grad_scale", None), getattr(self, "_amp_found_inf", None)
+        if found is not None and not isinstance(found, Tensor):  # sum() over no device: 0
+            found = None if not found else torch.tensor(float(found))
+        if scale is None and found is None:
+            return None
+        return _AmpInputs(scale, found)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         loss = self._call_closure(closure)
         self._stats = []
+        amp = self._amp()
         found_inf = None
         dtensor = _sharded.dtensor_type() if self._shard_aware else None
         sharded = []
@@ -311,13 +358,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 if mesh is not None:  # DTensor parameters: all of the step's norms in one collective
                     sharded.append((group, params, P))
                     continue
-                fin = self._run(group, params, P)
+                fin = self._run(group, params, P, amp)
                 bad = ~fin.all()
                 found_inf = bad if found_inf is None else found_inf | bad.to(found_inf.device)
-        for fin in _sharded.run(self, sharded) if sharded else ():
+        for fin in _sharded.run(self, sharded, amp) if sharded else ():
             bad = ~fin.all()
             found_inf = bad if found_inf is None else found_inf | bad.to(found_inf.device)
-        self.found_inf = found_inf
+        self.last_found_inf = found_inf
         return loss
 
     def _states(self, group, params: list[Tensor]) -> list[dict[str, Tensor]]:
@@ -333,23 +380,27 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             out = [{**st, **{k: v[i] for k, v in inputs.items()}} for i, st in enumerate(out)]
         return out
 
-    def _run(self, group, params: list[Tensor], P) -> Tensor:
+    def _run(self, group, params: list[Tensor], P, amp: "_AmpInputs | None" = None) -> Tensor:
         work, grads, states, targets = _working_tensors(params, [p.grad for p in params],
                                                         self._states(group, params))
+        scale, ok = amp.scale(work[0]) if amp else None, amp.ok(work[0].device) if amp else None
+        counters = _Counters(states) if ok is not None else None
         if P is _compiled.Compiled:
-            fin, trust, lr, wn, gn = P.run(self, group, work, grads, states)
+            fin, trust, lr, wn, gn = P.run(self, group, work, grads, states, scale, ok)
         elif P is Foreach:
             w, g = TensorList(work), TensorList(grads)
             st = {k: TensorList(s[k] for s in states) for k in states[0]}
-            fin, trust, lr, wn, gn = self._masked_update(group, w, g, st, P)
+            fin, trust, lr, wn, gn = self._masked_update(group, w, g, st, P, scale, ok)
         else:
             rows = [
-                self._masked_update(group, w, g, st, P)
+                self._masked_update(group, w, g, st, P, scale, ok)
                 for w, g, st in zip(work, grads, states)
             ]
             fin, trust, lr, wn, gn = (
                 None if col[0] is None else torch.stack(col) for col in zip(*rows)
             )
+        if counters is not None:
+            counters.restore_unless(ok)
         if targets is not None:  # float16 / bfloat16: the float32 result, rounded
             torch._foreach_copy_(targets, work)
         self._record_stats(group, params, fin, trust, lr, wn, gn)
@@ -368,17 +419,27 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 "adapt": torch.full((n,), group["adapt"], device=fin.device),
             })
 
-    def _masked_update(self, group, w, g, st, P):
+    def _masked_update(self, group, w, g, st, P, scale: Tensor | None = None, ok: Tensor | None = None):
+        """The update with the engine's masking: ``g`` divided by ``scale`` (a GradScaler's
+        ``grad_scale`` in the compute dtype) when given, every tensor masked as non-finite
+        where ``ok`` (0-d bool: the scaler found no inf) is ``False``."""
+        if scale is not None:
+            g = g.div(scale)  # out of place: p.grad is never modified
         g_norm = P.norm(g)
         fin = torch.isfinite(g_norm)
+        if ok is not None:
+            fin = fin & ok
         w_norm = P.norm(w) if group["adapt"] else None
         trust, lr = self._update(group, w, P.zero_unless(fin, g), st, w_norm, g_norm, fin, P)
         return fin, trust, lr, w_norm, g_norm
 
     # ------------------------------------------------------------------ sharded parameters
-    def _local_sq(self, group, w, g, st, P) -> Tensor:
+    def _local_sq(self, group, w, g, st, P, scale: Tensor | None = None) -> Tensor:
         """Local sums of squares (float64, ``[..., k]``) of what the step takes norms of:
-        ``w`` (adapted groups), ``g``, then :meth:`_norm_operands`. Writes nothing."""
+        ``w`` (adapted groups), ``g`` (divided by ``scale`` when given), then
+        :meth:`_norm_operands`. Writes nothing."""
+        if scale is not None:
+            g = g.div(scale)
         xs = [w] if group["adapt"] else []
         xs.append(g)
         if self._n_norm_operands(group):
@@ -386,14 +447,18 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             xs += self._norm_operands(group, w, g, st, P, dtype)
         return torch.stack([P.sqnorm(x) for x in xs], dim=-1)
 
-    def _given_update(self, group, w, g, st, norms, P):
+    def _given_update(self, group, w, g, st, norms, P, scale: Tensor | None = None, ok: Tensor | None = None):
         """:meth:`_masked_update` with the norms given (``[..., k]`` as :meth:`_local_sq`,
         already reduced over the shards and in the compute dtype): ``_update`` reads the
         norms of its :meth:`_norm_operands` through ``P.norm`` (a :class:`Replay`)."""
+        if scale is not None:
+            g = g.div(scale)
         a = 1 if group["adapt"] else 0
         w_norm = norms[..., 0] if a else None
         g_norm = norms[..., a]
         fin = torch.isfinite(g_norm)
+        if ok is not None:
+            fin = fin & ok
         R = Replay(P, norms[..., a + 1:])
         trust, lr = self._update(group, w, P.zero_unless(fin, g), st, w_norm, g_norm, fin, R)
         R.done()
@@ -419,6 +484,59 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             dev = parts[0].device
             out[k] = torch.cat([t.to(dev) for t in parts])
         return out
+
+
+class _AmpInputs:
+    """A GradScaler's ``grad_scale`` and ``found_inf`` for one step, moved (once per device and
+    dtype, without a sync: ``non_blocking`` as ``torch.optim.Adam``'s fused path) to where the
+    buckets compute."""
+
+    def __init__(self, grad_scale, found_inf: Tensor | None):
+        self.grad_scale, self.found_inf = grad_scale, found_inf
+        self._cache: dict = {}
+
+    def scale(self, like: Tensor) -> Tensor | None:
+        """``grad_scale`` as a 0-d tensor in ``like``'s (compute) dtype and device, or ``None``."""
+        if self.grad_scale is None:
+            return None
+        key = ("scale", like.device, like.dtype)
+        if key not in self._cache:
+            s = self.grad_scale
+            if not isinstance(s, Tensor):  # a number set by the user: exact in float64
+                s = torch.tensor(float(s), dtype=torch.float64)
+            self._cache[key] = s.to(device=like.device, non_blocking=True).to(like.dtype)
+        return self._cache[key]
+
+    def ok(self, device: torch.device) -> Tensor | None:
+        """0-d bool on ``device``: the scaler found no inf (``found_inf == 0``), or ``None``."""
+        if self.found_inf is None:
+            return None
+        key = ("ok", device)
+        if key not in self._cache:
+            self._cache[key] = self.found_inf.to(device, non_blocking=True) == 0
+        return self._cache[key]
+
+
+class _Counters:
+    """The 0-d state tensors of a bucket (step counters), saved before the update so that a step
+    the GradScaler skips leaves them as they were (``_update`` masks everything else through
+    ``fin``; TVLARS's ``optimizer_steps`` counts steps it skips for its own reasons)."""
+
+    def __init__(self, states: list[dict[str, Tensor]]):
+        seen: dict[int, Tensor] = {}
+        for st in states:
+            for v in st.values():
+                if isinstance(v, Tensor) and v.dim() == 0:
+                    seen.setdefault(id(v), v)
+        by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
+        for v in seen.values():
+            by_dtype[v.dtype].append(v)
+        self._saved = [(vs, torch.stack(vs)) for vs in by_dtype.values()]
+
+    def restore_unless(self, ok: Tensor) -> None:
+        for vs, old in self._saved:
+            new = torch.where(ok.to(old.device), torch.stack(vs), old)
+            torch._foreach_copy_(vs, list(new.unbind()))
 
 
 def zero_norm_safe_ratio(num: Tensor, den: Tensor, scale: float = 1.0, eps: float = 0.0) -> Tensor:

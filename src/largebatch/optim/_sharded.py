@@ -26,6 +26,12 @@ cannot cancel), and every rank receives the same reduced vector: a tensor is ski
 every rank or on none, ``found_inf`` agrees, and the zero-norm rule reads the same norms.
 Nothing is read on the host (no ``.item()``, no branch on a value).
 
+Under a ``torch.amp.GradScaler`` (``_engine.py``, "Mixed precision") the gradients are divided
+by ``grad_scale`` before the sums of squares (eager paths: once, out of place; compiled: inside
+both kernels) and a nonzero ``found_inf`` skips the step. The ranks agree on it: the scaler's inf
+check on DTensor gradients is reduced over the mesh by DTensor itself (``found_inf_reduce_handler``
+in ``torch/distributed/tensor/_dispatch.py``), so no rank skips alone and the scales stay equal.
+
 A gradient whose placements differ from its parameter's (e.g. ``Partial``) is first
 redistributed to them, a collective of its own; FSDP2's and tensor-parallel gradients
 already match. Parameters on several meshes get one collective per mesh.
@@ -109,11 +115,12 @@ def _all_reduce(flat: Tensor, mesh) -> None:
     dist.all_reduce(flat, group=_process_group(mesh))
 
 
-def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]]) -> list[Tensor]:
+def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]], amp=None) -> list[Tensor]:
     """One step for the DTensor buckets ``jobs`` (``(group, params, P)``, ``P`` the path
-    object); returns each bucket's ``fin`` (gradient finite, per tensor)."""
+    object); returns each bucket's ``fin`` (gradient finite, per tensor). ``amp``: the
+    GradScaler's inputs (``_engine._AmpInputs``) or ``None``."""
     from ._compiled import Compiled
-    from ._engine import _working_tensors
+    from ._engine import _Counters, _working_tensors
 
     DT = dtensor_type()
     cache: dict = {}
@@ -123,14 +130,17 @@ def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]]) -> list[Tenso
                   for st in opt._states(group, params)]
         work, grads, states, targets = _working_tensors(
             [p.to_local() for p in params], [_local_grad(p, DT) for p in params], states)
+        scale = amp.scale(work[0]) if amp is not None else None
+        if scale is not None and P is not Compiled:  # eager: unscale once for both phases
+            grads, scale = list(torch._foreach_div(grads, scale)), None
         if P is Compiled:
-            sq = Compiled.local_sq(opt, group, work, grads, states)
+            sq = Compiled.local_sq(opt, group, work, grads, states, scale)
         elif P is Foreach:
             sq = opt._local_sq(group, TensorList(work), TensorList(grads),
                                {k: TensorList(s[k] for s in states) for k in states[0]}, Foreach)
         else:
             sq = torch.stack([opt._local_sq(group, w, g, st, PerTensor) for w, g, st in zip(work, grads, states)])
-        prepared.append((group, params, P, work, grads, states, targets, sq.shape))
+        prepared.append((group, params, P, work, grads, states, targets, sq.shape, scale))
         sqs.append(sq)
 
     norms: list[Tensor | None] = [None] * len(jobs)  # 2. one all_reduce per mesh (usually one)
@@ -148,17 +158,22 @@ def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]]) -> list[Tenso
             norms[j] = part
 
     fins = []
-    for (group, params, P, work, grads, states, targets, shape), nrm in zip(prepared, norms):  # 3. update
+    for (group, params, P, work, grads, states, targets, shape, scale), nrm in zip(prepared, norms):  # 3. update
         nrm = nrm.view(shape).to(work[0].dtype)  # the compute dtype
+        ok = amp.ok(nrm.device) if amp is not None else None
+        counters = _Counters(states) if ok is not None else None
         if P is Compiled:
-            cols = Compiled.run_given(opt, group, work, grads, states, nrm)
+            cols = Compiled.run_given(opt, group, work, grads, states, nrm, scale, ok)
         elif P is Foreach:
             cols = opt._given_update(group, TensorList(work), TensorList(grads),
-                                     {k: TensorList(s[k] for s in states) for k in states[0]}, nrm, Foreach)
+                                     {k: TensorList(s[k] for s in states) for k in states[0]}, nrm, Foreach,
+                                     None, ok)
         else:
-            rows = [opt._given_update(group, w, g, st, nrm[i], PerTensor)
+            rows = [opt._given_update(group, w, g, st, nrm[i], PerTensor, None, ok)
                     for i, (w, g, st) in enumerate(zip(work, grads, states))]
             cols = tuple(None if col[0] is None else torch.stack(col) for col in zip(*rows))
+        if counters is not None:
+            counters.restore_unless(ok)
         fin, trust, lr, wn, gn = cols
         if targets is not None:  # float16 / bfloat16: the float32 result, rounded
             torch._foreach_copy_(targets, work)

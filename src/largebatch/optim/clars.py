@@ -21,6 +21,7 @@ trust = 1 where ``||w|| == 0`` or ``n_k + wd * ||w|| == 0``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -60,6 +61,11 @@ class CLARS(_TrustMomentum):
             ``backward`` reduces over the batch (see :class:`~largebatch.persample.PerSampleGradNorms`).
         loss_scale: any further constant the loss was multiplied by, e.g. ``1/k`` for ``k``
             accumulated micro-batches (settable later as ``opt.persample.loss_scale``).
+        unscale_persample: under ``torch.amp.GradScaler``, divide the per-sample norms by the
+            scaler's ``grad_scale`` inside the step, as the gradients are (default False;
+            settable later as ``opt.unscale_persample``). Then ``loss_scale`` leaves the
+            scaler's scale out (``1/k``, no ``scaler.get_scale()`` host sync). With False (the
+            tracker's contract) ``loss_scale`` includes the scaler's scale.
         path: execution path, see :class:`~largebatch.optim._engine.LayerwiseOptimizer`.
 
     Only adapted tensors need ``n_k``, so only they are tracked (excluded tensors, by
@@ -70,6 +76,14 @@ class CLARS(_TrustMomentum):
     ``M_k`` while ``.grad`` is still set). State per tensor: ``velocity`` (``-b`` of the
     paper, see :class:`~largebatch.optim.LARS`); ``n_k`` is an input of the step, not state
     (it is not written into checkpoints).
+
+    Mixed precision (``_engine.py``, "Mixed precision"): ``GradScaler.step(opt)`` calls
+    ``step()`` with ``grad_scale`` and ``found_inf`` set; the gradients are unscaled inside the
+    step, and with ``unscale_persample=True`` so are the per-sample norms (``n_k`` and
+    ``last_persample``, whose ``grad_weight`` then matches ``.grad`` as it stays: scaled).
+    After an explicit ``scaler.unscale_(opt)`` (gradient clipping) the scaler passes no
+    ``grad_scale``: the per-sample norms cannot be unscaled in the step, so there ``loss_scale``
+    must include the scale and ``unscale_persample`` be False (``step()`` raises otherwise).
     """
 
     _nesterov_only = True
@@ -79,9 +93,10 @@ class CLARS(_TrustMomentum):
                  weight_decay: float = 0.0, eps: float = 0.0, adapt: bool = True, *,
                  model: nn.Module | None = None, persample_subset: int | None = None,
                  loss_reduction: str = "mean", loss_scale: float | Tensor = 1.0,
-                 path: str | None = None):
+                 unscale_persample: bool = False, path: str | None = None):
         defaults = dict(lr=lr, momentum=momentum, eta=eta, weight_decay=weight_decay, eps=eps, adapt=adapt)
         super().__init__(params, defaults, path=path)
+        self.unscale_persample = unscale_persample
         self.persample: PerSampleGradNorms | None = None
         self.last_persample: PerSampleStats | None = None
         self._n_k: dict[Tensor, Tensor] = {}  # this step's n_k per adapted tensor, set by step()
@@ -125,6 +140,8 @@ class CLARS(_TrustMomentum):
             raise RuntimeError("CLARS needs per-sample gradient norms: create it with model=... or call "
                                "opt.attach(model) before the backward pass")
         stats = self.persample.collect()
+        if self.unscale_persample:
+            stats = self._unscaled(stats)
         pos = stats.index()
         n_k = stats.mean_norm()
         inputs, missing = {}, []
@@ -152,12 +169,27 @@ class CLARS(_TrustMomentum):
             self._n_k = {}
         return loss
 
+    def _unscaled(self, stats: PerSampleStats) -> PerSampleStats:
+        """``stats`` with the GradScaler's ``grad_scale`` taken out (device ops, no sync): norms
+        divided by it, ``grad_weight`` multiplied (``.grad`` keeps the scale)."""
+        scale = getattr(self, "grad_scale", None)
+        if scale is None:
+            if getattr(self, "_amp_found_inf", None) is not None:
+                raise RuntimeError(
+                    "CLARS(unscale_persample=True) after scaler.unscale_(opt): the scaler passes no grad_scale, "
+                    "so the per-sample norms cannot be unscaled in step(); set unscale_persample=False and "
+                    "opt.persample.loss_scale = scaler.get_scale() * <your loss factor> before the backward")
+            return stats
+        s = torch.as_tensor(scale).to(device=stats.sum_norm.device, dtype=stats.sum_norm.dtype, non_blocking=True)
+        return dataclasses.replace(stats, sum_norm=stats.sum_norm / s, sum_sq=stats.sum_sq / (s * s),
+                                   grad_weight=stats.grad_weight * s)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``torch.optim.Optimizer.zero_grad``, and drop the per-sample statistics measured since
-        the last step: they belong to the gradient being cleared. (A step that ``GradScaler``
-        skips for non-finite gradients never calls :meth:`step`, which is where statistics are
-        consumed; without this they would join the next step's.) ``model.zero_grad()`` does not
-        do this: call the optimizer's."""
+        the last step: they belong to the gradient being cleared. (A loop that skips a step
+        without calling :meth:`step`, which is where statistics are consumed, would otherwise
+        add them to the next step's; ``GradScaler`` calls ``step()`` with ``found_inf`` set.)
+        ``model.zero_grad()`` does not do this: call the optimizer's."""
         super().zero_grad(set_to_none)
         if self.persample is not None:
             self.persample.reset()

@@ -174,8 +174,10 @@ class Classification(Task):
         count = idx.numel()
         chunks = idx.split(setup.micro)
         step_loss = torch.zeros((), device=setup.info.device)
-        if setup.persample:  # per-sample norms: hooks see (scale / count) * grad f_i
-            setup.opt.persample.loss_scale = (scaler.get_scale() if scaler is not None else 1.0) / count
+        if setup.persample:  # per-sample norms: hooks see (scale / count) * grad f_i; CLARS divides
+            # by the GradScaler's scale inside step() (its grad_scale: no get_scale() host sync)
+            setup.opt.persample.loss_scale = 1.0 / count
+            setup.opt.unscale_persample = True
         for j, ch in enumerate(chunks):
             x = ds.train_x[ch]
             if augment:
@@ -351,7 +353,9 @@ def _train_epoch(setup: _Setup, run: RunDir, epoch: int, global_step: int, bar) 
 
 
 def _optimizer_step(setup: _Setup, stats: LayerStatsRecorder, global_step: int) -> None:
-    """Update (through the GradScaler in fp16), record layer statistics, clear gradients, advance the schedule."""
+    """Update (through the GradScaler in fp16: the layer-wise optimizers unscale and skip inside their
+    step, without a host sync; docs/optimizers.md), record layer statistics, clear gradients, advance
+    the schedule."""
     opt, scaler = setup.opt, setup.scaler
     stats.before_step(global_step)
     if scaler is not None:
