@@ -240,3 +240,45 @@ def test_barlow_twins_on_fsdp(tmp_path):
     res = linear_eval(str(tmp_path / "fsdpNone"), epochs=2, device="cpu", log=lambda s: None)
     ref = linear_eval(str(tmp_path / "plainNone"), epochs=2, device="cpu", log=lambda s: None)
     assert res["epoch"] == ref["epoch"] == 2 and res["top1"] == pytest.approx(ref["top1"], abs=0.01)
+
+
+# ----------------------------------------------------------------------------- a failed checkpoint write
+def _failing_write_worker(rank, world, port, root):
+    from largebatch.train.rundir import RunDirError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    calls = []
+
+    def write_meta(path, meta, _real=fsdp.write_meta):
+        calls.append(path)
+        if len(calls) == 2:  # the second epoch's checkpoint: disk full on rank 0 only
+            raise OSError(28, "No space left on device")
+        _real(path, meta)
+
+    fsdp.write_meta = write_meta
+    try:
+        train(_cfg(f"{root}/run", "lars", fsdp=True), log=lambda s: None)
+        outcome = "finished"
+    except RunDirError as e:
+        outcome = str(e)
+    with open(os.path.join(root, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+
+
+def test_failed_sharded_checkpoint_write_stops_every_rank_and_keeps_the_last(tmp_path):
+    import time
+
+    data.load("digits")
+    ctx = mp.start_processes(_failing_write_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
+                             start_method="fork")
+    deadline = time.time() + 120
+    while not ctx.join(timeout=1):  # a rank waiting forever for rank 0 would hang here
+        assert time.time() < deadline, "a rank hung after rank 0 failed to write the checkpoint"
+    msgs = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert all("could not write the checkpoint of epoch 2" in m and "checkpoint is kept" in m for m in msgs), msgs
+    assert "No space left" in msgs[0] and "rank 0 could not" in msgs[1], msgs
+    run = tmp_path / "run"
+    assert os.path.exists(run / "checkpoint" / ".metadata") and not os.path.exists(run / "checkpoint.tmp")
+    assert fsdp.read_meta(str(run / "checkpoint"))["epoch"] == 1

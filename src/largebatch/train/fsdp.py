@@ -133,10 +133,10 @@ def _param_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
     return [names[id(p)] for g in opt.param_groups for p in g["params"]]
 
 
-def save(path: str, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+def save(path: str, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> dict[str, Any]:
     """Every rank: write the DCP folder ``path`` (model and optimizer tensors, each rank its
-    shards); rank 0 adds ``meta.pt`` (``meta`` plus the optimizer's param groups and the list
-    of saved state tensors). ``path`` must not exist."""
+    shards). Returns what :func:`write_meta` adds to it (rank 0): ``meta`` plus the optimizer's
+    param groups and the list of saved state tensors. ``path`` must not exist."""
     import torch.distributed.checkpoint as dcp
 
     fqn = _param_names(model, opt)
@@ -157,10 +157,13 @@ def save(path: str, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str
             dcp.save(flat, checkpoint_id=path, no_dist=not dist.is_initialized())
     except CheckpointException as e:  # a BaseException: make it an error the run directory reports
         raise RuntimeError(str(e).strip().splitlines()[0] if str(e).strip() else "checkpoint write failed") from None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        meta = {**meta, "param_groups": osd["param_groups"], "optim_keys": keys, "optim_extra": extra,
-                "world_size": dist.get_world_size() if dist.is_initialized() else 1}
-        torch.save(meta, os.path.join(path, META))
+    return {**meta, "param_groups": osd["param_groups"], "optim_keys": keys, "optim_extra": extra,
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+
+
+def write_meta(path: str, meta: dict[str, Any]) -> None:
+    """Rank 0: ``meta.pt`` of the DCP folder ``path`` (what :func:`save` returned)."""
+    torch.save(meta, os.path.join(path, META))
 
 
 def read_meta(path: str) -> dict[str, Any]:

@@ -300,7 +300,7 @@ class RunDir:
         tmp = self.checkpoint_path + ".tmp"
         try:
             if self.sharded:
-                self._save_sharded(tmp, model, opt, state)
+                self._save_sharded(tmp, model, opt, state, device)
             else:
                 torch.save({**state, "model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
                 if os.path.exists(self.checkpoint_path):
@@ -315,20 +315,30 @@ class RunDir:
                               + (f"{kept} is kept; free space, then continue with --resume." if kept else
                                  "No checkpoint was written; free space and start again.")) from None
 
-    def _save_sharded(self, tmp: str, model, opt, state: dict[str, Any]) -> None:
-        """The DCP folder ``tmp`` (every rank), then the rotation (rank 0), between barriers."""
-        if self.is_main and os.path.exists(tmp):  # left by a crash
-            shutil.rmtree(tmp)
-        _barrier()
-        fsdp.save(tmp, model, opt, state)
-        _barrier()
-        if self.is_main:
-            if os.path.exists(self.checkpoint_path):
-                if os.path.exists(self.previous_path):
-                    shutil.rmtree(self.previous_path)
-                os.replace(self.checkpoint_path, self.previous_path)
-            os.replace(tmp, self.checkpoint_path)
-        _barrier()
+    def _save_sharded(self, tmp: str, model, opt, state: dict[str, Any], device: torch.device) -> None:
+        """The DCP folder ``tmp`` (every rank), then the rotation (rank 0); a failure on rank 0
+        is raised on every rank (no rank waits for it forever)."""
+        def on_rank0(fn):
+            err = None
+            if self.is_main:
+                try:
+                    fn()
+                except (OSError, RuntimeError) as e:
+                    err = e
+            if _any_rank(err is not None, device):
+                raise err or OSError(f"rank 0 could not prepare or rename the checkpoint folders in {self.path}")
+
+        on_rank0(lambda: shutil.rmtree(tmp) if os.path.exists(tmp) else None)  # a folder left by a crash
+        meta = fsdp.save(tmp, model, opt, state)  # raises on every rank when one rank fails
+        on_rank0(lambda: self._rotate(tmp, meta))
+
+    def _rotate(self, tmp: str, meta: dict[str, Any]) -> None:
+        fsdp.write_meta(tmp, meta)
+        if os.path.exists(self.checkpoint_path):
+            if os.path.exists(self.previous_path):
+                shutil.rmtree(self.previous_path)
+            os.replace(self.checkpoint_path, self.previous_path)
+        os.replace(tmp, self.checkpoint_path)
 
     @staticmethod
     def restore(state: dict[str, Any], model, opt, sched, scaler,
@@ -398,11 +408,15 @@ class RunDir:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _barrier() -> None:
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` of any rank (a collective; the value itself without a process group)."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.barrier()
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def _tensorboard(out: str):
