@@ -22,6 +22,15 @@ drift hits all alike. Reported: median and min-max in ms, and the ratio of the m
 the median of ``SGD(fused=True)`` (SGD-type rules: LARS, TVLARS, LALC) or
 ``Adam(fused=True)`` (Adam-type: LAMB) of the same run.
 
+Kernel variants (``largebatch/optim/_compiled.py``, docs/performance.md "Kernel variants and
+the first-use choice"): the ``compiled`` rows use the variant chosen on this machine (measured
+at the first step of each class, or read from the cache file; printed after each table, with
+the times it was chosen by). ``--variants`` adds one row per variant this CPU offers for each
+class, forced (``compiled[f32]``...), so that one run reports all of them side by side;
+``--fresh-choice`` ignores the cache file (a temporary one), so that the first step of each
+``compiled`` row includes the measurement. The header names the CPU model (``/proc/cpuinfo``),
+its ISA level (``torch.backends.cpu.get_cpu_capability()``) and the thread count.
+
 Memory: peak extra memory of one step, i.e. the peak of bytes allocated through PyTorch's
 allocator during a step (after warm-up, so optimizer state already exists) minus what was
 allocated when it started: on CPU from the allocation events of ``torch.profiler``
@@ -30,7 +39,7 @@ buffers; memory taken outside it, e.g. by OpenMP runtimes, is not seen), on CUDA
 ``torch.cuda.max_memory_allocated``. The target is at most the largest parameter tensor.
 
     python benchmarks/optimizer_step.py [--quick] [--rounds N] [--sets resnet50,cifar-resnet18]
-                                        [--device cpu|cuda] [--threads N]
+                                        [--device cpu|cuda] [--threads N] [--variants] [--fresh-choice]
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ import torch
 import torchvision
 from torch import nn
 
-from largebatch.optim import LALC, LAMB, LARS, TVLARS, param_groups
+from largebatch.optim import LALC, LAMB, LARS, TVLARS, _compiled, param_groups
 
 WD = 5e-5
 SGD_TARGET, ADAM_TARGET = 2.0, 2.0
@@ -66,8 +75,21 @@ PARAM_SETS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def implementations(model: nn.Module, paths: list[str]) -> list[tuple[str, str, Callable[[], torch.optim.Optimizer]]]:
-    """``(name, kind, factory)``; kind "sgd" or "adam" picks the fused baseline."""
+class Forced:
+    """An optimizer whose every step runs with one kernel variant forced (``--variants``)."""
+
+    def __init__(self, opt, variant: str):
+        self.opt, self.variant = opt, variant
+
+    def step(self):
+        with _compiled.kernel_variant(self.variant):
+            return self.opt.step()
+
+
+def implementations(model: nn.Module, paths: list[str], variants: list[str] = ()
+                    ) -> list[tuple[str, str, Callable[[], torch.optim.Optimizer]]]:
+    """``(name, kind, factory)``; kind "sgd" or "adam" picks the fused baseline. ``variants``:
+    kernel variants timed forced, as rows ``largebatch NAME compiled[VARIANT]``."""
     ps = list(model.parameters())
     out = [
         ("torch SGD foreach", "sgd", lambda: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=WD, foreach=True)),
@@ -81,6 +103,9 @@ def implementations(model: nn.Module, paths: list[str]) -> list[tuple[str, str, 
         for path in paths:
             out.append((f"largebatch {name} {path}", kind,
                         lambda cls=cls, kw=kw, path=path: cls(param_groups(model, weight_decay=WD), path=path, **kw)))
+        for v in variants:
+            out.append((f"largebatch {name} compiled[{v}]", kind, lambda cls=cls, kw=kw, v=v: Forced(
+                cls(param_groups(model, weight_decay=WD), path="compiled", **kw), v)))
     try:
         import timm.optim as to
         out += [("timm Lars", "sgd", lambda: to.Lars(ps, lr=0.1, momentum=0.9, weight_decay=WD)),
@@ -140,7 +165,8 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def bench_set(set_name: str, rounds: int, device: torch.device, paths: list[str], warmup: int = 3):
+def bench_set(set_name: str, rounds: int, device: torch.device, paths: list[str], warmup: int = 3,
+              variants: list[str] = ()):
     torch.manual_seed(0)
     model = PARAM_SETS[set_name]().to(device)
     gen = torch.Generator().manual_seed(1234)
@@ -148,7 +174,7 @@ def bench_set(set_name: str, rounds: int, device: torch.device, paths: list[str]
         p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() * p.element_size() for p in model.parameters())
-    impls = implementations(model, paths)
+    impls = implementations(model, paths, variants)
     opts, first = {}, {}
     for name, _, make in impls:
         opts[name] = make()
@@ -175,6 +201,24 @@ def bench_set(set_name: str, rounds: int, device: torch.device, paths: list[str]
                 largest=largest, rows=rows)
 
 
+def chosen_variants() -> list[str]:
+    """One line per kernel choice made or read in this process (``_compiled.kernel_choices``)."""
+    lines = []
+    for key, c in sorted(_compiled.kernel_choices().items()):
+        cls, kind, dtype = key.split(" | ")[-3:]
+        times = c.get("times_us") or {}
+        timed = ", ".join(f"{v} {t:.0f} us" for v, t in sorted(times.items(), key=lambda kv: kv[1]))
+        lines.append(f"- {cls.rsplit('.', 1)[-1]} ({kind}, {dtype.replace('torch.', '')}): **{c['variant']}** "
+                     f"({c['source']}{'; ' + timed if timed else ''})")
+    return lines
+
+
+def cpu_description() -> str:
+    """CPU model, ISA level, thread count (and the machine's CPU count)."""
+    return (f"CPU {_compiled.cpu_model()}, ISA {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads ({os.cpu_count()} CPUs)")
+
+
 def markdown(res) -> str:
     mib = 2 ** 20
     lines = [f"### {res['set']}: {res['n_params'] / 1e6:.1f}M parameters in {res['n_tensors']} tensors "
@@ -199,7 +243,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--paths", default="per_tensor,foreach,compiled", help="largebatch paths to time")
+    ap.add_argument("--variants", action="store_true",
+                    help="also time every kernel variant this CPU offers, forced (rows compiled[VARIANT])")
+    ap.add_argument("--fresh-choice", action="store_true",
+                    help="ignore the kernel-choice cache file: measure the variants at the first step")
     args = ap.parse_args(argv)
+    if args.fresh_choice:
+        import tempfile
+        os.environ["LARGEBATCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="largebatch-bench-cache-")
     rounds = args.rounds or (5 if args.quick else 15)
     if rounds < 1:
         raise ValueError(f"invalid rounds={rounds}: expected an integer >= 1")
@@ -211,17 +262,27 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = args.paths.split(",")
+    variants = list(_compiled.supported_variants()) if args.variants and device.type == "cpu" else []
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(f"# optimizer step benchmark, {datetime.date.today().isoformat()}")
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}), "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"# optimizer step benchmark, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine()}), "
+          f"{cpu_description()}, torch {torch.__version__}, "
           f"{rounds} rounds, load average at start {load and ' '.join(f'{x:.2f}' for x in load)}")
+    if device.type == "cpu":
+        forced = _compiled.forced_variant()
+        print(f"kernel variants offered: {', '.join(_compiled.supported_variants())}; "
+              + (f"forced: {forced}" if forced else f"choice cache: {_compiled.cache_path()}"))
     for s in sets:
         t0 = time.time()
-        res = bench_set(s, rounds, device, paths)
+        res = bench_set(s, rounds, device, paths, variants=variants)
         print()
         print(markdown(res))
         print(f"\n({time.time() - t0:.0f} s for this set; first step includes compilation for the compiled path)")
+        chosen = chosen_variants()
+        if chosen:
+            print("\nkernel variant of the `compiled` rows, per optimizer (source; each variant's estimated "
+                  "kernel time per step of the bucket that decided, from timed calls on scratch copies of its "
+                  "largest tensor):\n" + "\n".join(chosen))
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"\nload average at end {load and ' '.join(f'{x:.2f}' for x in load)}")
     return 0

@@ -6,6 +6,13 @@ import torch
 # Deterministic, modest threading: CI has 2 cores.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# The compiled path's measured kernel choices (optim/_compiled.py) go to a folder of this test
+# session, not to the user's ~/.cache/largebatch.
+if "LARGEBATCH_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["LARGEBATCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="largebatch-test-cache-")
+
 
 @pytest.fixture(autouse=True)
 def _seed():
