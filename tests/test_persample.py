@@ -4,7 +4,8 @@ Reference 1 (every model, BatchNorm in train mode included): sample i's additive
 contribution to the gradient is the gradient w.r.t. a private copy of each layer's
 parameters that only sample i's output row uses (one forward/backward per sample).
 Reference 2 (models without batch coupling): ``torch.func.vmap(grad)`` of each sample's
-own loss.
+own loss. Convolutions (issue 14): every route of ``rules.conv_weight_sqnorms`` against
+autograd one sample at a time, in float64 (to 1e-10) and float32.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from largebatch.persample import PerSampleGradNorms, UnsupportedLayerError, gradient_variance
+from largebatch.persample import rules
 from largebatch.persample.rules import rule_for
 
 torch.set_num_threads(1)
@@ -91,8 +93,9 @@ def check(st, ref_norms, rtol=2e-4, atol=1e-6):
     assert set(got_n) == set(ref_norms)
     for n, r in ref_norms.items():
         assert cnt[n].item() == r.shape[0], n
-        torch.testing.assert_close(got_n[n].float(), r.sum(), rtol=rtol, atol=atol, msg=n)
-        torch.testing.assert_close(got_s[n].float(), r.pow(2).sum(), rtol=rtol, atol=atol, msg=n)
+        got_dtype = r.dtype if r.dtype == torch.float64 else torch.float32
+        torch.testing.assert_close(got_n[n].to(got_dtype), r.sum(), rtol=rtol, atol=atol, msg=n)
+        torch.testing.assert_close(got_s[n].to(got_dtype), r.pow(2).sum(), rtol=rtol, atol=atol, msg=n)
 
 
 # ------------------------------------------------------------------------ models
@@ -185,6 +188,20 @@ def test_layer_matches_brute_force(name, reduction, B, chunk):
         vg = vmap_grads(model, x, y)
         for n, c in ref.items():
             torch.testing.assert_close(c, vg[n], rtol=1e-4, atol=1e-6)
+
+
+F64 = {"rtol": 1e-10, "atol": 1e-12}  # float64: brute force and the rules agree to ~1e-15 relative
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_matches_brute_force_float64(name):
+    torch.manual_seed(0)
+    model, x = case(name, 3)
+    model, x = model.double(), x.double()
+    _perturb(model)
+    y = torch.arange(3) % 3
+    check(tracked(model, x, y), norms(contributions(model, x, y)), **F64)
 
 
 def test_batchnorm_contributions_sum_to_batch_gradient_and_eval_mode():
@@ -403,3 +420,110 @@ def test_errors():
     with pytest.raises(ValueError, match="batch dimension"):
         tr_model = tr._entries[0].module
         tr_model(torch.randn(2, requires_grad=True)).sum().backward()
+
+
+# ------------------------------------------------------------------------ convolution routes
+def conv_brute(m, x, d):
+    """||grad_W||^2 of each sample: autograd through the layer's own convolution, one sample at a time."""
+    out = []
+    for i in range(x.shape[0]):
+        w = m.weight.detach().clone().requires_grad_()
+        (gw,) = torch.autograd.grad(m._conv_forward(x[i:i + 1], w, None), w, d[i:i + 1])
+        out.append(gw.pow(2).sum())
+    return torch.stack(out)
+
+
+CONV_CASES = {  # name: (layer, input spatial shape)
+    "2d_big_map_grouped": (lambda: nn.Conv2d(3, 4, 3, padding=1), (16, 16)),  # cost model: grouped
+    "2d_small_map_gram": (lambda: nn.Conv2d(48, 48, 3, padding=1), (4, 4)),  # cost model: gram
+    "2d_stride2_odd": (lambda: nn.Conv2d(6, 8, 3, stride=2, padding=1), (9, 10)),
+    "2d_1x1_stride2": (lambda: nn.Conv2d(8, 12, 1, stride=2), (7, 7)),
+    "2d_1x1": (lambda: nn.Conv2d(5, 7, 1), (3, 4)),
+    "2d_groups_dilation": (lambda: nn.Conv2d(6, 9, (3, 2), stride=(2, 1), padding=(2, 0), dilation=(2, 3),
+                                             groups=3), (11, 9)),
+    "2d_stride3_unread_rows": (lambda: nn.Conv2d(2, 3, 2, stride=3), (8, 8)),
+    "2d_depthwise": (lambda: nn.Conv2d(6, 6, 3, padding=1, groups=6), (5, 5)),
+    "2d_same_reflect": (lambda: nn.Conv2d(4, 4, 4, padding="same", padding_mode="reflect"), (6, 5)),
+    "2d_circular": (lambda: nn.Conv2d(3, 5, 3, padding=2, padding_mode="circular"), (5, 5)),
+    "2d_one_output": (lambda: nn.Conv2d(3, 4, 3), (3, 3)),
+    "1d_groups_dilation": (lambda: nn.Conv1d(4, 6, 5, stride=2, padding=3, dilation=2, groups=2), (17,)),
+    "1d_same": (lambda: nn.Conv1d(3, 2, 4, padding="same"), (7,)),
+    "3d": (lambda: nn.Conv3d(2, 4, (2, 3, 1), stride=(1, 2, 2), padding=(1, 0, 1), dilation=(2, 1, 1)), (4, 5, 6)),
+    "3d_1x1x1_stride2_groups": (lambda: nn.Conv3d(4, 6, 1, stride=2, groups=2), (3, 3, 3)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("route", [None, *rules.CONV_ROUTES])
+@pytest.mark.parametrize("B,budget", [(3, 64 * 2**20), (3, 1), (1, 64 * 2**20)])  # 1 byte: one sample per chunk
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv_routes_match_brute_force(name, route, dtype, B, budget):
+    make, spatial = CONV_CASES[name]
+    torch.manual_seed(0)
+    m = make().double()
+    x = torch.randn(B, m.in_channels, *spatial, dtype=torch.float64)
+    d = torch.randn_like(m(x))
+    ref = conv_brute(m, x, d)
+    got = rules.conv_weight_sqnorms(m.to(dtype), x.to(dtype), d.to(dtype), budget, route=route)
+    assert got.dtype == dtype and got.shape == (B,)
+    tol = F64 if dtype == torch.float64 else {"rtol": 2e-4, "atol": 1e-6}
+    torch.testing.assert_close(got.double(), ref, **tol)
+
+
+def test_conv_cost_model_choices():
+    """The rule picks per layer from shapes only; at CIFAR ResNet-18's shapes: materialize
+    (grouped) for the 32x32 and 16x16 stages, Gram for the 8x8 / 4x4 stages and 16->8."""
+    for name, want in [("2d_big_map_grouped", "grouped"), ("2d_small_map_gram", "gram")]:
+        make, spatial = CONV_CASES[name]
+        m = make()
+        x = torch.zeros(1, m.in_channels, *spatial)
+        assert rules.conv_plan(m, x, m(x))[0].route() == want, name
+    resnet = [  # C_in, C_out, kernel, stride, input size -> route
+        (3, 64, 3, 1, 32, "grouped"), (64, 64, 3, 1, 32, "grouped"), (64, 128, 3, 2, 32, "grouped"),
+        (64, 128, 1, 2, 32, "grouped"), (128, 128, 3, 1, 16, "grouped"), (128, 256, 3, 2, 16, "gram"),
+        (128, 256, 1, 2, 16, "gram"), (256, 256, 3, 1, 8, "gram"), (256, 512, 3, 2, 8, "gram"),
+        (256, 512, 1, 2, 8, "gram"), (512, 512, 3, 1, 4, "gram")]
+    for cin, cout, k, st, hw, want in resnet:
+        m = nn.Conv2d(cin, cout, k, st, k // 2, bias=False)
+        x = torch.zeros(1, cin, hw, hw, device="meta")
+        d = torch.zeros(1, cout, (hw - 1) // st + 1, (hw - 1) // st + 1, device="meta")
+        assert rules.conv_plan(m, x, d)[0].route() == want, (cin, cout, k, st, hw)
+    with pytest.raises(ValueError, match="route"):
+        rules.conv_weight_sqnorms(nn.Conv2d(1, 1, 1), torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), route="x")
+
+
+class SmallResNet(nn.Module):
+    """Convolutions at map sizes that take both routes, with BatchNorm, a residual and a
+    strided 1x1 shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)  # 8x8, few channels: grouped
+        self.bn = nn.BatchNorm2d(4)
+        self.down = nn.Conv2d(4, 64, 3, stride=2, padding=1)  # 8 -> 4
+        self.short = nn.Conv2d(4, 64, 1, stride=2, bias=False)
+        self.conv = nn.Conv2d(64, 64, 3, padding=1, bias=False)  # 4x4, 64 channels: gram
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.stem(x)))
+        h = self.conv(torch.tanh(self.down(h))) + self.short(h)
+        return self.fc(torch.tanh(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_small_resnet_both_routes_through_tracker(dtype):
+    torch.manual_seed(0)
+    model = SmallResNet().to(dtype)
+    x = torch.randn(4, 3, 8, 8, dtype=dtype)
+    y = torch.arange(4) % 3
+    routes = {}
+    for name in ("stem", "conv"):
+        mod = getattr(model, name)
+        inp = x if name == "stem" else torch.zeros(1, 64, 4, 4, dtype=dtype)
+        routes[name] = rules.conv_plan(mod, inp, mod(inp))[0].route()
+    assert routes == {"stem": "grouped", "conv": "gram"}
+    ref = norms(contributions(model, x, y))
+    check(tracked(model, x, y), ref, **(F64 if dtype == torch.float64 else {}))
+    check(tracked(model, x, y, max_chunk_bytes=1), ref, **(F64 if dtype == torch.float64 else {}))

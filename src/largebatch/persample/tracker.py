@@ -80,7 +80,8 @@ class PerSampleGradNorms:
             module that owns tracked parameters and has no rule; ``"skip"`` leaves those
             parameters untracked (they then have no statistics).
         max_chunk_bytes: bound on the temporary memory of one rule call (per-sample
-            gradients of one chunk of samples, Gram matrices, unfolded patches).
+            gradients of one chunk of samples, Gram matrices). Convolutions on CPU use
+            smaller, cache-sized chunks (:func:`.rules.conv_weight_sqnorms`).
         process_group: DDP process group for :meth:`collect` (default: the world).
 
     Use it as a context manager or call :meth:`remove` to detach the hooks.
