@@ -91,14 +91,9 @@ def _forced_conv_rule(route):
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from largebatch.optim._compiled import cpu_model as model  # one reader of /proc/cpuinfo
+
+    return model()
 
 
 CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process, all threads)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import socket
 import statistics
 import time
@@ -57,14 +56,9 @@ def cifar_resnet18() -> nn.Module:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from largebatch.optim._compiled import cpu_model as model  # one reader of /proc/cpuinfo
+
+    return model()
 
 
 def _free_port() -> int:

@@ -29,6 +29,7 @@ from torch import nn
 from cases import OPTIMIZERS
 from largebatch.optim import CLARS, LAMB, LARS, _compiled, param_groups
 from reference import Reference
+from test_fast_paths import assert_same_run
 
 CASES = {name: (cls, kw) for name, (cls, _, kw) in OPTIMIZERS.items()}
 VARIANTS = _compiled.supported_variants()
@@ -102,18 +103,6 @@ def run(name, path, variant=None, steps=4):
             found.append(bool(opt.found_inf))
             stats.append(opt.layer_stats())
     return ps, opt, found, stats
-
-
-def assert_same_run(ref, got, atol=1e-6, rtol=1e-5):
-    (ps_r, opt_r, found_r, stats_r), (ps_g, opt_g, found_g, stats_g) = ref, got
-    assert found_g == found_r == [False, True, False, False]
-    for k in ps_r:
-        torch.testing.assert_close(ps_g[k], ps_r[k], atol=atol, rtol=rtol, msg=f"weights of {k}")
-        for key, v in opt_r.state[ps_r[k]].items():
-            torch.testing.assert_close(opt_g.state[ps_g[k]][key], v, atol=atol, rtol=rtol, msg=f"state {key} of {k}")
-    for s_r, s_g in zip(stats_r, stats_g):
-        for key in ("w_norm", "g_norm", "trust", "lr"):
-            torch.testing.assert_close(s_g[key], s_r[key], atol=atol, rtol=rtol, equal_nan=True, msg=f"stat {key}")
 
 
 def ran(cls, variant, dtype=torch.float32):
