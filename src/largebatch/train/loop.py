@@ -174,10 +174,9 @@ class Classification(Task):
         count = idx.numel()
         chunks = idx.split(setup.micro)
         step_loss = torch.zeros((), device=setup.info.device)
-        if setup.persample:  # per-sample norms: hooks see (scale / count) * grad f_i; CLARS divides
-            # by the GradScaler's scale inside step() (its grad_scale: no get_scale() host sync)
+        if setup.persample:  # per-sample norms: hooks see (1 / count) * grad f_i (the GradScaler's
+            # scale is divided out inside step(): unscale_persample, set in _build)
             setup.opt.persample.loss_scale = 1.0 / count
-            setup.opt.unscale_persample = True
         for j, ch in enumerate(chunks):
             x = ds.train_x[ch]
             if augment:
@@ -313,6 +312,8 @@ def _build(cfg: TrainConfig, ds: data_mod.ArrayDataset, info: dist_mod.DistInfo,
     if cfg.fsdp:  # parameters become DTensor shards before the optimizer sees them
         model = fsdp.shard_model(model, info, cfg.fsdp_param_dtype, task.fsdp_methods)
     opt = build_optimizer(cfg, model, spe)
+    if registry.get(cfg.optimizer).persample:  # CLARS: no get_scale() host sync for its loss scale
+        opt.unscale_persample = True
     sched = build_scheduler(cfg, opt, spe)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     names = {id(p): n for n, p in model.named_parameters()}
