@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sets", default=None, help=f"comma-separated subset of {','.join(PARAM_SETS)}")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--paths", default="per_tensor,foreach,compiled", help="largebatch paths to time")
+    ap.add_argument("--paths", default="per_tensor,foreach,compiled,native", help="largebatch paths to time")
     ap.add_argument("--variants", action="store_true",
                     help="also time every kernel variant this CPU offers, forced (rows compiled[VARIANT])")
     ap.add_argument("--fresh-choice", action="store_true",

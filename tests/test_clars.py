@@ -84,7 +84,8 @@ def run_clars(model, data, path, subset=None, micro=1):
     return opt
 
 
-@pytest.mark.parametrize("path,subset", [("per_tensor", None), ("foreach", None), ("foreach", 3), ("compiled", None)])
+@pytest.mark.parametrize("path,subset", [("per_tensor", None), ("foreach", None), ("foreach", 3), ("compiled", None),
+                                         ("native", None)])
 def test_matches_float64_reference(path, subset, kernel_sized):
     torch.manual_seed(0)
     model = Net()
@@ -97,6 +98,9 @@ def test_matches_float64_reference(path, subset, kernel_sized):
     if path == "compiled":  # the fused kernel really ran
         from largebatch.optim import _compiled
         assert CLARS in _compiled._KERNELS and _compiled.available()
+    if path == "native":
+        from largebatch.optim import _native
+        assert _native._LIB is not None and _native.available()
 
 
 def test_state_holds_velocity_only_and_resume_is_bitwise():

@@ -102,10 +102,13 @@ def test_lr_schedule_does_not_recompile(name, kernel_sized, monkeypatch):
 
 def test_default_path_and_fallbacks(monkeypatch):
     opt = LARS([nn.Parameter(torch.ones(3))], lr=0.1)
-    assert opt._path_for(torch.device("cpu")) == "compiled"
+    assert opt._path_for(torch.device("cpu")) == "native"
     assert opt._path_for(torch.device("meta")) == "foreach"
     assert LARS([nn.Parameter(torch.ones(3))], lr=0.1, path="per_tensor")._path_for(torch.device("cpu")) == "per_tensor"
-    monkeypatch.setenv("LARGEBATCH_NO_COMPILE", "1")
+    monkeypatch.setenv("LARGEBATCH_NO_NATIVE", "1")
+    assert opt._path_for(torch.device("cpu")) == "compiled"
+    monkeypatch.setenv("LARGEBATCH_NO_COMPILE", "1")   # also disables native (both build C++)
+    monkeypatch.delenv("LARGEBATCH_NO_NATIVE")
     assert opt._path_for(torch.device("cpu")) == "foreach"
     with pytest.raises(ValueError, match="path"):
         LARS([nn.Parameter(torch.ones(3))], lr=0.1, path="fused")

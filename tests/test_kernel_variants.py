@@ -210,7 +210,7 @@ def test_grad_scaler_with_variant(variant, kernel_sized, monkeypatch):
     def train(scaler):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(96, 100), nn.Tanh(), nn.Linear(100, 4))
-        opt = cls(param_groups(model, weight_decay=1e-2), **kw)
+        opt = cls(param_groups(model, weight_decay=1e-2), path="compiled", **kw)
         g = torch.Generator().manual_seed(5)
         with _compiled.kernel_variant(variant):
             for t in range(3):
@@ -248,7 +248,7 @@ def test_chunked_float32_norm_is_accurate(threads):
     grad = torch.randn(n, generator=g) * 1e-3 + 1e-2
     p = nn.Parameter(w.clone())
     p.grad = grad.clone()
-    opt = LARS([p], lr=0.1, momentum=0.9)
+    opt = LARS([p], lr=0.1, momentum=0.9, path="compiled")
     opt.track_stats = True
     with _compiled.kernel_variant("f32"):
         opt.step()
@@ -257,7 +257,7 @@ def test_chunked_float32_norm_is_accurate(threads):
         exact = torch.linalg.vector_norm(x.double())
         assert abs(got.double() / exact - 1) <= 1e-6, (float(got), float(exact))
     ran(LARS, "f32")
-    lamb = LAMB([p], lr=0.01)
+    lamb = LAMB([p], lr=0.01, path="compiled")
     states = [lamb._init_state(p, lamb.param_groups[0])]
     grp = lamb.param_groups[0]
     with _compiled.kernel_variant("f32"):
@@ -331,7 +331,7 @@ class FakeTimer:
 
 def lars_run(steps=2, variant=None, opt_box=None):
     ps = make_params()
-    opt = LARS(groups(ps), lr=0.5, momentum=0.9, eta=0.02)
+    opt = LARS(groups(ps), lr=0.5, momentum=0.9, eta=0.02, path="compiled")
     if opt_box is not None:
         opt_box.append(opt)
     g = torch.Generator().manual_seed(1)

@@ -10,8 +10,9 @@ Every layer-wise optimizer here is "a base direction + a layer-wise rule"
   non-finite gradient is left untouched, weights and state alike (its coefficients become
   the identity and its gradient is replaced by zeros) and ``found_inf`` is raised;
 * runs the algorithm's ``_update`` on an execution path, all tested equal:
-  ``"per_tensor"`` (the readable reference), ``"foreach"`` (``_paths.py``) and
-  ``"compiled"`` (``_compiled.py``, for classes that declare ``compilable = True``);
+  ``"per_tensor"`` (the readable reference), ``"foreach"`` (``_paths.py``),
+  ``"compiled"`` (``_compiled.py``, for classes that declare ``compilable = True``) and
+  ``"native"`` (``_native.py``: the rule in C++, for classes that declare ``_native_rule``);
 * hands DTensor parameters (FSDP2, tensor parallelism) to ``_sharded.py``: the same
   ``_update`` on the local shards, with the norms of the full tensors (SPEC "Notation") of
   all tensors of the step reduced in one collective (docs/algorithms.md, section 13).
@@ -56,14 +57,15 @@ import torch
 from torch import Tensor
 
 from .._validation import HyperparameterError, check, check_nonneg
-from . import _compiled, _sharded
+from . import _compiled, _native, _sharded
 from ._paths import Foreach, PerTensor, Replay, TensorList
 
 __all__ = ["LayerwiseOptimizer", "HyperparameterError", "PATHS", "zero_norm_safe_ratio", "select",
            "state_dtype", "compute_dtype", "SUPPORTED_DTYPES"]
 
-PATHS = ("per_tensor", "foreach", "compiled")
-_PATH_IMPL = {"per_tensor": PerTensor, "foreach": Foreach, "compiled": _compiled.Compiled}
+PATHS = ("per_tensor", "foreach", "compiled", "native")
+_PATH_IMPL = {"per_tensor": PerTensor, "foreach": Foreach, "compiled": _compiled.Compiled,
+              "native": _native.Native}
 
 #: parameter dtypes the optimizers accept (docs/algorithms.md, "Precision")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
@@ -127,9 +129,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     ``step()`` free of host values (step counters already live there), so the step can be
     captured in a CUDA graph; LR schedulers update such a tensor in place.
 
-    ``path``: ``None`` picks the fastest path for the device (``"compiled"`` on CPU for a
-    class with ``compilable = True``, ``"foreach"`` otherwise); ``"per_tensor"`` forces the
-    reference loop; ``"compiled"`` for a class that is not compilable raises ``ValueError``.
+    ``path``: ``None`` picks the fastest path for the device (on CPU ``"native"`` for a class
+    that declares ``_native_rule``, else ``"compiled"`` for a class with ``compilable = True``;
+    ``"foreach"`` otherwise); ``"per_tensor"`` forces the reference loop; ``"compiled"`` for a
+    class that is not compilable, or ``"native"`` for one without a rule, raises ``ValueError``.
     """
 
     #: The compiled path's contract (``_compiled.py``), declared by each class in its own
@@ -158,8 +161,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             raise HyperparameterError(
                 "path", f"path='compiled': {type(self).__name__} does not declare `compilable = True` in its "
                 "class body (see docs/optimizers.md, 'Adding an optimizer'); use path='foreach'")
+        if path == "native" and not _native.rule_of(type(self)):
+            raise HyperparameterError(
+                "path", f"path='native': {type(self).__name__} has no native kernel (only the classes that "
+                "declare `_native_rule` in their class body: LARS, TVLARS, CLARS, LALC, LAMB); use path='compiled'")
         self.path = path
         self._compilable = self.is_compilable()  # read in step(): dynamo cannot trace cls.__dict__
+        self._native_rule = _native.rule_of(type(self))
         self.track_stats = False
         self._stats: list[dict[str, Any]] = []
         #: the last step's output: a 0-d bool device tensor, ``True`` when it left a tensor
@@ -314,6 +322,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _path_for(self, device: torch.device) -> str:
         if self.path is not None:
             return self.path
+        if self._native_rule and _native.default_path(device) == "native":
+            return "native"
         return _compiled.default_path(device) if self._compilable else "foreach"
 
     @staticmethod
@@ -356,7 +366,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             for (device, _, mesh), params in buckets.items():
                 P = _PATH_IMPL[self._path_for(device)]
                 if mesh is not None:  # DTensor parameters: all of the step's norms in one collective
-                    sharded.append((group, params, P))
+                    sharded.append((group, params, _compiled.Compiled if P is _native.Native else P))
                     continue
                 fin = self._run(group, params, P, amp)
                 bad = ~fin.all()
@@ -385,7 +395,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                                                         self._states(group, params))
         scale, ok = amp.scale(work[0]) if amp else None, amp.ok(work[0].device) if amp else None
         counters = _Counters(states) if ok is not None else None
-        if P is _compiled.Compiled:
+        if P is _compiled.Compiled or P is _native.Native:
             fin, trust, lr, wn, gn = P.run(self, group, work, grads, states, scale, ok)
         elif P is Foreach:
             w, g = TensorList(work), TensorList(grads)

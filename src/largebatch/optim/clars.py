@@ -88,6 +88,7 @@ class CLARS(_TrustMomentum):
 
     _nesterov_only = True
     compilable = True
+    _native_rule = "lars"  # _native.cpp
 
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 1e-2,
                  weight_decay: float = 0.0, eps: float = 0.0, adapt: bool = True, *,

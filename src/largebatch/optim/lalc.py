@@ -41,6 +41,7 @@ class LALC(LayerwiseOptimizer):
     """
 
     compilable = True
+    _native_rule = "lalc"  # _native.cpp
 
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 0.01, dampening: float = 0.0,
                  nesterov: bool = False, eps: float = 1e-8, weight_decay: float = 0.0, adapt: bool = True,

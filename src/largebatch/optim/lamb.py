@@ -42,6 +42,7 @@ class LAMB(LayerwiseOptimizer):
     """
 
     compilable = True
+    _native_rule = "lamb"  # _native.cpp
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, max_trust: float | None = None, adapt: bool = True,

@@ -103,6 +103,7 @@ class LARS(_TrustMomentum):
     """
 
     compilable = True
+    _native_rule = "lars"  # _native.cpp
 
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 1e-3,
                  weight_decay: float = 0.0, nesterov: bool = False, eps: float = 0.0,

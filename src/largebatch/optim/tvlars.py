@@ -53,6 +53,7 @@ class TVLARS(_TrustMomentum):
 
     _nesterov_only = True
     compilable = True
+    _native_rule = "lars"  # _native.cpp
 
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 1e-3,
                  lam: float = 1e-4, alpha: float = 1.0, delay: float = 0, gamma_min: float = 0.0,

@@ -20,7 +20,7 @@ MODELS = ("mlp", "resnet20", "resnet32", "resnet44", "resnet56", "resnet18", "re
 INITS = ("default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 SCHEDULES = ("auto", "none", "cosine", "poly")
 SCALING = ("none", "linear", "sqrt", "auto")
-OPTIMIZER_PATHS = ("auto", "per_tensor", "foreach", "compiled")
+OPTIMIZER_PATHS = ("auto", "per_tensor", "foreach", "compiled", "native")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ACTIVATIONS = ("relu", "tanh", "gelu", "silu", "leaky_relu", "identity")
 STEMS = ("cifar", "imagenet")
@@ -63,7 +63,7 @@ class TrainConfig:
     # optimizer
     optimizer: str = field(default="lars", metadata={"help": "a registered optimizer: `largebatch optimizers` lists them"})
     optimizer_path: str = field(default="auto", metadata={"help": "largebatch optimizers' execution path: auto (fastest "
-                                                            "for the device), per_tensor, foreach or compiled"})
+                                                            "for the device), per_tensor, foreach, compiled or native"})
     lr: float = field(default=0.1, metadata={"help": "base learning rate (before the scaling rule)"})
     lr_scaling: str = field(default="none", metadata={"help": "none, linear (lr*B/B0), sqrt (lr*sqrt(B/B0)) or auto "
                                                        "(the optimizer's rule, see `largebatch optimizers`)"})

@@ -1,0 +1,467 @@
+// The "native" execution path's kernels (see _native.py): one call per (group, dtype) bucket
+// updates every tensor of it, the whole rule of LARS / TVLARS / CLARS, LALC or LAMB
+// (docs/algorithms.md) in C++, built on first use with -O3 -march=native -fopenmp.
+//
+// Per tensor, inside one OpenMP region: pass 1 reads the tensor once for its sums of squares
+// (||w||^2, ||g||^2 and, for LALC / LAMB, ||h||^2 / ||r||^2 of the update direction, computed
+// and dropped), the threads meet at one barrier, every thread computes the tensor's scalars
+// (trust ratio, layer learning rate) from the same sums, and pass 2 applies the update to the
+// same slice of the tensor that the thread read in pass 1 (still in its L2/L3 cache: the two
+// passes cost about one trip to memory). Tensors under SPLIT elements are done whole by one
+// thread, without a barrier.
+//
+// Every loop is specialized at compile time on what varies per call (a GradScaler, weight
+// decay, momentum, Nesterov: branch() below), so that each is one straight vector loop.
+//
+// The element-wise arithmetic follows the reference ``_update`` of each class operation by
+// operation, in the parameters' dtype (built with -ffp-contract=off: no fused multiply-adds
+// the reference does not make). Sums of squares accumulate in the dtype over blocks of BLOCK
+// elements (a vector register per lane) and in double across blocks. The per-tensor scalars
+// follow SPEC "Precision": computed in the parameters' dtype.
+#include <cmath>
+#include <cstdint>
+#include <omp.h>
+
+#include <type_traits>
+
+namespace {
+
+// the small lambdas of the loops below are inlined into them (else nothing vectorizes)
+#define LB_INLINE __attribute__((always_inline))
+
+constexpr int64_t BLOCK = 256;     // elements per float partial sum
+constexpr int64_t SPLIT = 1 << 15;  // tensors at least this large are split among the threads
+constexpr int64_t ALIGN = 1024;     // a thread's slice starts at a multiple of this
+
+struct Args {
+    int64_t n, nthreads;
+    const int64_t* numel;
+    void* const* w;
+    void* const* g;
+    void* const* s0;          // velocity / momentum_buffer / exp_avg, or null
+    void* const* s1;          // exp_avg_sq, or null
+    int64_t* const* count;    // step counters (LALC, LAMB), or null
+    const void* lrf;          // per tensor: lr factor (TVLARS phi(t)), or null
+    const void* tn;           // per tensor: the trust ratio's norm in place of ||g|| (CLARS), or null
+    const void* scale;        // 0-d: GradScaler's grad_scale, or null
+    const bool* ok;           // 0-d: no inf found by the GradScaler, or null
+    double lr, mu, wd, eta, eps, damp, b1, b2, log_b1, log_b2, max_trust;
+    int64_t adapt, nesterov, clip, has_max_trust;
+    void* out;                // n x 5: fin, trust, lr_k, ||w||, ||g||
+    double* scratch;          // n x nthreads x 3 partial sums
+};
+
+template <class T>
+inline bool finite(T x) { return std::isfinite(x); }
+
+// min that propagates NaN (torch.minimum)
+template <class T>
+inline T nan_min(T a, T b) { return (std::isnan(a) || a < b) ? a : b; }
+
+// f(std::true_type) or f(std::false_type): a run-time flag as a compile-time constant
+template <class F>
+inline void branch(bool b, F&& f) {
+    if (b) f(std::true_type{});
+    else f(std::false_type{});
+}
+
+// sums of squares over [s, e) of w, of the unscaled gradient and of the rule's x (the update
+// direction of LALC / LAMB; 0 for the LARS family), x spelled by the rule as a function of
+// (i, unscaled g[i]) with its flags resolved (Rule::with_x)
+template <class T, class Rule>
+void sums(const Rule& R, int64_t t, int64_t s, int64_t e, bool skipped, double out[3]) {
+    const T* w = static_cast<const T*>(R.a.w[t]);
+    const T* g = static_cast<const T*>(R.a.g[t]);
+    const T scale = R.scale;
+    double sw = 0, sg = 0, sx = 0;
+    branch(R.has_scale, [&](auto HS) {
+        R.with_x(t, skipped, [&](auto xf) {
+            const T* const wp = w;   // locals, not captured references (those became gathers)
+            const T* const gp = g;
+            const T sc = scale;
+            for (int64_t b = s; b < e; b += BLOCK) {
+                const int64_t be = b + BLOCK < e ? b + BLOCK : e;
+                T aw = 0, ag = 0, ax = 0;
+#pragma omp simd reduction(+ : aw, ag, ax)
+                for (int64_t i = b; i < be; ++i) {
+                    const T gi = HS ? gp[i] / sc : gp[i];
+                    const T xi = xf(i, gi);
+                    aw += wp[i] * wp[i];
+                    ag += gi * gi;
+                    ax += xi * xi;
+                }
+                sw += aw;
+                sg += ag;
+                sx += ax;
+            }
+        });
+    });
+    out[0] = sw;
+    out[1] = sg;
+    out[2] = sx;
+}
+
+// Per tensor: pass 1 (sums), scalars, pass 2 (update), split among the threads or not.
+template <class T, class Rule>
+void run(Rule& R) {
+    const Args& a = R.a;
+    const int64_t n = a.n;
+#pragma omp parallel num_threads(static_cast<int>(a.nthreads))
+    {
+        const int nth = omp_get_num_threads(), me = omp_get_thread_num();
+        // small tensors: one thread each, no barrier
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t t = 0; t < n; ++t) {
+            const int64_t N = a.numel[t];
+            if (N >= SPLIT && nth > 1) continue;
+            double s[3];
+            sums<T>(R, t, 0, N, false, s);
+            typename Rule::Scalars c = R.scalars(t, s);
+            if (!c.fin && Rule::kSkipNorm) {   // the norm of the direction of a skipped tensor
+                sums<T>(R, t, 0, N, true, s);
+                R.skipped(c, s);
+            }
+            if (c.fin) R.apply(t, 0, N, c);
+            R.write(t, c);
+        }
+        // large tensors: a slice per thread, the same slice in both passes
+        if (nth > 1) {
+            for (int64_t t = 0; t < n; ++t) {
+                const int64_t N = a.numel[t];
+                if (N < SPLIT) continue;
+                const int64_t chunk = ((N + nth - 1) / nth + ALIGN - 1) / ALIGN * ALIGN;
+                const int64_t s0 = me * chunk < N ? me * chunk : N;
+                const int64_t e0 = s0 + chunk < N ? s0 + chunk : N;
+                double* part = a.scratch + 3 * (t * nth);
+                sums<T>(R, t, s0, e0, false, part + 3 * me);
+#pragma omp barrier
+                double s[3] = {0, 0, 0};
+                for (int k = 0; k < nth; ++k)
+                    for (int j = 0; j < 3; ++j) s[j] += part[3 * k + j];
+                typename Rule::Scalars c = R.scalars(t, s);
+                if (!c.fin && Rule::kSkipNorm) {  // rare: every thread takes this branch alike
+#pragma omp barrier
+                    sums<T>(R, t, s0, e0, true, part + 3 * me);
+#pragma omp barrier
+                    for (int j = 0; j < 3; ++j) s[j] = 0;
+                    for (int k = 0; k < nth; ++k)
+                        for (int j = 0; j < 3; ++j) s[j] += part[3 * k + j];
+                    R.skipped(c, s);
+                }
+                if (c.fin) R.apply(t, s0, e0, c);
+                if (Rule::kCounts) {   // the step counter is read above by every thread
+#pragma omp barrier
+                }
+                if (me == 0) R.write(t, c);
+            }
+        }
+    }
+}
+
+template <class T>
+struct Base {
+    const Args& a;
+    const T scale;
+    const bool has_scale, ok;
+    explicit Base(const Args& args)
+        : a(args),
+          scale(args.scale ? *static_cast<const T*>(args.scale) : T(1)),
+          has_scale(args.scale != nullptr),
+          ok(args.ok ? *args.ok : true) {}
+    inline void out5(int64_t t, bool fin, T trust, T lrk, T wn, T gn) const {
+        T* o = static_cast<T*>(a.out) + 5 * t;
+        o[0] = fin ? T(1) : T(0);
+        o[1] = trust;
+        o[2] = lrk;
+        o[3] = wn;
+        o[4] = gn;
+    }
+    // an update loop body f(i, g_i, d_i) over [s, e) with the unscaled gradient g_i and the
+    // direction d_i = g_i + wd w_i (reference: g.div(scale), g.add_(w, alpha=wd))
+    template <class F>
+    void each(int64_t t, int64_t s, int64_t e, F&& f) const {
+        const T* w = static_cast<const T*>(a.w[t]);
+        const T* g = static_cast<const T*>(a.g[t]);
+        const T sc = scale, wd = static_cast<T>(a.wd);
+        branch(has_scale, [&](auto HS) {
+            branch(a.wd != 0, [&](auto WD) {
+                const T* const wp = w;
+                const T* const gp = g;
+                const T scl = sc, wdl = wd;
+                const F body = f;
+#pragma omp simd
+                for (int64_t i = s; i < e; ++i) {
+                    const T gi = HS ? gp[i] / scl : gp[i];
+                    const T di = WD ? gi + wdl * wp[i] : gi;
+                    body(i, gi, di);
+                }
+            });
+        });
+    }
+};
+
+// ---------------------------------------------------------------- LARS, TVLARS, CLARS (lars.py)
+template <class T>
+struct Lars : Base<T> {
+    using Base<T>::Base;
+    using Base<T>::a;
+    static constexpr bool kSkipNorm = false, kCounts = false;
+    struct Scalars { bool fin; T trust, lrk, wn, gn; };
+
+    template <class F>
+    void with_x(int64_t, bool, F&& f) const { f([](int64_t, T) LB_INLINE { return T(0); }); }
+
+    Scalars scalars(int64_t t, const double s[3]) const {
+        const T wn = static_cast<T>(std::sqrt(s[0])), gn = static_cast<T>(std::sqrt(s[1]));
+        Scalars c;
+        c.fin = finite(gn) && this->ok;
+        c.wn = wn;
+        c.gn = gn;
+        T trust = T(1);
+        if (a.adapt) {   // zero_norm_safe_ratio(||w||, norm + wd ||w||, eta, eps), clip at 1
+            const T norm = a.tn ? static_cast<const T*>(a.tn)[t] : gn;
+            const T den = norm + static_cast<T>(a.wd) * wn;
+            if (wn > 0 && den > 0) trust = static_cast<T>(a.eta) * wn / (den + static_cast<T>(a.eps));
+            if (a.clip && trust > T(1)) trust = T(1);
+        }
+        c.trust = trust;
+        const T f = a.lrf ? static_cast<const T*>(a.lrf)[t] : T(1);
+        c.lrk = static_cast<T>(a.lr) * f * trust;
+        return c;
+    }
+    void skipped(Scalars&, const double*) const {}
+    void write(int64_t t, const Scalars& c) const { this->out5(t, c.fin, c.trust, c.lrk, c.wn, c.gn); }
+
+    // v = mu v + lr_k d; w -= v (Nesterov: w = (w - mu v) - lr_k d); no momentum: w -= lr_k d
+    void apply(int64_t t, int64_t s, int64_t e, const Scalars& c) const {
+        T* w = static_cast<T*>(a.w[t]);
+        const T mu = static_cast<T>(a.mu), nmu = -mu, lrk = c.lrk, step = -c.lrk;
+        if (a.mu == 0) {
+            this->each(t, s, e, [=](int64_t i, T, T d) LB_INLINE { w[i] = w[i] + d * step; });
+            return;
+        }
+        T* v = static_cast<T*>(a.s0[t]);
+        if (a.nesterov) {
+            this->each(t, s, e, [=](int64_t i, T, T d) LB_INLINE {
+                const T vi = v[i] * mu + d * lrk;
+                v[i] = vi;
+                const T w1 = w[i] + vi * nmu;
+                w[i] = w1 + d * step;
+            });
+        } else {
+            this->each(t, s, e, [=](int64_t i, T, T d) LB_INLINE {
+                const T vi = v[i] * mu + d * lrk;
+                v[i] = vi;
+                w[i] = w[i] - vi;
+            });
+        }
+    }
+};
+
+// ---------------------------------------------------------------- LALC (lalc.py)
+template <class T>
+struct Lalc : Base<T> {
+    using Base<T>::a;
+    static constexpr bool kSkipNorm = true, kCounts = true;
+    struct Scalars { bool fin; T trust, lrk, wn, gn, cd; };
+    explicit Lalc(const Args& args) : Base<T>(args) {}
+
+    // the buffer's factor on d: 1 at a tensor's first update (buf = d), else 1 - dampening
+    T coef_d(int64_t t) const {
+        return a.mu == 0 || *a.count[t] == 0 ? T(1) : static_cast<T>(1.0 - a.damp);
+    }
+    // h of the reference for a finite gradient; for a skipped tensor, h of its zeroed
+    // gradient with the buffer left as it is
+    template <class F>
+    void with_x(int64_t t, bool skipped, F&& f) const {
+        const T* w = static_cast<const T*>(a.w[t]);
+        const T* buf = static_cast<const T*>(a.mu != 0 ? a.s0[t] : nullptr);
+        const T wd = static_cast<T>(a.wd), mu = static_cast<T>(a.mu), cd = coef_d(t);
+        branch(skipped, [&](auto SK) {
+            branch(a.wd != 0, [&](auto WD) {
+                auto d_of = [=](int64_t i, T gi) LB_INLINE {
+                    const T gz = SK ? T(0) : gi;
+                    return WD ? gz + wd * w[i] : gz;
+                };
+                if (a.mu == 0) {
+                    f(d_of);
+                } else if (a.nesterov) {
+                    f([=](int64_t i, T gi) LB_INLINE {
+                        const T d = d_of(i, gi);
+                        const T b = SK ? buf[i] : buf[i] * mu + d * cd;
+                        return d + mu * b;
+                    });
+                } else {
+                    f([=](int64_t i, T gi) LB_INLINE { return SK ? buf[i] : buf[i] * mu + d_of(i, gi) * cd; });
+                }
+            });
+        });
+    }
+
+    Scalars scalars(int64_t t, const double s[3]) const {
+        Scalars c;
+        c.wn = static_cast<T>(std::sqrt(s[0]));
+        c.gn = static_cast<T>(std::sqrt(s[1]));
+        c.fin = finite(c.gn) && this->ok;
+        c.cd = coef_d(t);
+        set_lr(c, static_cast<T>(std::sqrt(s[2])));
+        return c;
+    }
+    // lr_k = min(lr, eta ||w|| / (||h|| + eps)) where ||w|| ||h|| > 0, else lr
+    void set_lr(Scalars& c, T hn) const {
+        const T lr = static_cast<T>(a.lr);
+        T lrk = lr;
+        if (a.adapt) {
+            const T local = static_cast<T>(a.eta) * c.wn / (hn + static_cast<T>(a.eps));
+            if (c.wn * hn > 0) lrk = nan_min(local, lr);
+        }
+        c.lrk = lrk;
+        c.trust = lr > 0 ? lrk / lr : T(1);
+    }
+    void skipped(Scalars& c, const double s[3]) const { set_lr(c, static_cast<T>(std::sqrt(s[2]))); }
+    void write(int64_t t, const Scalars& c) const {
+        this->out5(t, c.fin, c.trust, c.lrk, c.wn, c.gn);
+        if (c.fin && a.mu != 0) *a.count[t] += 1;
+    }
+
+    // buf = mu buf + c d; h = buf (Nesterov: d + mu buf); w -= lr_k h
+    void apply(int64_t t, int64_t s, int64_t e, const Scalars& c) const {
+        T* w = static_cast<T*>(a.w[t]);
+        const T mu = static_cast<T>(a.mu), step = -c.lrk, cd = c.cd;
+        if (a.mu == 0) {
+            this->each(t, s, e, [=](int64_t i, T, T d) LB_INLINE { w[i] = w[i] + d * step; });
+            return;
+        }
+        T* buf = static_cast<T*>(a.s0[t]);
+        if (a.nesterov) {
+            this->each(t, s, e, [=](int64_t i, T, T d) LB_INLINE {
+                const T b = buf[i] * mu + d * cd;
+                buf[i] = b;
+                w[i] = w[i] + (d + mu * b) * step;
+            });
+        } else {
+            this->each(t, s, e, [=](int64_t i, T, T d) LB_INLINE {
+                const T b = buf[i] * mu + d * cd;
+                buf[i] = b;
+                w[i] = w[i] + b * step;
+            });
+        }
+    }
+};
+
+// ---------------------------------------------------------------- LAMB (lamb.py)
+template <class T>
+struct Lamb : Base<T> {
+    using Base<T>::a;
+    static constexpr bool kSkipNorm = true, kCounts = true;
+    struct Corr { T rs2, ib1; };                 // rsqrt(1 - b2^n), 1 / (1 - b1^n)
+    struct Scalars { bool fin; T trust, lrk, wn, gn; Corr k; };
+    const T b1, b2, c1, c2, eps, wd;
+    explicit Lamb(const Args& args)
+        : Base<T>(args), b1(static_cast<T>(args.b1)), b2(static_cast<T>(args.b2)),
+          c1(static_cast<T>(1.0 - args.b1)), c2(static_cast<T>(1.0 - args.b2)),
+          eps(static_cast<T>(args.eps)), wd(static_cast<T>(args.wd)) {}
+
+    // bias corrections at update number n: 1 - b^n = -expm1(n log b) in the dtype (SPEC "Precision")
+    Corr corr(int64_t n) const {
+        const T tn = static_cast<T>(n);
+        const T bc1 = -std::expm1(tn * static_cast<T>(a.log_b1));
+        const T bc2 = -std::expm1(tn * static_cast<T>(a.log_b2));
+        return Corr{T(1) / std::sqrt(bc2), T(1) / bc1};
+    }
+    // a finite gradient makes this tensor's update number count + 1; a skipped tensor's r
+    // uses max(count, 1) (the reference's clamp)
+    Corr corr_of(int64_t t, bool skipped) const {
+        const int64_t n = *a.count[t];
+        return corr(skipped ? (n > 1 ? n : 1) : n + 1);
+    }
+    // r = m_hat / (sqrt(v_hat) + eps) (+ wd w), spelled as the reference
+    static inline T r_hat(T m1, T v1, T rs2, T ib1, T eps) {
+        const T r = std::sqrt(v1) * rs2 + eps;
+        return (T(1) / r) * m1 * ib1;
+    }
+    // r of the new moments (skipped: of the old ones)
+    template <class F>
+    void with_x(int64_t t, bool skipped, F&& f) const {
+        const T* w = static_cast<const T*>(a.w[t]);
+        const T* m = static_cast<const T*>(a.s0[t]);
+        const T* v = static_cast<const T*>(a.s1[t]);
+        const Corr k = corr_of(t, skipped);
+        const T rs2 = k.rs2, ib1 = k.ib1, b1_ = b1, b2_ = b2, c1_ = c1, c2_ = c2, eps_ = eps, wd_ = wd;
+        branch(skipped, [&](auto SK) {
+            branch(a.wd != 0, [&](auto WD) {
+                f([=](int64_t i, T gi) LB_INLINE {
+                    const T m1 = SK ? m[i] : m[i] * b1_ + c1_ * gi;
+                    const T v1 = SK ? v[i] : v[i] * b2_ + c2_ * gi * gi;
+                    const T r = r_hat(m1, v1, rs2, ib1, eps_);
+                    return WD ? r + wd_ * w[i] : r;
+                });
+            });
+        });
+    }
+
+    Scalars scalars(int64_t t, const double s[3]) const {
+        Scalars c;
+        c.wn = static_cast<T>(std::sqrt(s[0]));
+        c.gn = static_cast<T>(std::sqrt(s[1]));
+        c.fin = finite(c.gn) && this->ok;
+        c.k = corr_of(t, false);
+        set_lr(c, static_cast<T>(std::sqrt(s[2])));
+        return c;
+    }
+    void set_lr(Scalars& c, T rn) const {
+        T trust = T(1);
+        if (a.adapt) {   // zero_norm_safe_ratio(||w||, ||r||), optional clip
+            if (c.wn > 0 && rn > 0) trust = c.wn / rn;
+            if (a.has_max_trust && trust > static_cast<T>(a.max_trust)) trust = static_cast<T>(a.max_trust);
+        }
+        c.trust = trust;
+        c.lrk = static_cast<T>(a.lr) * trust;
+    }
+    void skipped(Scalars& c, const double s[3]) const { set_lr(c, static_cast<T>(std::sqrt(s[2]))); }
+    void write(int64_t t, const Scalars& c) const {
+        this->out5(t, c.fin, c.trust, c.lrk, c.wn, c.gn);
+        if (c.fin) *a.count[t] += 1;
+    }
+
+    // m, v updated; w -= lr_k r
+    void apply(int64_t t, int64_t s, int64_t e, const Scalars& c) const {
+        T* w = static_cast<T*>(a.w[t]);
+        T* m = static_cast<T*>(a.s0[t]);
+        T* v = static_cast<T*>(a.s1[t]);
+        const T b1_ = b1, b2_ = b2, c1_ = c1, c2_ = c2, eps_ = eps, wd_ = wd, step = -c.lrk;
+        const T rs2 = c.k.rs2, ib1 = c.k.ib1;
+        branch(this->has_scale, [&](auto HS) {
+            branch(a.wd != 0, [&](auto WD) {
+                const T* const g = static_cast<const T*>(a.g[t]);
+                T* const wl = w;
+                T* const ml = m;
+                T* const vl = v;
+                const T sc = this->scale;
+#pragma omp simd
+                for (int64_t i = s; i < e; ++i) {
+                    const T gi = HS ? g[i] / sc : g[i];
+                    const T m1 = ml[i] * b1_ + c1_ * gi;
+                    const T v1 = vl[i] * b2_ + c2_ * gi * gi;
+                    ml[i] = m1;
+                    vl[i] = v1;
+                    const T r0 = r_hat(m1, v1, rs2, ib1, eps_);
+                    const T r = WD ? r0 + wd_ * wl[i] : r0;
+                    wl[i] = wl[i] + r * step;
+                }
+            });
+        });
+    }
+};
+
+}  // namespace
+
+extern "C" {
+int largebatch_native_abi() { return 1; }
+void largebatch_lars_f32(const Args* a) { Lars<float> r(*a); run<float>(r); }
+void largebatch_lars_f64(const Args* a) { Lars<double> r(*a); run<double>(r); }
+void largebatch_lalc_f32(const Args* a) { Lalc<float> r(*a); run<float>(r); }
+void largebatch_lalc_f64(const Args* a) { Lalc<double> r(*a); run<double>(r); }
+void largebatch_lamb_f32(const Args* a) { Lamb<float> r(*a); run<float>(r); }
+void largebatch_lamb_f64(const Args* a) { Lamb<double> r(*a); run<double>(r); }
+}

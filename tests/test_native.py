@@ -1,0 +1,220 @@
+"""The ``native`` path (``optim/_native.py``, ``_native.cpp``; issue 14, item 1).
+
+* float64: every configuration of ``test_optim_reference.CASES`` against the independent
+  float64 reference of SPEC (``reference.py``) at 1e-12, on tensors split among the threads
+  (>= ``SPLIT`` elements) and whole ones, with 1 and 2 threads, a learning-rate schedule,
+  and non-finite gradients in a split and in a whole tensor (left untouched);
+* float32: equal to the per-tensor reference path, weights, state, step counters and the
+  layer statistics (those of skipped tensors included);
+* a GradScaler's inputs: a scaled step equals the unscaled one bitwise, ``found_inf`` leaves
+  everything as it was;
+* the library: built once and reused, a failed build warns once and falls back; the rule is
+  not inherited by subclasses.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from largebatch.optim import LALC, LAMB, LARS, TVLARS, _native
+from largebatch.optim._engine import HyperparameterError
+from reference import Reference
+from test_optim_reference import CASES, LR
+
+SPLIT = 1 << 15          # _native.cpp: tensors at least this large are split among the threads
+SHAPES = {"big": (SPLIT // 64 + 3, 64), "mid": (40, 30), "small": (7, 5), "bias": (33,)}
+STEPS = 6
+BAD = {2: "big", 4: "mid"}    # step -> tensor with a non-finite gradient
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    n = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(n)
+
+
+def make_params(dtype):
+    g = torch.Generator().manual_seed(0)
+    ps = {k: nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for k, s in SHAPES.items()}
+    with torch.no_grad():
+        ps["small"].zero_()      # the zero-norm rule
+    return ps
+
+
+def groups(ps, wd):
+    return [dict(params=[ps["big"], ps["mid"], ps["small"]], weight_decay=wd),
+            dict(params=[ps["bias"]], weight_decay=0.0, adapt=False)]
+
+
+def gradients(ps, t, gen, dtype):
+    grads = {k: torch.randn(p.shape, generator=gen, dtype=dtype) * 0.1 for k, p in ps.items()}
+    if t in BAD:
+        grads[BAD[t]][0, 1] = float("inf") if t % 2 == 0 else float("nan")
+    return grads
+
+
+def run(cls, kw, path, dtype, wd=5e-3, scale=None, hook=None):
+    ps = make_params(dtype)
+    opt = cls(groups(ps, wd), path=path, **kw)
+    opt.track_stats = True
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    gen = torch.Generator().manual_seed(1)
+    stats, found = [], []
+    for t in range(STEPS):
+        grads = gradients(ps, t, gen, dtype)
+        for k, p in ps.items():
+            p.grad = grads[k] * scale if scale is not None else grads[k]
+        if scale is not None:    # what GradScaler.step hands an optimizer that unscales itself
+            opt.grad_scale = torch.tensor(scale, dtype=torch.float32)
+            opt.found_inf = torch.tensor(0.0)
+        if hook:
+            hook(t, opt)
+        opt.step()
+        if hasattr(opt, "grad_scale"):   # the scaler deletes its inputs after the step
+            del opt.grad_scale
+        del opt.found_inf
+        sched.step()
+        stats.append(opt.layer_stats())
+        found.append(bool(opt.last_found_inf))
+    return ps, opt, stats, found
+
+
+def ran_native():
+    assert _native._LIB is not None and _native.available()
+
+
+@pytest.mark.parametrize("cls,algo,kw", CASES, ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(CASES)])
+def test_float64_matches_reference(cls, algo, kw, threads, kernel_sized):
+    kw = dict(kw)
+    lr = kw.pop("lr", LR[algo])
+    ps = make_params(torch.float64)
+    opt = cls(groups(ps, 5e-3), lr=lr, path="native", **kw)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    names = {id(p): k for k, p in ps.items()}
+    where = {names[id(p)]: (g["adapt"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    ref = Reference(algo, dict(ps), where, **kw)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(STEPS):
+        grads = gradients(ps, t, gen, torch.float64)
+        for k, p in ps.items():
+            p.grad = grads[k]
+        ref.step(grads, opt.param_groups[0]["lr"], skip={BAD[t]} if t in BAD else ())
+        opt.step()
+        sched.step()
+        assert bool(opt.last_found_inf) == (t in BAD)
+        for k, p in ps.items():
+            torch.testing.assert_close(p.detach(), ref.w[k], rtol=1e-12, atol=1e-14,
+                                       msg=lambda m: f"{cls.__name__} {kw} step {t} tensor {k}: {m}")
+    moved = max(float((p.detach() - w0.detach()).abs().max()) for p, w0 in zip(ps.values(), make_params(torch.float64).values()))
+    assert moved > 1e-3   # not vacuous
+    ran_native()
+
+
+NAMED = {"LARS": (LARS, dict(lr=1.0, eta=0.02, nesterov=True, trust_clip=True, eps=1e-3)),
+         "TVLARS": (TVLARS, dict(lr=1.0, eta=0.02, lam=0.2, delay=2)),
+         "LALC": (LALC, dict(lr=0.5, eta=0.05, dampening=0.2)),
+         "LALC-nesterov": (LALC, dict(lr=0.5, eta=0.05, nesterov=True)),
+         "LAMB": (LAMB, dict(lr=0.05, betas=(0.8, 0.99), max_trust=2.0))}
+
+
+def assert_runs_close(a, b, rtol, atol):
+    (ps_a, opt_a, st_a, f_a), (ps_b, opt_b, st_b, f_b) = a, b
+    assert f_a == f_b == [t in BAD for t in range(STEPS)]
+    for k in ps_a:
+        torch.testing.assert_close(ps_a[k], ps_b[k], rtol=rtol, atol=atol, msg=lambda m: f"weights {k}: {m}")
+        for key, v in opt_b.state[ps_b[k]].items():
+            torch.testing.assert_close(opt_a.state[ps_a[k]][key], v, rtol=rtol, atol=atol,
+                                       msg=lambda m: f"state {key} of {k}: {m}")
+    for t, (sa, sb) in enumerate(zip(st_a, st_b)):
+        for key in ("w_norm", "g_norm", "trust", "lr"):
+            torch.testing.assert_close(sa[key], sb[key], rtol=rtol, atol=atol, equal_nan=True,
+                                       msg=lambda m: f"step {t} layer stat {key}: {m}")
+
+
+@pytest.mark.parametrize("name", list(NAMED))
+def test_float32_matches_per_tensor_path(name, threads, kernel_sized):
+    cls, kw = NAMED[name]
+    ref = run(cls, kw, "per_tensor", torch.float32)
+    got = run(cls, kw, "native", torch.float32)
+    assert_runs_close(got, ref, rtol=2e-5, atol=1e-6)
+    ran_native()
+
+
+@pytest.mark.parametrize("name", list(NAMED))
+def test_grad_scaler_inputs(name, kernel_sized):
+    """A scaled run (gradients times 2^10, ``grad_scale`` set) equals the plain run bitwise;
+    a step with ``found_inf`` set leaves weights, state and counters as they were."""
+    cls, kw = NAMED[name]
+    plain = run(cls, kw, "native", torch.float32)
+    scaled = run(cls, kw, "native", torch.float32, scale=1024.0)
+    assert_runs_close(scaled, plain, rtol=0, atol=0)
+
+    def found_inf_at_3(t, opt):
+        if t == 3:
+            opt.grad_scale = torch.tensor(1.0)
+            opt.found_inf = torch.tensor(1.0)
+
+    def skip_3(t, opt):
+        if t == 3:
+            for p in opt.param_groups[0]["params"] + opt.param_groups[1]["params"]:
+                p.grad = None
+    got = run(cls, kw, "native", torch.float32, hook=found_inf_at_3)
+    ps_g, opt_g = got[0], got[1]
+    ps_s, opt_s = run(cls, kw, "native", torch.float32, hook=skip_3)[:2]
+    for k in ps_g:
+        assert torch.equal(ps_g[k], ps_s[k]), k
+        for key, v in opt_s.state[ps_s[k]].items():
+            if key != "optimizer_steps":   # TVLARS: a step without gradients is not a step
+                assert torch.equal(opt_g.state[ps_g[k]][key], v), (k, key)
+
+
+def test_library_is_built_once_and_reused(kernel_sized, monkeypatch):
+    run(LARS, NAMED["LARS"][1], "native", torch.float32)
+    path = _native.library_path()
+    assert path.endswith(".so") and _native._LIB is not None
+    import os
+    assert os.path.exists(path)
+    monkeypatch.setattr(_native, "_LIB", None)
+    monkeypatch.setattr(_native, "_build", lambda path: pytest.fail("rebuilt an existing library"))
+    got = run(LARS, NAMED["LARS"][1], "native", torch.float32)
+    assert_runs_close(got, run(LARS, NAMED["LARS"][1], "per_tensor", torch.float32), rtol=2e-5, atol=1e-6)
+    ran_native()
+
+
+def test_failed_build_warns_once_and_falls_back(kernel_sized, monkeypatch, tmp_path):
+    monkeypatch.setenv("LARGEBATCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_native, "_compiler", lambda: str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(_native, "_LIB", None)
+    monkeypatch.setattr(_native, "_FAILED", False)
+    _native.library_path.cache_clear()
+    try:
+        ref = run(LALC, NAMED["LALC"][1], "compiled", torch.float32)
+        with pytest.warns(RuntimeWarning, match="native optimizer path is unavailable"):
+            got = run(LALC, NAMED["LALC"][1], "native", torch.float32)
+        assert_runs_close(got, ref, rtol=0, atol=0)          # it ran the compiled path
+        assert not _native.available()
+        opt = LALC([nn.Parameter(torch.ones(3))], lr=0.1)
+        assert opt._path_for(torch.device("cpu")) == "compiled"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            run(LALC, NAMED["LALC"][1], "native", torch.float32)   # no second warning, no second try
+    finally:
+        _native.library_path.cache_clear()
+
+
+def test_rule_is_declared_not_inherited():
+    class MyLARS(LARS):   # may change _update: the native LARS kernel would be wrong for it
+        pass
+
+    p = nn.Parameter(torch.ones(3))
+    assert _native.rule_of(LARS) == "lars" and _native.rule_of(MyLARS) is None
+    assert LARS([p], lr=0.1)._path_for(torch.device("cpu")) == "native"
+    assert MyLARS([p], lr=0.1)._path_for(torch.device("cpu")) == "foreach"   # `compilable` is not inherited either
+    with pytest.raises(HyperparameterError, match="path='native'"):
+        MyLARS([p], lr=0.1, path="native")
