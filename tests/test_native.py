@@ -218,3 +218,33 @@ def test_rule_is_declared_not_inherited():
     assert MyLARS([p], lr=0.1)._path_for(torch.device("cpu")) == "foreach"   # `compilable` is not inherited either
     with pytest.raises(HyperparameterError, match="path='native'"):
         MyLARS([p], lr=0.1, path="native")
+
+
+@pytest.mark.parametrize("name", list(NAMED))
+def test_same_bits_for_any_thread_count_and_vector_isa(name, kernel_sized, monkeypatch):
+    """The sums of squares run in a fixed order (16 lanes, blocks in order): 1 and 2 threads,
+    and a library built for baseline x86-64 (SSE2) instead of this CPU, give the same bits."""
+    cls, kw = NAMED[name]
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = run(cls, kw, "native", torch.float32)
+        torch.set_num_threads(1)
+        one = run(cls, kw, "native", torch.float32)
+    finally:
+        torch.set_num_threads(n)
+    assert_runs_close(one, two, rtol=0, atol=0)
+    import platform
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return
+    monkeypatch.setattr(_native, "FLAGS", tuple("-march=x86-64" if f == "-march=native" else f for f in _native.FLAGS))
+    monkeypatch.setattr(_native, "_LIB", None)
+    _native.library_path.cache_clear()
+    try:
+        torch.set_num_threads(2)
+        base = run(cls, kw, "native", torch.float32)
+        assert "-march=x86-64" in _native.FLAGS and _native._LIB is not None
+    finally:
+        torch.set_num_threads(n)
+        _native.library_path.cache_clear()
+    assert_runs_close(base, two, rtol=0, atol=0)

@@ -15,9 +15,11 @@
 //
 // The element-wise arithmetic follows the reference ``_update`` of each class operation by
 // operation, in the parameters' dtype (built with -ffp-contract=off: no fused multiply-adds
-// the reference does not make). Sums of squares accumulate in the dtype over blocks of BLOCK
-// elements (a vector register per lane) and in double across blocks. The per-tensor scalars
-// follow SPEC "Precision": computed in the parameters' dtype.
+// the reference does not make). Sums of squares accumulate in the dtype in LANES fixed lanes
+// over blocks of BLOCK elements, then in double, lane after lane and block after block: the
+// order is the source's, so the norms (and every result) are the same bits for any thread
+// count and any vector ISA. The per-tensor scalars follow SPEC "Precision": computed in the
+// parameters' dtype.
 #include <cmath>
 #include <cstdint>
 #include <omp.h>
@@ -29,9 +31,10 @@ namespace {
 // the small lambdas of the loops below are inlined into them (else nothing vectorizes)
 #define LB_INLINE __attribute__((always_inline))
 
-constexpr int64_t BLOCK = 256;     // elements per float partial sum
+constexpr int64_t LANES = 16;      // accumulators per sum of squares (see block_sums)
+constexpr int64_t BLOCK = 1024;    // elements per block sum (a multiple of LANES)
 constexpr int64_t SPLIT = 1 << 15;  // tensors at least this large are split among the threads
-constexpr int64_t ALIGN = 1024;     // a thread's slice starts at a multiple of this
+constexpr int64_t ALIGN = BLOCK;    // a thread's slice starts at a multiple of this
 
 struct Args {
     int64_t n, nthreads;
@@ -48,7 +51,8 @@ struct Args {
     double lr, mu, wd, eta, eps, damp, b1, b2, log_b1, log_b2, max_trust;
     int64_t adapt, nesterov, clip, has_max_trust;
     void* out;                // n x 5: fin, trust, lr_k, ||w||, ||g||
-    double* scratch;          // n x nthreads x 3 partial sums
+    const int64_t* block_offset;  // per tensor: its first block in scratch
+    double* scratch;          // 3 sums per block of BLOCK elements, tensor after tensor
 };
 
 template <class T>
@@ -65,40 +69,65 @@ inline void branch(bool b, F&& f) {
     else f(std::false_type{});
 }
 
-// sums of squares over [s, e) of w, of the unscaled gradient and of the rule's x (the update
-// direction of LALC / LAMB; 0 for the LARS family), x spelled by the rule as a function of
-// (i, unscaled g[i]) with its flags resolved (Rule::with_x)
-template <class T, class Rule>
-void sums(const Rule& R, int64_t t, int64_t s, int64_t e, bool skipped, double out[3]) {
-    const T* w = static_cast<const T*>(R.a.w[t]);
-    const T* g = static_cast<const T*>(R.a.g[t]);
-    const T scale = R.scale;
+// Sums of squares of one block [b, be) (at most BLOCK elements) of w, of the unscaled gradient
+// and of the rule's x (the update direction of LALC / LAMB; 0 for the LARS family), x spelled
+// by the rule as a function of (i, unscaled g[i]) with its flags resolved (Rule::with_x).
+// LANES accumulators in the dtype, each summing every LANES-th element, then added in double
+// in lane order: the order is fixed by this source, not by the vector width the compiler
+// picks, so every CPU (AVX2, AVX-512, NEON or none) gets the same bits.
+template <class T, bool HS, class XF>
+inline void block_sums(const T* w, const T* g, T sc, const XF& xf, int64_t b, int64_t be, double* out) {
+    T aw[LANES] = {}, ag[LANES] = {}, ax[LANES] = {};
+    const int64_t full = b + (be - b) / LANES * LANES;
+    for (int64_t i = b; i < full; i += LANES) {
+#pragma omp simd
+        for (int64_t j = 0; j < LANES; ++j) {
+            const T gi = HS ? g[i + j] / sc : g[i + j];
+            const T xi = xf(i + j, gi);
+            aw[j] += w[i + j] * w[i + j];
+            ag[j] += gi * gi;
+            ax[j] += xi * xi;
+        }
+    }
+    for (int64_t i = full; i < be; ++i) {
+        const int64_t j = i - full;
+        const T gi = HS ? g[i] / sc : g[i];
+        const T xi = xf(i, gi);
+        aw[j] += w[i] * w[i];
+        ag[j] += gi * gi;
+        ax[j] += xi * xi;
+    }
     double sw = 0, sg = 0, sx = 0;
-    branch(R.has_scale, [&](auto HS) {
-        R.with_x(t, skipped, [&](auto xf) {
-            const T* const wp = w;   // locals, not captured references (those became gathers)
-            const T* const gp = g;
-            const T sc = scale;
-            for (int64_t b = s; b < e; b += BLOCK) {
-                const int64_t be = b + BLOCK < e ? b + BLOCK : e;
-                T aw = 0, ag = 0, ax = 0;
-#pragma omp simd reduction(+ : aw, ag, ax)
-                for (int64_t i = b; i < be; ++i) {
-                    const T gi = HS ? gp[i] / sc : gp[i];
-                    const T xi = xf(i, gi);
-                    aw += wp[i] * wp[i];
-                    ag += gi * gi;
-                    ax += xi * xi;
-                }
-                sw += aw;
-                sg += ag;
-                sx += ax;
-            }
-        });
-    });
+    for (int64_t j = 0; j < LANES; ++j) {
+        sw += aw[j];
+        sg += ag[j];
+        sx += ax[j];
+    }
     out[0] = sw;
     out[1] = sg;
     out[2] = sx;
+}
+
+// The block sums of the blocks [s, e) covers (s a multiple of BLOCK), into out[3 * block].
+template <class T, class Rule>
+void sums(const Rule& R, int64_t t, int64_t s, int64_t e, bool skipped, double* out) {
+    const T* w = static_cast<const T*>(R.a.w[t]);
+    const T* g = static_cast<const T*>(R.a.g[t]);
+    const T sc = R.scale;
+    branch(R.has_scale, [&](auto HS) {
+        R.with_x(t, skipped, [&](auto xf) {
+            for (int64_t b = s; b < e; b += BLOCK)
+                block_sums<T, decltype(HS)::value>(w, g, sc, xf, b, b + BLOCK < e ? b + BLOCK : e,
+                                                   out + 3 * (b / BLOCK));
+        });
+    });
+}
+
+// The tensor's sums: its block sums added in block order (the same for any thread count).
+inline void total(const double* blocks, int64_t nblocks, double s[3]) {
+    s[0] = s[1] = s[2] = 0;
+    for (int64_t k = 0; k < nblocks; ++k)
+        for (int j = 0; j < 3; ++j) s[j] += blocks[3 * k + j];
 }
 
 // Per tensor: pass 1 (sums), scalars, pass 2 (update), split among the threads or not.
@@ -114,17 +143,21 @@ void run(Rule& R) {
         for (int64_t t = 0; t < n; ++t) {
             const int64_t N = a.numel[t];
             if (N >= SPLIT && nth > 1) continue;
+            double* blocks = a.scratch + 3 * a.block_offset[t];
+            const int64_t nb = (N + BLOCK - 1) / BLOCK;
             double s[3];
-            sums<T>(R, t, 0, N, false, s);
+            sums<T>(R, t, 0, N, false, blocks);
+            total(blocks, nb, s);
             typename Rule::Scalars c = R.scalars(t, s);
             if (!c.fin && Rule::kSkipNorm) {   // the norm of the direction of a skipped tensor
-                sums<T>(R, t, 0, N, true, s);
+                sums<T>(R, t, 0, N, true, blocks);
+                total(blocks, nb, s);
                 R.skipped(c, s);
             }
             if (c.fin) R.apply(t, 0, N, c);
             R.write(t, c);
         }
-        // large tensors: a slice per thread, the same slice in both passes
+        // large tensors: a slice of whole blocks per thread, the same slice in both passes
         if (nth > 1) {
             for (int64_t t = 0; t < n; ++t) {
                 const int64_t N = a.numel[t];
@@ -132,20 +165,18 @@ void run(Rule& R) {
                 const int64_t chunk = ((N + nth - 1) / nth + ALIGN - 1) / ALIGN * ALIGN;
                 const int64_t s0 = me * chunk < N ? me * chunk : N;
                 const int64_t e0 = s0 + chunk < N ? s0 + chunk : N;
-                double* part = a.scratch + 3 * (t * nth);
-                sums<T>(R, t, s0, e0, false, part + 3 * me);
+                double* blocks = a.scratch + 3 * a.block_offset[t];
+                const int64_t nb = (N + BLOCK - 1) / BLOCK;
+                double s[3];
+                sums<T>(R, t, s0, e0, false, blocks);
 #pragma omp barrier
-                double s[3] = {0, 0, 0};
-                for (int k = 0; k < nth; ++k)
-                    for (int j = 0; j < 3; ++j) s[j] += part[3 * k + j];
+                total(blocks, nb, s);
                 typename Rule::Scalars c = R.scalars(t, s);
                 if (!c.fin && Rule::kSkipNorm) {  // rare: every thread takes this branch alike
 #pragma omp barrier
-                    sums<T>(R, t, s0, e0, true, part + 3 * me);
+                    sums<T>(R, t, s0, e0, true, blocks);
 #pragma omp barrier
-                    for (int j = 0; j < 3; ++j) s[j] = 0;
-                    for (int k = 0; k < nth; ++k)
-                        for (int j = 0; j < 3; ++j) s[j] += part[3 * k + j];
+                    total(blocks, nb, s);
                     R.skipped(c, s);
                 }
                 if (c.fin) R.apply(t, s0, e0, c);
@@ -457,7 +488,8 @@ struct Lamb : Base<T> {
 }  // namespace
 
 extern "C" {
-int largebatch_native_abi() { return 1; }
+int largebatch_native_abi() { return 2; }
+int64_t largebatch_native_block() { return BLOCK; }
 void largebatch_lars_f32(const Args* a) { Lars<float> r(*a); run<float>(r); }
 void largebatch_lars_f64(const Args* a) { Lars<double> r(*a); run<double>(r); }
 void largebatch_lalc_f32(const Args* a) { Lalc<float> r(*a); run<float>(r); }

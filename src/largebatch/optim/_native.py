@@ -64,6 +64,8 @@ DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 _FAILED = False
 _LIB: Any = None
+#: elements per block sum of the kernels (``_native.cpp``; read from the library)
+BLOCK = 1024
 
 
 def available() -> bool:
@@ -92,7 +94,7 @@ class _Args(ctypes.Structure):
                 + [(k, ctypes.c_double) for k in ("lr", "mu", "wd", "eta", "eps", "damp", "b1", "b2", "log_b1",
                                                   "log_b2", "max_trust")]
                 + [(k, ctypes.c_int64) for k in ("adapt", "nesterov", "clip", "has_max_trust")]
-                + [(k, ctypes.c_void_p) for k in ("out", "scratch")])
+                + [(k, ctypes.c_void_p) for k in ("out", "block_offset", "scratch")])
 
 
 def _compiler() -> str | None:
@@ -144,8 +146,11 @@ def _lib():
             if not os.path.exists(path):
                 _build(path)
             lib = ctypes.CDLL(path)
-            if lib.largebatch_native_abi() != 1:
+            if lib.largebatch_native_abi() != 2:
                 raise OSError(f"{path}: unexpected ABI version")
+            lib.largebatch_native_block.restype = ctypes.c_int64
+            global BLOCK
+            BLOCK = lib.largebatch_native_block()
             for rule in ("lars", "lalc", "lamb"):
                 for suffix in DTYPES.values():
                     fn = getattr(lib, f"largebatch_{rule}_{suffix}")
@@ -262,8 +267,13 @@ def _call(lib, opt, group, params, grads, states, scale, ok):
         keep.append(ok.to(torch.bool).contiguous())
         a.ok = keep[-1].data_ptr()
     out = torch.empty((n, 5), dtype=dt)
-    scratch = torch.empty(3 * n * a.nthreads, dtype=torch.float64)
-    a.out, a.scratch = out.data_ptr(), scratch.data_ptr()
+    blocks = [(p.numel() + BLOCK - 1) // BLOCK for p in params]
+    offsets = [0]
+    for b in blocks[:-1]:
+        offsets.append(offsets[-1] + b)
+    keep.append(torch.tensor(offsets, dtype=torch.int64))
+    scratch = torch.empty(3 * (offsets[-1] + blocks[-1]), dtype=torch.float64)
+    a.out, a.block_offset, a.scratch = out.data_ptr(), keep[-1].data_ptr(), scratch.data_ptr()
     getattr(lib, f"largebatch_{rule}_{DTYPES[dt]}")(ctypes.byref(a))
     for counters in after:
         torch._foreach_add_(counters, 1)
