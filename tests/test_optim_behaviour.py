@@ -179,7 +179,10 @@ def test_torch_compile_of_a_training_step(name):
         return loss
 
     ref = copy.deepcopy(model)
-    ref_opt = ALL[name](ref.parameters())
+    # eager on foreach, the path a traced step takes: the first Linear's bias has a gradient of
+    # pure rounding noise under BatchNorm, which the trust ratio turns into O(1) steps, so only
+    # the same arithmetic agrees there
+    ref_opt = ALL[name](ref.parameters(), path="foreach")
     for _ in range(3):
         train_step()
         ref_opt.zero_grad()

@@ -1,4 +1,6 @@
-"""The ``"compiled"`` execution path: one fused kernel per large tensor (the CPU default).
+"""The ``"compiled"`` execution path: one fused kernel per large tensor (the CPU default for a
+class that declares ``compilable = True`` but no ``_native_rule``; the package's own rules run
+on the ``"native"`` path, ``_native.py``, by default, and take this one where it cannot build).
 
 Where the time of a layer-wise step goes on a CPU (measured with
 ``benchmarks/optimizer_step.py``, see ``docs/performance.md``): the eager paths make one

@@ -25,9 +25,10 @@ Intel Xeon; memory traffic is what every CPU shares). Measured: docs/performance
   (``"lars"``, ``"lalc"``, ``"lamb"``): a subclass, which may change ``_update``, does not
   inherit it and takes the ``compiled`` path. Per-step inputs come through the class's own
   hooks: ``_lr_factor`` (TVLARS's ``phi(t)``) and ``_trust_norm`` (CLARS's ``n_k``).
-* Tensors that are not contiguous (with their gradient and state) or not float32/float64
-  take the ``foreach`` path in one batch; a bucket whose tensors hold fewer than
-  ``_compiled.MIN_TOTAL`` elements takes it whole (small models never build the library).
+* Tensors that are not contiguous (with their gradient and state) take the ``foreach`` path
+  in one batch. An optimizer whose parameters hold fewer than ``_compiled.MIN_TOTAL`` elements
+  in all takes ``foreach`` (small models never build the library); a larger one runs every
+  bucket here, its biases and normalization parameters too.
 * A GradScaler's ``grad_scale`` / ``found_inf`` (``_engine.py``, "Mixed precision") are read
   by the kernel: the unscaling fuses into both passes; no host sync (the tensors are on the CPU).
 * No compiler, or ``LARGEBATCH_NO_COMPILE=1`` / ``LARGEBATCH_NO_NATIVE=1``: the ``compiled``
@@ -164,9 +165,9 @@ def _lib():
 
 
 def _fits(p: Tensor, g: Tensor, st: dict[str, Tensor]) -> bool:
-    return (p.dtype in DTYPES and p.device.type == "cpu" and p.is_contiguous() and g.is_contiguous()
-            and g.dtype == p.dtype
-            and all(v.is_contiguous() and v.dtype == p.dtype for v in st.values() if v.dim() > 0))
+    """Whether a tensor of a float32 / float64 CPU bucket can go through the kernel (the kernel
+    reads its weight, gradient and state as flat arrays; state has the weight's dtype)."""
+    return p.is_contiguous() and g.is_contiguous() and all(v.is_contiguous() for v in st.values())
 
 
 def _ptrs(ts: list[Tensor]) -> Tensor:
@@ -187,12 +188,15 @@ class Native:
         ``params`` order (``w_norm`` is ``None`` for a non-adapted group), as
         ``LayerwiseOptimizer._masked_update`` does."""
         n = len(params)
-        lib = _lib() if available() else None
-        if lib is None:
+        if not available() or params[0].dtype not in DTYPES or params[0].device.type != "cpu":
             return _compiled.Compiled.run(opt, group, params, grads, states, scale, ok)
-        idx = [i for i in range(n) if _fits(params[i], grads[i], states[i])]
-        if sum(params[i].numel() for i in idx) < _compiled.MIN_TOTAL:
-            idx = []
+        # an optimizer too small to pay for building the library (every test and demo model)
+        # takes foreach; a large one runs every bucket here, its biases and norm layers too
+        total = sum(p.numel() for g in opt.param_groups for p in g["params"])
+        idx = [i for i in range(n) if _fits(params[i], grads[i], states[i])] if total >= _compiled.MIN_TOTAL else []
+        lib = _lib() if idx else None
+        if idx and lib is None:   # the build failed (warned): the compiled path
+            return _compiled.Compiled.run(opt, group, params, grads, states, scale, ok)
         rows: list[Any] = [None] * n
         if idx:
             cols = _call(lib, opt, group, [params[i] for i in idx], [grads[i] for i in idx],
