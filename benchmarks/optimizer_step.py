@@ -6,14 +6,15 @@ Gradients are drawn once from a fixed seed (``N(0, 1e-2^2)``) and stay set; ever
 steps the same parameters (they drift slowly, which changes no timing).
 
 Implementations: every largebatch optimizer (LARS, TVLARS, LAMB, LALC) on each execution
-path (``per_tensor``, ``foreach``, ``compiled``; groups from ``param_groups``: weight decay
+path (``per_tensor``, ``foreach``, ``compiled``, ``native``: the CPU default, whose library is
+built at its first step when not cached, in the "first step" column; groups from ``param_groups``: weight decay
 and trust ratio on tensors with ``ndim > 1``), ``torch.optim.SGD`` (momentum 0.9) and
 ``torch.optim.Adam``, each with ``foreach=True`` and ``fused=True``, and the peers
 ``timm.optim.Lars``, ``timm.optim.Lamb``, ``pytorch_optimizer.LARS``,
 ``pytorch_optimizer.Lamb`` at their defaults (skipped with a note if not installed:
 ``pip install -e '.[bench]'``). CLARS is not timed: its step needs per-sample norms from a
-real backward pass; its update is TVLARS's with another norm in the trust ratio, and it
-runs on the ``foreach`` path (see ``largebatch/optim/_compiled.py``).
+real backward pass; its update is TVLARS's with another norm in the trust ratio (the same
+native kernel).
 
 Time: each implementation is warmed up (3 steps; the ``compiled`` path compiles on its first
 step, reported separately as "first step"), then timed for ``--rounds`` rounds; every round
