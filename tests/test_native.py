@@ -248,3 +248,13 @@ def test_same_bits_for_any_thread_count_and_vector_isa(name, kernel_sized, monke
         torch.set_num_threads(n)
         _native.library_path.cache_clear()
     assert_runs_close(base, two, rtol=0, atol=0)
+
+
+def test_optimizers_command_names_each_cpu_path(capsys):
+    from largebatch.cli import main
+    from largebatch.optim import registry
+    assert {n: registry.OPTIMIZERS[n].cpu_path for n in ("sgd", "lars", "tvlars", "lalc", "lamb", "clars")} == {
+        "sgd": "torch", "lars": "native", "tvlars": "native", "lalc": "native", "lamb": "native", "clars": "native"}
+    assert main(["optimizers"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("CPU path: native") == 5 and "native path (C++ kernels):" in out

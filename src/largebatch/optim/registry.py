@@ -20,6 +20,7 @@ the tests' tables (docs/optimizers.md, "Adding an optimizer").
 from __future__ import annotations
 
 import inspect
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -89,6 +90,15 @@ class OptimizerInfo:
     def compiled(self) -> bool:
         """Whether it runs on the compiled path (its class declares ``compilable = True``)."""
         return self.layerwise and self.cls.is_compilable()
+
+    @property
+    def cpu_path(self) -> str:
+        """Its default execution path on a CPU, for a model of 2^20 parameters or more: ``native``
+        (the class declares a C++ rule), ``compiled``, ``foreach`` or ``torch`` (a torch.optim class)."""
+        if not self.layerwise:
+            return "torch"
+        from . import _native
+        return "native" if _native.rule_of(self.cls) else "compiled" if self.compiled else "foreach"
 
     def defaults(self) -> dict[str, Any]:
         """The constructor's default of every keyword in :attr:`args` (its signature)."""
@@ -206,7 +216,7 @@ register(OptimizerInfo(
 def markdown_table() -> str:
     """The registry as the Markdown table of docs/optimizers.md (``largebatch optimizers``)."""
     rows = ["| `--optimizer` | class | rule | config fields (constructor default) | `schedule: auto` | "
-            "`lr_scaling: auto` | compiled path |",
+            "`lr_scaling: auto` | CPU path |",
             "|---|---|---|---|---|---|---|"]
     for info in OPTIMIZERS.values():
         defaults = info.defaults()
@@ -215,7 +225,7 @@ def markdown_table() -> str:
         cls = f"{'torch.optim' if info.cls.__module__.startswith('torch') else 'largebatch.optim'}.{info.cls.__name__}"
         summary = info.summary.replace("|", "\\|")  # norms' bars inside a table cell
         rows.append(f"| `{info.name}` | `{cls}` | {summary} | {fields} | {info.schedule} | "
-                    f"{info.lr_scaling} | {'yes' if info.compiled else 'no'} |")
+                    f"{info.lr_scaling} | {info.cpu_path} |")
     return "\n".join(rows)
 
 
@@ -234,5 +244,10 @@ def run(args) -> int:
         print(f"{'':8} flags: " + ", ".join(f"--{f.replace('_', '-')} ({defaults.get(a, '-')!r})"
                                            for f, a in info.args.items()))
         print(f"{'':8} schedule auto = {info.schedule}, lr_scaling auto = {info.lr_scaling}, "
-              f"compiled path: {'yes' if info.compiled else 'no'}")
+              f"CPU path: {info.cpu_path}")
+    from . import _native
+    state = ("built: " + _native.library_path() if os.path.exists(_native.library_path())
+             else "not built yet (built at the first step of a model of 2^20 parameters or more, ~4 s)")
+    print(f"\nnative path (C++ kernels): {state}" if _native.available()
+          else "\nnative path: off (LARGEBATCH_NO_NATIVE / LARGEBATCH_NO_COMPILE, or its build failed)")
     return 0
