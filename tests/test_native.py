@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -258,3 +259,42 @@ def test_optimizers_command_names_each_cpu_path(capsys):
     assert main(["optimizers"]) == 0
     out = capsys.readouterr().out
     assert out.count("CPU path: native") == 5 and "native path (C++ kernels):" in out
+
+
+@pytest.mark.parametrize("name", list(NAMED))
+def test_state_dict_resume_is_bitwise(name, kernel_sized):
+    """Stop after 3 steps, rebuild the optimizer from ``state_dict`` (a fresh process's view),
+    finish: the same bits as the uninterrupted run."""
+    cls, kw = NAMED[name]
+    whole = run(cls, kw, "native", torch.float32)
+
+    saved = {}
+
+    def stop_at_3(t, opt):
+        if t == 3:
+            saved["state"] = copy.deepcopy(opt.state_dict())
+            saved["weights"] = {k: p.detach().clone() for k, p in zip(SHAPES, opt.param_groups[0]["params"]
+                                                                       + opt.param_groups[1]["params"])}
+    run(cls, kw, "native", torch.float32, hook=stop_at_3)
+    ps = make_params(torch.float32)
+    with torch.no_grad():
+        for k, p in ps.items():
+            p.copy_(saved["weights"][k])
+    opt = cls(groups(ps, 5e-3), path="native", **kw)
+    opt.load_state_dict(saved["state"])
+    for group, lr in zip(opt.param_groups, (g["lr"] for g in saved["state"]["param_groups"])):
+        group["lr"] = lr     # the scheduler's lr at step 3 (run's LambdaLR: lr / (1 + t))
+    gen = torch.Generator().manual_seed(1)
+    for t in range(STEPS):
+        grads = gradients(ps, t, gen, torch.float32)
+        if t < 3:
+            continue
+        for k, p in ps.items():
+            p.grad = grads[k]
+        opt.step()
+        for group in opt.param_groups:
+            group["lr"] = kw["lr"] / (t + 2)
+    for k in ps:
+        assert torch.equal(ps[k], whole[0][k]), k
+        for key, v in whole[1].state[whole[0][k]].items():
+            assert torch.equal(opt.state[ps[k]][key], v), (k, key)
