@@ -298,3 +298,38 @@ def test_state_dict_resume_is_bitwise(name, kernel_sized):
         assert torch.equal(ps[k], whole[0][k]), k
         for key, v in whole[1].state[whole[0][k]].items():
             assert torch.equal(opt.state[ps[k]][key], v), (k, key)
+
+
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+def test_channels_last_and_strided_tensors(name, kernel_sized, monkeypatch):
+    """Channels-last weights (and their gradients and state) go through the kernel; a weight
+    whose gradient has other strides, and a transposed one, take foreach in the same step."""
+    cls, kw = NAMED[name]
+    calls = []
+    orig = cls._masked_update
+
+    def spy(self, group, w, g, st, P, *a):
+        calls.append(len(w.ts))
+        return orig(self, group, w, g, st, P, *a)
+
+    def train(path):
+        torch.manual_seed(0)
+        convs = [torch.randn(16, 8, 3, 3).to(memory_format=torch.channels_last) for _ in range(2)]
+        ps = [nn.Parameter(c) for c in convs] + [nn.Parameter(torch.randn(9, 40).t()), nn.Parameter(torch.randn(5))]
+        opt = cls(ps, path=path, **kw)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for i, p in enumerate(ps):
+                g = torch.randn(p.shape, generator=gen)
+                p.grad = g.to(memory_format=torch.channels_last) if i == 0 else g   # ps[1]: strides differ
+            opt.step()
+        return ps
+
+    ref = train("per_tensor")
+    monkeypatch.setattr(cls, "_masked_update", spy)
+    got = train("native")
+    assert calls == [2, 2, 2]          # the conv with contiguous gradient and the transposed weight
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+    ran_native()

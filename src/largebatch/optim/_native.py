@@ -25,8 +25,8 @@ Intel Xeon; memory traffic is what every CPU shares). Measured: docs/performance
   (``"lars"``, ``"lalc"``, ``"lamb"``): a subclass, which may change ``_update``, does not
   inherit it and takes the ``compiled`` path. Per-step inputs come through the class's own
   hooks: ``_lr_factor`` (TVLARS's ``phi(t)``) and ``_trust_norm`` (CLARS's ``n_k``).
-* Tensors that are not contiguous (with their gradient and state) take the ``foreach`` path
-  in one batch. An optimizer whose parameters hold fewer than ``_compiled.MIN_TOTAL`` elements
+* Tensors that are not dense (contiguous or channels-last) with their gradient and state in
+  the same layout take the ``foreach`` path in one batch. An optimizer whose parameters hold fewer than ``_compiled.MIN_TOTAL`` elements
   in all takes ``foreach`` (small models never build the library); a larger one runs every
   bucket here, its biases and normalization parameters too.
 * A GradScaler's ``grad_scale`` / ``found_inf`` (``_engine.py``, "Mixed precision") are read
@@ -164,10 +164,21 @@ def _lib():
     return _LIB
 
 
+def _dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill ``numel`` consecutive slots from ``data_ptr()``: contiguous,
+    or channels-last (CPU convolutions are often trained in that format)."""
+    return (t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+            or (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)))
+
+
 def _fits(p: Tensor, g: Tensor, st: dict[str, Tensor]) -> bool:
-    """Whether a tensor of a float32 / float64 CPU bucket can go through the kernel (the kernel
-    reads its weight, gradient and state as flat arrays; state has the weight's dtype)."""
-    return p.is_contiguous() and g.is_contiguous() and all(v.is_contiguous() for v in st.values())
+    """Whether a tensor of a float32 / float64 CPU bucket can go through the kernel, which reads
+    its weight, gradient and full-size state as flat arrays in the same element order: all
+    dense with the same strides (the state has the weight's dtype)."""
+    if not _dense(p):
+        return False
+    s = p.stride()
+    return g.stride() == s and all(v.dim() == 0 or v.stride() == s for v in st.values())
 
 
 def _ptrs(ts: list[Tensor]) -> Tensor:
