@@ -333,3 +333,31 @@ def test_channels_last_and_strided_tensors(name, kernel_sized, monkeypatch):
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
     ran_native()
+
+
+def test_read_only_cache_folder_builds_in_a_temporary_one(kernel_sized, monkeypatch, tmp_path):
+    import os
+    import tempfile
+    ro = tmp_path / "ro"
+    monkeypatch.setenv("LARGEBATCH_CACHE_DIR", str(ro))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    build = _native._build
+
+    def read_only(path):   # what a read-only folder does (the tests may run as root)
+        if path.startswith(str(ro)):
+            raise PermissionError(13, "Permission denied", path)
+        build(path)
+
+    monkeypatch.setattr(_native, "_build", read_only)
+    monkeypatch.setattr(_native, "_LIB", None)
+    monkeypatch.setattr(_native, "_FAILED", False)
+    _native.library_path.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            run(LARS, NAMED["LARS"][1], "native", torch.float32)
+        ran_native()
+        assert len(os.listdir(tmp_path / "tmp" / f"largebatch-{os.getuid()}" / "native")) == 1
+    finally:
+        _native.library_path.cache_clear()

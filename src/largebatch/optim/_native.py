@@ -11,10 +11,11 @@ depended on how inductor's loops met the CPU, 1.9x fused SGD on an AMD EPYC and 
 Intel Xeon; memory traffic is what every CPU shares). Measured: docs/performance.md.
 
 * Built on first use with the C++ compiler inductor uses (``$CXX``, else ``c++``/``g++``),
-  ``-O3 -march=native -fopenmp -ffp-contract=off``, about 2 s; the library is kept in
-  ``<cache>/native/`` (the folder of :func:`largebatch.optim._compiled.cache_path`) under a
-  hash of the source, the flags, the compiler and the CPU model, written atomically, so a
-  later process (or another machine sharing the folder) loads the one built for its CPU.
+  ``-O3 -march=native -fopenmp -ffp-contract=off``, about 4 s; the library is kept in
+  ``<cache>/native/`` (the folder of :func:`largebatch.optim._compiled.cache_path`; where that
+  is read-only, ``$TMPDIR/largebatch-<uid>/native/``) under a hash of the source, the flags,
+  the compiler and the CPU model, written atomically, so a later process (or another machine
+  sharing the folder) loads the one built for its CPU.
 * The arithmetic follows each class's ``_update`` operation by operation in the parameters'
   dtype (no fused multiply-adds the reference does not make); norms accumulate in the dtype
   over 256-element blocks and in double across blocks; the scalars (trust ratio, ``lr_k``,
@@ -145,7 +146,13 @@ def _lib():
         try:
             path = library_path()
             if not os.path.exists(path):
-                _build(path)
+                try:
+                    _build(path)
+                except PermissionError:   # a read-only cache folder: this user's temporary one
+                    path = os.path.join(tempfile.gettempdir(), f"largebatch-{getattr(os, 'getuid', lambda: 'user')()}", "native",
+                                        os.path.basename(path))
+                    if not os.path.exists(path):
+                        _build(path)
             lib = ctypes.CDLL(path)
             if lib.largebatch_native_abi() != 2:
                 raise OSError(f"{path}: unexpected ABI version")
