@@ -27,9 +27,9 @@ Intel Xeon; memory traffic is what every CPU shares). Measured: docs/performance
   inherit it and takes the ``compiled`` path. Per-step inputs come through the class's own
   hooks: ``_lr_factor`` (TVLARS's ``phi(t)``) and ``_trust_norm`` (CLARS's ``n_k``).
 * Tensors that are not dense (contiguous or channels-last) with their gradient and state in
-  the same layout take the ``foreach`` path in one batch. An optimizer whose parameters hold fewer than ``_compiled.MIN_TOTAL`` elements
-  in all takes ``foreach`` (small models never build the library); a larger one runs every
-  bucket here, its biases and normalization parameters too.
+  the same layout take the ``foreach`` path in one batch. An optimizer whose parameters hold
+  fewer than ``_compiled.MIN_TOTAL`` elements in all takes ``foreach`` (small models never
+  build the library); a larger one runs every bucket here, its biases and norm layers too.
 * A GradScaler's ``grad_scale`` / ``found_inf`` (``_engine.py``, "Mixed precision") are read
   by the kernel: the unscaling fuses into both passes; no host sync (the tensors are on the CPU).
 * No compiler, or ``LARGEBATCH_NO_COMPILE=1`` / ``LARGEBATCH_NO_NATIVE=1``: the ``compiled``
@@ -149,8 +149,8 @@ def _lib():
                 try:
                     _build(path)
                 except PermissionError:   # a read-only cache folder: this user's temporary one
-                    path = os.path.join(tempfile.gettempdir(), f"largebatch-{getattr(os, 'getuid', lambda: 'user')()}", "native",
-                                        os.path.basename(path))
+                    user = getattr(os, "getuid", lambda: "user")()
+                    path = os.path.join(tempfile.gettempdir(), f"largebatch-{user}", "native", os.path.basename(path))
                     if not os.path.exists(path):
                         _build(path)
             lib = ctypes.CDLL(path)
