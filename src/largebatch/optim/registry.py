@@ -7,8 +7,8 @@ for it, whether it needs the model (CLARS), and the toy-scale recipes ``largebat
 trains it with. Everything else is read from the class itself: its defaults (the
 constructor's signature), its validation (:meth:`OptimizerInfo.check` constructs the
 optimizer on a dummy parameter, so the class, config files and the command line accept
-exactly the same values), and whether it may run on the compiled path (its
-``compilable`` declaration).
+exactly the same values), and its CPU path (``native`` for a class with a C++ rule,
+``_native_rule``; ``compiled`` for one that declares ``compilable``; else ``foreach``).
 
 The config (``train/config.py``), the optimizer factory (``train/factory.py``), the demo
 (``experiments/demo.py``), ``largebatch groups`` and ``largebatch optimizers`` (the table
