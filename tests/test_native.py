@@ -362,3 +362,68 @@ def test_read_only_cache_folder_builds_in_a_temporary_one(kernel_sized, monkeypa
         assert len(os.listdir(tmp_path / "tmp" / f"largebatch-{os.getuid()}" / "native")) == 1
     finally:
         _native.library_path.cache_clear()
+
+
+FUZZ_SIZES = [0, 1, 15, 16, 17, 1023, 1024, 1025, 2047, SPLIT - 1, SPLIT, SPLIT + 1, 2 * SPLIT + 1000]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_configurations_match_per_tensor_in_float64(seed, kernel_sized):
+    """Random hyper-parameters (momentum 0 or not, Nesterov, dampening, clipping, eps, weight
+    decay, excluded groups, an lr tensor, a GradScaler scale) and sizes at every boundary of the
+    kernel (empty, one element, around LANES, BLOCK and SPLIT): float64 native == per_tensor."""
+    rng = torch.Generator().manual_seed(100 + seed)
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=rng))]  # noqa: E731
+    name = pick(["LARS", "TVLARS", "LALC", "LAMB"])
+    mu = pick([0.0, 0.9])
+    if name == "LARS":
+        cls, kw = LARS, dict(lr=0.7, momentum=mu, eta=pick([1e-3, 0.05]), nesterov=mu > 0 and bool(seed % 2),
+                             trust_clip=pick([False, True]), eps=pick([0.0, 1e-4]))
+    elif name == "TVLARS":
+        cls, kw = TVLARS, dict(lr=1.3, momentum=mu, eta=0.02, lam=pick([0.0, 0.3]), delay=pick([0, 2]))
+    elif name == "LALC":
+        nest = mu > 0 and bool(seed % 2)
+        cls, kw = LALC, dict(lr=0.4, momentum=mu, eta=pick([0.01, 0.5]), nesterov=nest,
+                             dampening=0.0 if nest or mu == 0 else pick([0.0, 0.4]))
+    else:
+        cls, kw = LAMB, dict(lr=0.03, betas=pick([(0.9, 0.999), (0.0, 0.5)]), max_trust=pick([None, 0.7]),
+                             eps=pick([1e-6, 1e-3]))
+    sizes = [pick(FUZZ_SIZES) for _ in range(5)]
+    wds = [pick([0.0, 3e-3]) for _ in range(2)]
+    scale = pick([None, 512.0])
+    lr_tensor = bool(seed % 3 == 0)
+
+    def train(path):
+        g = torch.Generator().manual_seed(seed)
+        ps = [nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64)) for n in sizes]
+        groups_ = [dict(params=ps[:3], weight_decay=wds[0]), dict(params=ps[3:], weight_decay=wds[1], adapt=False)]
+        opt = cls(groups_, path=path, **kw)
+        if lr_tensor:
+            for group in opt.param_groups:
+                group["lr"] = torch.tensor(group["lr"], dtype=torch.float64)
+        opt.track_stats = True
+        stats = []
+        for t in range(4):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.1
+            if t == 2 and sizes[0] > 0:
+                ps[0].grad[-1] = float("nan")
+            if scale is not None:
+                for p in ps:
+                    p.grad.mul_(scale)
+                opt.grad_scale = torch.tensor(scale, dtype=torch.float64)
+                opt.found_inf = torch.tensor(float(t == 3))
+            opt.step()
+            if scale is not None:
+                del opt.grad_scale, opt.found_inf
+            stats.append(opt.layer_stats())
+        return ps, opt, stats
+
+    ref, got = train("per_tensor"), train("native")
+    for a, b in zip(got[0], ref[0]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        for key, v in ref[1].state[b].items():
+            torch.testing.assert_close(got[1].state[a][key], v, rtol=1e-12, atol=1e-14, msg=key)
+    for sa, sb in zip(got[2], ref[2]):
+        for key in ("w_norm", "g_norm", "trust", "lr"):
+            torch.testing.assert_close(sa[key], sb[key], rtol=1e-12, atol=1e-14, equal_nan=True, msg=key)
