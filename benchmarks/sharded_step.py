@@ -72,7 +72,7 @@ def _implementations(model, names):
     for name in names:
         cls, kw = OPTIMIZERS[name]
         old = type(f"{name}PerTensorCollectives", (cls,), {"_shard_aware": False, "compilable": True})
-        for path in ("per_tensor", "foreach", "compiled"):
+        for path in ("per_tensor", "foreach", "compiled", "native"):
             out.append((f"{name} {path}", "one reduction",
                         cls(param_groups(model, weight_decay=5e-5), path=path, **kw)))
         for path in OLD_PATHS[name]:

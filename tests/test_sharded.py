@@ -224,9 +224,16 @@ def _worker(rank, world, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed.tensor import init_device_mesh
 
-    from largebatch.optim import _compiled
+    from largebatch.optim import _compiled, _native
 
     _compiled.MIN_NUMEL = _compiled.MIN_TOTAL = 64   # the kernel_sized fixture, in this process
+    native_modes, native_call = set(), _native._call
+
+    def spying_call(*args, mode=_native.MODE_FULL, **kwargs):
+        native_modes.add(mode)
+        return native_call(*args, mode=mode, **kwargs)
+
+    _native._call = spying_call
     calls = []
     all_reduce = dist.all_reduce
 
@@ -241,6 +248,7 @@ def _worker(rank, world, port, out):
     res["undeclared_norm_error"] = _undeclared_norm_error(meshes["fsdp"], rank, world)
     res["kernels"] = sorted((cls.__name__, kind) for cls, kind in _compiled._SHARDED_KERNELS)
     res["compile_ok"] = _compiled.available()
+    res["native_modes"] = sorted(native_modes)
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -301,6 +309,14 @@ def test_compiled_path_ran_its_kernels(ranks):
         assert res["compile_ok"]
         want = {(n, "given") for n in NAMES} | {("LAMB", "probe"), ("LALC", "probe")}
         assert want <= set(res["kernels"])
+
+
+def test_native_path_ran_its_two_phases(ranks):
+    """On the native path the local sums of squares and the update with the reduced norms are
+    the C++ kernel's two modes (the full step never runs on sharded parameters)."""
+    from largebatch.optim import _native
+    for res in ranks:
+        assert res["native_modes"] == [_native.MODE_SUMS, _native.MODE_GIVEN]
 
 
 def test_an_undeclared_norm_in_update_is_refused(ranks):

@@ -366,7 +366,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             for (device, _, mesh), params in buckets.items():
                 P = _PATH_IMPL[self._path_for(device)]
                 if mesh is not None:  # DTensor parameters: all of the step's norms in one collective
-                    sharded.append((group, params, _compiled.Compiled if P is _native.Native else P))
+                    sharded.append((group, params, P))
                     continue
                 fin = self._run(group, params, P, amp)
                 bad = ~fin.all()

@@ -53,7 +53,14 @@ struct Args {
     void* out;                // n x 5: fin, trust, lr_k, ||w||, ||g||
     const int64_t* block_offset;  // per tensor: its first block in scratch
     double* scratch;          // 3 sums per block of BLOCK elements, tensor after tensor
+    // sharded parameters (_sharded.py), around the step's one all-reduce: MODE_SUMS writes each
+    // tensor's local sums of squares to sums (n x 3) and updates nothing; MODE_GIVEN takes the
+    // reduced sums from sums instead of pass 1
+    int64_t mode;
+    double* sums;
 };
+
+constexpr int64_t MODE_FULL = 0, MODE_SUMS = 1, MODE_GIVEN = 2;
 
 template <class T>
 inline bool finite(T x) { return std::isfinite(x); }
@@ -146,10 +153,18 @@ void run(Rule& R) {
             double* blocks = a.scratch + 3 * a.block_offset[t];
             const int64_t nb = (N + BLOCK - 1) / BLOCK;
             double s[3];
-            sums<T>(R, t, 0, N, false, blocks);
-            total(blocks, nb, s);
+            if (a.mode == MODE_GIVEN) {
+                for (int j = 0; j < 3; ++j) s[j] = a.sums[3 * t + j];
+            } else {
+                sums<T>(R, t, 0, N, false, blocks);
+                total(blocks, nb, s);
+            }
+            if (a.mode == MODE_SUMS) {
+                for (int j = 0; j < 3; ++j) a.sums[3 * t + j] = s[j];
+                continue;
+            }
             typename Rule::Scalars c = R.scalars(t, s);
-            if (!c.fin && Rule::kSkipNorm) {   // the norm of the direction of a skipped tensor
+            if (!c.fin && Rule::kSkipNorm && a.mode == MODE_FULL) {   // the direction's norm of a skipped tensor
                 sums<T>(R, t, 0, N, true, blocks);
                 total(blocks, nb, s);
                 R.skipped(c, s);
@@ -168,11 +183,20 @@ void run(Rule& R) {
                 double* blocks = a.scratch + 3 * a.block_offset[t];
                 const int64_t nb = (N + BLOCK - 1) / BLOCK;
                 double s[3];
-                sums<T>(R, t, s0, e0, false, blocks);
+                if (a.mode == MODE_GIVEN) {
+                    for (int j = 0; j < 3; ++j) s[j] = a.sums[3 * t + j];
+                } else {
+                    sums<T>(R, t, s0, e0, false, blocks);
 #pragma omp barrier
-                total(blocks, nb, s);
+                    total(blocks, nb, s);
+                }
+                if (a.mode == MODE_SUMS) {
+                    if (me == 0)
+                        for (int j = 0; j < 3; ++j) a.sums[3 * t + j] = s[j];
+                    continue;
+                }
                 typename Rule::Scalars c = R.scalars(t, s);
-                if (!c.fin && Rule::kSkipNorm) {  // rare: every thread takes this branch alike
+                if (!c.fin && Rule::kSkipNorm && a.mode == MODE_FULL) {  // rare: all threads alike
 #pragma omp barrier
                     sums<T>(R, t, s0, e0, true, blocks);
 #pragma omp barrier
@@ -488,7 +512,7 @@ struct Lamb : Base<T> {
 }  // namespace
 
 extern "C" {
-int largebatch_native_abi() { return 2; }
+int largebatch_native_abi() { return 3; }
 int64_t largebatch_native_block() { return BLOCK; }
 void largebatch_lars_f32(const Args* a) { Lars<float> r(*a); run<float>(r); }
 void largebatch_lars_f64(const Args* a) { Lars<double> r(*a); run<double>(r); }

@@ -34,7 +34,9 @@ Intel Xeon; memory traffic is what every CPU shares). Measured: docs/performance
   by the kernel: the unscaling fuses into both passes; no host sync (the tensors are on the CPU).
 * No compiler, or ``LARGEBATCH_NO_COMPILE=1`` / ``LARGEBATCH_NO_NATIVE=1``: the ``compiled``
   path (which falls back to ``foreach``); a failed build warns once.
-* Sharded (DTensor) parameters take the ``compiled`` path's two kernels (``_sharded.py``).
+* Sharded (DTensor) parameters (``_sharded.py``): the kernel's pass 1 alone gives the local
+  sums of squares (:meth:`Native.local_sq`); after the step's one all-reduce, the kernel
+  without pass 1 applies the update with the reduced norms (:meth:`Native.run_given`).
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ class _Args(ctypes.Structure):
                 + [(k, ctypes.c_double) for k in ("lr", "mu", "wd", "eta", "eps", "damp", "b1", "b2", "log_b1",
                                                   "log_b2", "max_trust")]
                 + [(k, ctypes.c_int64) for k in ("adapt", "nesterov", "clip", "has_max_trust")]
-                + [(k, ctypes.c_void_p) for k in ("out", "block_offset", "scratch")])
+                + [(k, ctypes.c_void_p) for k in ("out", "block_offset", "scratch")]
+                + [("mode", ctypes.c_int64), ("sums", ctypes.c_void_p)])
 
 
 def _compiler() -> str | None:
@@ -154,7 +157,7 @@ def _lib():
                     if not os.path.exists(path):
                         _build(path)
             lib = ctypes.CDLL(path)
-            if lib.largebatch_native_abi() != 2:
+            if lib.largebatch_native_abi() != 3:
                 raise OSError(f"{path}: unexpected ABI version")
             lib.largebatch_native_block.restype = ctypes.c_int64
             global BLOCK
@@ -192,12 +195,47 @@ def _ptrs(ts: list[Tensor]) -> Tensor:
     return torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)
 
 
-def _addr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+MODE_FULL, MODE_SUMS, MODE_GIVEN = 0, 1, 2   # _native.cpp, struct Args::mode
+
+
+def _lists(params, grads, states, idx):
+    return (TensorList(params[i] for i in idx), TensorList(grads[i] for i in idx),
+            {k: TensorList(states[i][k] for i in idx) for k in states[idx[0]]})
+
+
+def _split(opt, params, grads, states):
+    """``(lib, idx)``: the library and the indices of the tensors it takes (:func:`_fits`; none
+    for an optimizer under ``_compiled.MIN_TOTAL`` elements, which never builds it), or
+    ``(None, None)`` when the native path cannot run here (the compiled path's turn)."""
+    if not available() or params[0].dtype not in DTYPES or params[0].device.type != "cpu":
+        return None, None
+    # an optimizer too small to pay for building the library (every test and demo model)
+    # takes foreach; a large one runs every bucket here, its biases and norm layers too
+    total = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    if total < _compiled.MIN_TOTAL:
+        return False, []
+    idx = [i for i in range(len(params)) if _fits(params[i], grads[i], states[i])]
+    lib = _lib() if idx else False
+    return (None, None) if lib is None else (lib, idx)   # None: the build failed (warned)
+
+
+def _merge(n, idx, cols, rest, rest_cols):
+    """Per-tensor output columns of the kernel's tensors ``idx`` and the others ``rest``, in
+    ``params`` order."""
+    if not rest:
+        return cols
+    if not idx:
+        return rest_cols
+    rows: list[Any] = [None] * n
+    for ii, cc in ((idx, cols), (rest, rest_cols)):
+        for j, i in enumerate(ii):
+            rows[i] = tuple(None if c is None else c[j] for c in cc)
+    return tuple(None if col[0] is None else torch.stack(col) for col in zip(*rows))
 
 
 class Native:
-    """Engine path object (``P``) for ``"native"``: :meth:`run` replaces the engine's loop."""
+    """Engine path object (``P``) for ``"native"``: :meth:`run` replaces the engine's loop
+    (:meth:`local_sq` and :meth:`run_given` for sharded parameters, ``_sharded.py``)."""
 
     @staticmethod
     def run(opt, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
@@ -205,37 +243,76 @@ class Native:
         """Update ``params`` in place; returns ``fin, trust, lr, w_norm, g_norm`` stacked in
         ``params`` order (``w_norm`` is ``None`` for a non-adapted group), as
         ``LayerwiseOptimizer._masked_update`` does."""
+        lib, idx = _split(opt, params, grads, states)
+        if lib is None:
+            return _compiled.Compiled.run(opt, group, params, grads, states, scale, ok)
         n = len(params)
-        if not available() or params[0].dtype not in DTYPES or params[0].device.type != "cpu":
-            return _compiled.Compiled.run(opt, group, params, grads, states, scale, ok)
-        # an optimizer too small to pay for building the library (every test and demo model)
-        # takes foreach; a large one runs every bucket here, its biases and norm layers too
-        total = sum(p.numel() for g in opt.param_groups for p in g["params"])
-        idx = [i for i in range(n) if _fits(params[i], grads[i], states[i])] if total >= _compiled.MIN_TOTAL else []
-        lib = _lib() if idx else None
-        if idx and lib is None:   # the build failed (warned): the compiled path
-            return _compiled.Compiled.run(opt, group, params, grads, states, scale, ok)
-        rows: list[Any] = [None] * n
+        taken = set(idx)
+        rest = [i for i in range(n) if i not in taken]
+        cols = _call(lib, opt, group, *_sub(params, grads, states, idx), scale, ok) if idx else None
+        rest_cols = opt._masked_update(group, *_lists(params, grads, states, rest), Foreach, scale, ok) if rest else None
+        return _merge(n, idx, cols, rest, rest_cols)
+
+    @staticmethod
+    def local_sq(opt, group, params, grads, states, scale: Tensor | None = None) -> Tensor:
+        """``LayerwiseOptimizer._local_sq`` of every tensor, ``[n, k]`` float64 (writes nothing):
+        the kernel's pass 1 alone."""
+        lib, idx = _split(opt, params, grads, states)
+        if lib is None:
+            return _compiled.Compiled.local_sq(opt, group, params, grads, states, scale)
+        n = len(params)
+        taken = set(idx)
+        rest = [i for i in range(n) if i not in taken]
+        parts = []
         if idx:
-            cols = _call(lib, opt, group, [params[i] for i in idx], [grads[i] for i in idx],
-                         [states[i] for i in idx], scale, ok)
-            if len(idx) == n:
-                return cols
-            for j, i in enumerate(idx):
-                rows[i] = tuple(None if c is None else c[j] for c in cols)
-        rest = [i for i in range(n) if rows[i] is None]
-        cols = opt._masked_update(group, TensorList(params[i] for i in rest), TensorList(grads[i] for i in rest),
-                                  {k: TensorList(states[i][k] for i in rest) for k in states[rest[0]]},
-                                  Foreach, scale, ok)
-        if not idx:
-            return cols
-        for j, i in enumerate(rest):
-            rows[i] = tuple(None if c is None else c[j] for c in cols)
-        return tuple(None if col[0] is None else torch.stack(col) for col in zip(*rows))
+            sums = _call(lib, opt, group, *_sub(params, grads, states, idx), scale, None, mode=MODE_SUMS)
+            parts.append(sums[:, _columns(opt, group)])
+        if rest:
+            parts.append(opt._local_sq(group, *_lists(params, grads, states, rest), Foreach, scale))
+        if not rest or not idx:
+            return parts[0]
+        out = torch.empty((n, parts[0].shape[1]), dtype=torch.float64)
+        out[idx], out[rest] = parts[0], parts[1]
+        return out
+
+    @staticmethod
+    def run_given(opt, group, params, grads, states, norms: Tensor, scale: Tensor | None = None,
+                  ok: Tensor | None = None):
+        """:meth:`run` with the norms given (``[n, k]``, reduced over the shards, in the compute
+        dtype; ``LayerwiseOptimizer._given_update``): the kernel without pass 1."""
+        lib, idx = _split(opt, params, grads, states)
+        if lib is None:
+            return _compiled.Compiled.run_given(opt, group, params, grads, states, norms, scale, ok)
+        n = len(params)
+        taken = set(idx)
+        rest = [i for i in range(n) if i not in taken]
+        cols = rest_cols = None
+        if idx:
+            # the kernel takes sums of squares: in double, sqrt(x * x) == x for these norms
+            sq = torch.zeros((len(idx), 3), dtype=torch.float64)
+            sq[:, _columns(opt, group)] = norms[idx].double().square()
+            cols = _call(lib, opt, group, *_sub(params, grads, states, idx), scale, ok, mode=MODE_GIVEN, sums=sq)
+        if rest:
+            rest_cols = opt._given_update(group, *_lists(params, grads, states, rest), norms[rest], Foreach,
+                                          scale, ok)
+        return _merge(n, idx, cols, rest, rest_cols)
 
 
-def _call(lib, opt, group, params, grads, states, scale, ok):
-    """One kernel call on tensors that all fit (:func:`_fits`)."""
+def _sub(params, grads, states, idx):
+    return [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
+
+
+def _columns(opt, group) -> list[int]:
+    """Which of the kernel's sums (``||w||^2, ||g||^2, ||x||^2``) make up ``_local_sq``'s
+    columns: ``w`` for an adapted group, ``g``, then the norm operand (LALC's ``h``, LAMB's
+    ``r``) where the class has one."""
+    return ([0] if group["adapt"] else []) + [1] + ([2] if opt._n_norm_operands(group) else [])
+
+
+def _call(lib, opt, group, params, grads, states, scale, ok, mode: int = MODE_FULL, sums: Tensor | None = None):
+    """One kernel call on tensors that all fit (:func:`_fits`): the step's output columns, or
+    for ``MODE_SUMS`` the sums of squares ``[n, 3]`` (``||w||^2, ||g||^2, ||x||^2``, float64);
+    ``MODE_GIVEN`` takes them from ``sums``."""
     rule, dt = rule_of(type(opt)), params[0].dtype
     n = len(params)
     st = {k: TensorList(s[k] for s in states) for k in states[0]}
@@ -296,7 +373,13 @@ def _call(lib, opt, group, params, grads, states, scale, ok):
     keep.append(torch.tensor(offsets, dtype=torch.int64))
     scratch = torch.empty(3 * (offsets[-1] + blocks[-1]), dtype=torch.float64)
     a.out, a.block_offset, a.scratch = out.data_ptr(), keep[-1].data_ptr(), scratch.data_ptr()
+    a.mode = mode
+    if mode != MODE_FULL:
+        sums = torch.empty((n, 3), dtype=torch.float64) if sums is None else sums.contiguous()
+        a.sums = sums.data_ptr()
     getattr(lib, f"largebatch_{rule}_{DTYPES[dt]}")(ctypes.byref(a))
+    if mode == MODE_SUMS:
+        return sums
     for counters in after:
         torch._foreach_add_(counters, 1)
     return out[:, 0] != 0, out[:, 1], out[:, 2], out[:, 3] if a.adapt else None, out[:, 4]

@@ -17,8 +17,8 @@ bucket of the step (all groups) to :func:`run`, which works on the local shards
    ``Replicate`` mesh dimension only coordinate 0 contributes (the copies add exact zeros).
    When no tensor of the mesh is sharded (all ``Replicate()``) the local sums are the full
    ones and there is no collective at all;
-3. the path's update (``per_tensor``, ``foreach`` or ``compiled``) on the local shards with
-   those norms (``LayerwiseOptimizer._given_update``; ``P.norm`` replays the reduced ones).
+3. the path's update (``per_tensor``, ``foreach``, ``compiled`` or ``native``) on the local
+   shards with those norms (``LayerwiseOptimizer._given_update``; ``P.norm`` replays the reduced ones).
 
 Non-finite gradients (SPEC): a NaN or inf in any rank's shard makes that tensor's sum of
 squares NaN or inf on every rank after the reduction (squares are non-negative, so an inf
@@ -27,8 +27,8 @@ every rank or on none, ``found_inf`` agrees, and the zero-norm rule reads the sa
 Nothing is read on the host (no ``.item()``, no branch on a value).
 
 Under a ``torch.amp.GradScaler`` (``_engine.py``, "Mixed precision") the gradients are divided
-by ``grad_scale`` before the sums of squares (eager paths: once, out of place; compiled: inside
-both kernels) and a nonzero ``found_inf`` skips the step. The ranks agree on it: the scaler's inf
+by ``grad_scale`` before the sums of squares (eager paths: once, out of place; compiled and
+native: inside both kernels) and a nonzero ``found_inf`` skips the step. The ranks agree on it: the scaler's inf
 check on DTensor gradients is reduced over the mesh by DTensor itself (``found_inf_reduce_handler``
 in ``torch/distributed/tensor/_dispatch.py``), so no rank skips alone and the scales stay equal.
 
@@ -121,6 +121,7 @@ def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]], amp=None) -> 
     GradScaler's inputs (``_engine._AmpInputs``) or ``None``."""
     from ._compiled import Compiled
     from ._engine import _Counters, _working_tensors
+    from ._native import Native
 
     DT = dtensor_type()
     cache: dict = {}
@@ -131,10 +132,10 @@ def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]], amp=None) -> 
         work, grads, states, targets = _working_tensors(
             [p.to_local() for p in params], [_local_grad(p, DT) for p in params], states)
         scale = amp.scale(work[0]) if amp is not None else None
-        if scale is not None and P is not Compiled:  # eager: unscale once for both phases
+        if scale is not None and P is not Compiled and P is not Native:  # eager: unscale once for both phases
             grads, scale = list(torch._foreach_div(grads, scale)), None
-        if P is Compiled:
-            sq = Compiled.local_sq(opt, group, work, grads, states, scale)
+        if P is Compiled or P is Native:  # kernels: the scale is an input of both phases
+            sq = P.local_sq(opt, group, work, grads, states, scale)
         elif P is Foreach:
             sq = opt._local_sq(group, TensorList(work), TensorList(grads),
                                {k: TensorList(s[k] for s in states) for k in states[0]}, Foreach)
@@ -162,8 +163,8 @@ def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]], amp=None) -> 
         nrm = nrm.view(shape).to(work[0].dtype)  # the compute dtype
         ok = amp.ok(nrm.device) if amp is not None else None
         counters = _Counters(states) if ok is not None else None
-        if P is Compiled:
-            cols = Compiled.run_given(opt, group, work, grads, states, nrm, scale, ok)
+        if P is Compiled or P is Native:
+            cols = P.run_given(opt, group, work, grads, states, nrm, scale, ok)
         elif P is Foreach:
             cols = opt._given_update(group, TensorList(work), TensorList(grads),
                                      {k: TensorList(s[k] for s in states) for k in states[0]}, nrm, Foreach,
