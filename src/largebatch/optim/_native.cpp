@@ -137,7 +137,50 @@ inline void total(const double* blocks, int64_t nblocks, double s[3]) {
         for (int j = 0; j < 3; ++j) s[j] += blocks[3 * k + j];
 }
 
-// Per tensor: pass 1 (sums), scalars, pass 2 (update), split among the threads or not.
+// One tensor's step, pass 1 (sums), scalars, pass 2 (update), over this thread's slice
+// [s0, e0): with `shared` the slice is one of several and the threads meet at barriers, else it
+// is the whole tensor (no barrier); `writer` writes the outputs and counters.
+template <class T, class Rule>
+void tensor_step(Rule& R, int64_t t, int64_t s0, int64_t e0, bool shared, bool writer) {
+    const Args& a = R.a;
+    double* blocks = a.scratch + 3 * a.block_offset[t];
+    const int64_t nb = (a.numel[t] + BLOCK - 1) / BLOCK;
+    double s[3];
+    if (a.mode == MODE_GIVEN) {
+        for (int j = 0; j < 3; ++j) s[j] = a.sums[3 * t + j];
+    } else {
+        sums<T>(R, t, s0, e0, false, blocks);
+        if (shared) {
+#pragma omp barrier
+        }
+        total(blocks, nb, s);
+    }
+    if (a.mode == MODE_SUMS) {
+        if (writer)
+            for (int j = 0; j < 3; ++j) a.sums[3 * t + j] = s[j];
+        return;
+    }
+    typename Rule::Scalars c = R.scalars(t, s);
+    if (!c.fin && Rule::kSkipNorm && a.mode == MODE_FULL) {  // the direction's norm of a skipped
+        if (shared) {                                        // tensor (rare; all threads alike)
+#pragma omp barrier
+        }
+        sums<T>(R, t, s0, e0, true, blocks);
+        if (shared) {
+#pragma omp barrier
+        }
+        total(blocks, nb, s);
+        R.skipped(c, s);
+    }
+    if (c.fin) R.apply(t, s0, e0, c);
+    if (shared && Rule::kCounts) {   // the step counter is read above by every thread
+#pragma omp barrier
+    }
+    if (writer) R.write(t, c);
+}
+
+// Every tensor: the small ones whole, one thread each; the large ones split among the threads
+// in slices of whole blocks, the same slice in both passes.
 template <class T, class Rule>
 void run(Rule& R) {
     const Args& a = R.a;
@@ -145,69 +188,16 @@ void run(Rule& R) {
 #pragma omp parallel num_threads(static_cast<int>(a.nthreads))
     {
         const int nth = omp_get_num_threads(), me = omp_get_thread_num();
-        // small tensors: one thread each, no barrier
 #pragma omp for schedule(dynamic, 1) nowait
-        for (int64_t t = 0; t < n; ++t) {
-            const int64_t N = a.numel[t];
-            if (N >= SPLIT && nth > 1) continue;
-            double* blocks = a.scratch + 3 * a.block_offset[t];
-            const int64_t nb = (N + BLOCK - 1) / BLOCK;
-            double s[3];
-            if (a.mode == MODE_GIVEN) {
-                for (int j = 0; j < 3; ++j) s[j] = a.sums[3 * t + j];
-            } else {
-                sums<T>(R, t, 0, N, false, blocks);
-                total(blocks, nb, s);
-            }
-            if (a.mode == MODE_SUMS) {
-                for (int j = 0; j < 3; ++j) a.sums[3 * t + j] = s[j];
-                continue;
-            }
-            typename Rule::Scalars c = R.scalars(t, s);
-            if (!c.fin && Rule::kSkipNorm && a.mode == MODE_FULL) {   // the direction's norm of a skipped tensor
-                sums<T>(R, t, 0, N, true, blocks);
-                total(blocks, nb, s);
-                R.skipped(c, s);
-            }
-            if (c.fin) R.apply(t, 0, N, c);
-            R.write(t, c);
-        }
-        // large tensors: a slice of whole blocks per thread, the same slice in both passes
+        for (int64_t t = 0; t < n; ++t)
+            if (a.numel[t] < SPLIT || nth == 1) tensor_step<T>(R, t, 0, a.numel[t], false, true);
         if (nth > 1) {
             for (int64_t t = 0; t < n; ++t) {
                 const int64_t N = a.numel[t];
                 if (N < SPLIT) continue;
                 const int64_t chunk = ((N + nth - 1) / nth + ALIGN - 1) / ALIGN * ALIGN;
                 const int64_t s0 = me * chunk < N ? me * chunk : N;
-                const int64_t e0 = s0 + chunk < N ? s0 + chunk : N;
-                double* blocks = a.scratch + 3 * a.block_offset[t];
-                const int64_t nb = (N + BLOCK - 1) / BLOCK;
-                double s[3];
-                if (a.mode == MODE_GIVEN) {
-                    for (int j = 0; j < 3; ++j) s[j] = a.sums[3 * t + j];
-                } else {
-                    sums<T>(R, t, s0, e0, false, blocks);
-#pragma omp barrier
-                    total(blocks, nb, s);
-                }
-                if (a.mode == MODE_SUMS) {
-                    if (me == 0)
-                        for (int j = 0; j < 3; ++j) a.sums[3 * t + j] = s[j];
-                    continue;
-                }
-                typename Rule::Scalars c = R.scalars(t, s);
-                if (!c.fin && Rule::kSkipNorm && a.mode == MODE_FULL) {  // rare: all threads alike
-#pragma omp barrier
-                    sums<T>(R, t, s0, e0, true, blocks);
-#pragma omp barrier
-                    total(blocks, nb, s);
-                    R.skipped(c, s);
-                }
-                if (c.fin) R.apply(t, s0, e0, c);
-                if (Rule::kCounts) {   // the step counter is read above by every thread
-#pragma omp barrier
-                }
-                if (me == 0) R.write(t, c);
+                tensor_step<T>(R, t, s0, s0 + chunk < N ? s0 + chunk : N, true, me == 0);
             }
         }
     }
@@ -253,6 +243,11 @@ struct Base {
             });
         });
     }
+    // without momentum (LARS, LALC): w += step d, step = -lr_k
+    void plain_step(int64_t t, int64_t s, int64_t e, T step) const {
+        T* w = static_cast<T*>(a.w[t]);
+        each(t, s, e, [=](int64_t i, T, T d) LB_INLINE { w[i] = w[i] + d * step; });
+    }
 };
 
 // ---------------------------------------------------------------- LARS, TVLARS, CLARS (lars.py)
@@ -289,12 +284,9 @@ struct Lars : Base<T> {
 
     // v = mu v + lr_k d; w -= v (Nesterov: w = (w - mu v) - lr_k d); no momentum: w -= lr_k d
     void apply(int64_t t, int64_t s, int64_t e, const Scalars& c) const {
+        if (a.mu == 0) return this->plain_step(t, s, e, -c.lrk);
         T* w = static_cast<T*>(a.w[t]);
         const T mu = static_cast<T>(a.mu), nmu = -mu, lrk = c.lrk, step = -c.lrk;
-        if (a.mu == 0) {
-            this->each(t, s, e, [=](int64_t i, T, T d) LB_INLINE { w[i] = w[i] + d * step; });
-            return;
-        }
         T* v = static_cast<T*>(a.s0[t]);
         if (a.nesterov) {
             this->each(t, s, e, [=](int64_t i, T, T d) LB_INLINE {
@@ -381,12 +373,9 @@ struct Lalc : Base<T> {
 
     // buf = mu buf + c d; h = buf (Nesterov: d + mu buf); w -= lr_k h
     void apply(int64_t t, int64_t s, int64_t e, const Scalars& c) const {
+        if (a.mu == 0) return this->plain_step(t, s, e, -c.lrk);
         T* w = static_cast<T*>(a.w[t]);
         const T mu = static_cast<T>(a.mu), step = -c.lrk, cd = c.cd;
-        if (a.mu == 0) {
-            this->each(t, s, e, [=](int64_t i, T, T d) LB_INLINE { w[i] = w[i] + d * step; });
-            return;
-        }
         T* buf = static_cast<T*>(a.s0[t]);
         if (a.nesterov) {
             this->each(t, s, e, [=](int64_t i, T, T d) LB_INLINE {
