@@ -44,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import math
 import os
 import shutil
@@ -191,10 +192,6 @@ def _fits(p: Tensor, g: Tensor, st: dict[str, Tensor]) -> bool:
     return g.stride() == s and all(v.dim() == 0 or v.stride() == s for v in st.values())
 
 
-def _ptrs(ts: list[Tensor]) -> Tensor:
-    return torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)
-
-
 MODE_FULL, MODE_SUMS, MODE_GIVEN = 0, 1, 2   # _native.cpp, struct Args::mode
 
 
@@ -315,22 +312,32 @@ def _call(lib, opt, group, params, grads, states, scale, ok, mode: int = MODE_FU
     ``MODE_GIVEN`` takes them from ``sums``."""
     rule, dt = rule_of(type(opt)), params[0].dtype
     n = len(params)
-    st = {k: TensorList(s[k] for s in states) for k in states[0]}
     a = _Args()
     a.n, a.nthreads = n, torch.get_num_threads()
-    keep = [torch.tensor([p.numel() for p in params], dtype=torch.int64), _ptrs(params), _ptrs(grads)]
-    a.numel, a.w, a.g = (t.data_ptr() for t in keep)
+    numel = [p.numel() for p in params]
+    offsets = list(itertools.accumulate(((m + BLOCK - 1) // BLOCK for m in numel), initial=0))
+    # the per-tensor int64 arrays of struct Args, n entries each, in one tensor
+    arrays = {"numel": numel, "block_offset": offsets[:-1], "w": [p.data_ptr() for p in params],
+              "g": [g.data_ptr() for g in grads]}
+    keep = []                                # tensors the kernel reads, alive until it returns
     lr = group["lr"]
-    a.lr = float(lr)                       # a 0-d tensor on the CPU: read, no device sync
+    a.lr = float(lr)                         # a 0-d tensor on the CPU: read, no device sync
     a.wd, a.eps = float(group["weight_decay"]), float(group["eps"])
     a.adapt = bool(group["adapt"])
     after = []
+
+    def state_ptrs(*keys):
+        for field, key in zip(("s0", "s1", "count"), keys):
+            if key is not None:
+                arrays[field] = [st[key].data_ptr() for st in states]
+
     if rule == "lars":
         a.mu, a.eta = float(group["momentum"]), float(group["eta"])
         a.nesterov = bool(type(opt)._nesterov_only or group["nesterov"])
         a.clip = bool(group.get("trust_clip"))
+        st = {k: TensorList(s[k] for s in states) for k in states[0]}
         f = opt._lr_factor(group, st, Foreach, dt)
-        if isinstance(f, Tensor):          # TVLARS: phi(t) per tensor, in the compute dtype
+        if isinstance(f, Tensor):            # TVLARS: phi(t) per tensor, in the compute dtype
             keep.append(f.to(dt).contiguous())
             a.lrf = keep[-1].data_ptr()
         else:
@@ -340,25 +347,25 @@ def _call(lib, opt, group, params, grads, states, scale, ok, mode: int = MODE_FU
             keep.append(opt._trust_norm(group, None, torch.empty((), dtype=dt), st, Foreach).to(dt).contiguous())
             a.tn = keep[-1].data_ptr()
         if a.mu != 0:
-            keep.append(_ptrs(st["velocity"].ts))
-            a.s0 = keep[-1].data_ptr()
-        if "optimizer_steps" in st:        # TVLARS: t counts every step (tvlars.py)
+            state_ptrs("velocity")
+        if "optimizer_steps" in st:          # TVLARS: t counts every step (tvlars.py)
             after.append(st["optimizer_steps"].ts)
     elif rule == "lalc":
         a.mu, a.eta, a.damp = float(group["momentum"]), float(group["eta"]), float(group["dampening"])
         a.nesterov = bool(group["nesterov"])
         if a.mu != 0:
-            keep += [_ptrs(st["momentum_buffer"].ts), _ptrs(st["step"].ts)]
-            a.s0, a.count = keep[-2].data_ptr(), keep[-1].data_ptr()
+            state_ptrs("momentum_buffer", None, "step")
     elif rule == "lamb":
         a.b1, a.b2 = (float(b) for b in group["betas"])
         a.log_b1, a.log_b2 = (math.log(b) if b > 0 else -math.inf for b in (a.b1, a.b2))
         mt = group["max_trust"]
         a.has_max_trust, a.max_trust = mt is not None, float(mt) if mt is not None else 0.0
-        keep += [_ptrs(st["exp_avg"].ts), _ptrs(st["exp_avg_sq"].ts), _ptrs(st["step"].ts)]
-        a.s0, a.s1, a.count = (t.data_ptr() for t in keep[-3:])
+        state_ptrs("exp_avg", "exp_avg_sq", "step")
     else:
         raise AssertionError(f"unknown native rule {rule!r}")
+    table = torch.tensor(list(itertools.chain.from_iterable(arrays.values())), dtype=torch.int64)
+    for j, field in enumerate(arrays):
+        setattr(a, field, table.data_ptr() + 8 * n * j)
     if scale is not None:
         keep.append(scale.to(dt).contiguous())
         a.scale = keep[-1].data_ptr()
@@ -366,13 +373,8 @@ def _call(lib, opt, group, params, grads, states, scale, ok, mode: int = MODE_FU
         keep.append(ok.to(torch.bool).contiguous())
         a.ok = keep[-1].data_ptr()
     out = torch.empty((n, 5), dtype=dt)
-    blocks = [(p.numel() + BLOCK - 1) // BLOCK for p in params]
-    offsets = [0]
-    for b in blocks[:-1]:
-        offsets.append(offsets[-1] + b)
-    keep.append(torch.tensor(offsets, dtype=torch.int64))
-    scratch = torch.empty(3 * (offsets[-1] + blocks[-1]), dtype=torch.float64)
-    a.out, a.block_offset, a.scratch = out.data_ptr(), keep[-1].data_ptr(), scratch.data_ptr()
+    scratch = torch.empty(3 * offsets[-1], dtype=torch.float64)
+    a.out, a.scratch = out.data_ptr(), scratch.data_ptr()
     a.mode = mode
     if mode != MODE_FULL:
         sums = torch.empty((n, 3), dtype=torch.float64) if sums is None else sums.contiguous()
