@@ -28,8 +28,8 @@ from torch import nn
 
 from cases import OPTIMIZERS
 from largebatch.optim import CLARS, LAMB, LARS, _compiled, param_groups
-from reference import Reference
 from test_fast_paths import assert_same_run
+from test_precision import inf_in_fc_at_step_2, step_beside_reference
 
 CASES = {name: (cls, kw) for name, (cls, _, kw) in OPTIMIZERS.items()}
 VARIANTS = _compiled.supported_variants()
@@ -172,25 +172,8 @@ def test_float64_forced_variant_matches_reference(name, variant, kernel_sized):
     algo = OPTIMIZERS[name][1]
     ps = make_params(torch.float64)
     opt = cls(groups(ps), lr=lr, path="compiled", **kw)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
-    names = {id(p): k for k, p in ps.items()}
-    where = {names[id(p)]: (g["adapt"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
-    ref = Reference(algo, {k: p.detach() for k, p in ps.items()}, where, **kw)
-    g = torch.Generator().manual_seed(1)
     with _compiled.kernel_variant(variant):
-        for t in range(4):
-            grads = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in ps.items()}
-            skip = ()
-            if t == 2:
-                grads["fc"][1, 1], skip = float("inf"), ("fc",)
-            for k, p in ps.items():
-                p.grad = grads[k].clone()
-            ref.step(grads, opt.param_groups[0]["lr"], skip=skip)
-            opt.step()
-            sched.step()
-            assert bool(opt.found_inf) == (t == 2)
-            for k, p in ps.items():
-                torch.testing.assert_close(p.detach(), ref.w[k], rtol=1e-12, atol=1e-13, msg=f"{name} step {t} {k}")
+        step_beside_reference(opt, ps, algo, kw, 4, inf_in_fc_at_step_2(ps), tag=name)
     ran(cls, variant, torch.float64)
 
 

@@ -23,8 +23,8 @@ from torch import nn
 
 from largebatch.optim import LALC, LAMB, LARS, TVLARS, _native
 from largebatch.optim._engine import HyperparameterError
-from reference import Reference
 from test_optim_reference import CASES, LR
+from test_precision import step_beside_reference
 
 SPLIT = 1 << 15          # _native.cpp: tensors at least this large are split among the threads
 SHAPES = {"big": (SPLIT // 64 + 3, 64), "mid": (40, 30), "small": (7, 5), "bias": (33,)}
@@ -96,22 +96,10 @@ def test_float64_matches_reference(cls, algo, kw, threads, kernel_sized):
     lr = kw.pop("lr", LR[algo])
     ps = make_params(torch.float64)
     opt = cls(groups(ps, 5e-3), lr=lr, path="native", **kw)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
-    names = {id(p): k for k, p in ps.items()}
-    where = {names[id(p)]: (g["adapt"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
-    ref = Reference(algo, dict(ps), where, **kw)
-    gen = torch.Generator().manual_seed(1)
-    for t in range(STEPS):
-        grads = gradients(ps, t, gen, torch.float64)
-        for k, p in ps.items():
-            p.grad = grads[k]
-        ref.step(grads, opt.param_groups[0]["lr"], skip={BAD[t]} if t in BAD else ())
-        opt.step()
-        sched.step()
-        assert bool(opt.last_found_inf) == (t in BAD)
-        for k, p in ps.items():
-            torch.testing.assert_close(p.detach(), ref.w[k], rtol=1e-12, atol=1e-14,
-                                       msg=lambda m: f"{cls.__name__} {kw} step {t} tensor {k}: {m}")
+
+    def grads_of(t, gen):
+        return gradients(ps, t, gen, torch.float64), ({BAD[t]} if t in BAD else ())
+    step_beside_reference(opt, ps, algo, kw, STEPS, grads_of, atol=1e-14, tag=f"{cls.__name__} {kw}")
     start = make_params(torch.float64)
     moved = max(float((p.detach() - start[k].detach()).abs().max()) for k, p in ps.items())
     assert moved > 1e-3   # not vacuous

@@ -68,6 +68,39 @@ def where(opt, ps):
     return {names[id(p)]: (g["adapt"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
 
 
+def step_beside_reference(opt, ps, algo, kw, steps, gradients, atol=1e-13, tag=""):
+    """Steps ``opt`` (over the float64 parameters ``ps``, name -> parameter; an LR schedule
+    ``1 / (1 + t)`` is added here) beside the independent float64 ``Reference``: after every
+    step ``found_inf`` is right and every weight is within 1e-12 (relative) of the reference.
+    ``gradients(t, gen) -> (grads, skip)``: the step's gradients and the names of those made
+    non-finite (skipped)."""
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    ref = Reference(algo, {k: p.detach() for k, p in ps.items()}, where(opt, ps), **kw)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(steps):
+        grads, skip = gradients(t, gen)
+        for k, p in ps.items():
+            p.grad = grads[k].clone()
+        ref.step(grads, opt.param_groups[0]["lr"], skip=skip)
+        opt.step()
+        sched.step()
+        assert bool(opt.found_inf) == bool(skip)
+        for k, p in ps.items():
+            torch.testing.assert_close(p.detach(), ref.w[k], rtol=1e-12, atol=atol,
+                                       msg=lambda m: f"{tag} step {t} tensor {k}: {m}")
+
+
+def inf_in_fc_at_step_2(ps):
+    """``gradients`` for :func:`step_beside_reference`: standard normal, an inf in ``fc`` at step 2."""
+    def gradients(t, gen):
+        grads = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64) for k, p in ps.items()}
+        skip = ()
+        if t == 2:
+            grads["fc"][1, 1], skip = float("inf"), ("fc",)
+        return grads, skip
+    return gradients
+
+
 # ------------------------------------------------------------------------------ float64
 @pytest.mark.parametrize("path", PATHS)
 def test_float64_minimal_lars_case_is_exact(path, kernel_sized):
@@ -92,23 +125,7 @@ def test_float64_matches_reference(name, path, kernel_sized):
     lr = kw.pop("lr")
     ps = make_params(torch.float64)
     opt = cls(groups(ps), lr=lr, path=path, **kw)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
-    ref = Reference(algo, {k: p.detach() for k, p in ps.items()}, where(opt, ps), **kw)
-    g = torch.Generator().manual_seed(1)
-    for t in range(5):
-        grads = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in ps.items()}
-        skip = ()
-        if t == 2:
-            grads["fc"][1, 1], skip = float("inf"), ("fc",)
-        for k, p in ps.items():
-            p.grad = grads[k].clone()
-        ref.step(grads, opt.param_groups[0]["lr"], skip=skip)
-        opt.step()
-        sched.step()
-        assert bool(opt.found_inf) == (t == 2)
-        for k, p in ps.items():
-            torch.testing.assert_close(p.detach(), ref.w[k], rtol=1e-12, atol=1e-13,
-                                       msg=lambda m: f"{name} step {t} tensor {k}: {m}")
+    step_beside_reference(opt, ps, algo, kw, 5, inf_in_fc_at_step_2(ps), tag=name)
     ran_compiled(path, cls)
 
 

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from . import _compiled
+from ._compiled import _lists
 from ._paths import Foreach, TensorList
 
 __all__ = ["Native", "available", "rule_of", "library_path"]
@@ -195,25 +196,23 @@ def _fits(p: Tensor, g: Tensor, st: dict[str, Tensor]) -> bool:
 MODE_FULL, MODE_SUMS, MODE_GIVEN = 0, 1, 2   # _native.cpp, struct Args::mode
 
 
-def _lists(params, grads, states, idx):
-    return (TensorList(params[i] for i in idx), TensorList(grads[i] for i in idx),
-            {k: TensorList(states[i][k] for i in idx) for k in states[idx[0]]})
-
-
 def _split(opt, params, grads, states):
-    """``(lib, idx)``: the library and the indices of the tensors it takes (:func:`_fits`; none
-    for an optimizer under ``_compiled.MIN_TOTAL`` elements, which never builds it), or
-    ``(None, None)`` when the native path cannot run here (the compiled path's turn)."""
+    """``(lib, idx, rest)``: the library, the indices of the tensors it takes (:func:`_fits`) and
+    of the others (``foreach``), or ``None`` when the native path cannot run here (disabled, not
+    a float32/float64 CPU bucket, the build failed and warned: the compiled path's turn)."""
     if not available() or params[0].dtype not in DTYPES or params[0].device.type != "cpu":
-        return None, None
+        return None
+    n = len(params)
     # an optimizer too small to pay for building the library (every test and demo model)
     # takes foreach; a large one runs every bucket here, its biases and norm layers too
-    total = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    if total < _compiled.MIN_TOTAL:
-        return False, []
-    idx = [i for i in range(len(params)) if _fits(params[i], grads[i], states[i])]
-    lib = _lib() if idx else False
-    return (None, None) if lib is None else (lib, idx)   # None: the build failed (warned)
+    if sum(p.numel() for g in opt.param_groups for p in g["params"]) < _compiled.MIN_TOTAL:
+        return None, [], list(range(n))
+    idx = [i for i in range(n) if _fits(params[i], grads[i], states[i])]
+    lib = _lib() if idx else None
+    if idx and lib is None:
+        return None
+    taken = set(idx)
+    return lib, idx, [i for i in range(n) if i not in taken]
 
 
 def _merge(n, idx, cols, rest, rest_cols):
@@ -240,26 +239,25 @@ class Native:
         """Update ``params`` in place; returns ``fin, trust, lr, w_norm, g_norm`` stacked in
         ``params`` order (``w_norm`` is ``None`` for a non-adapted group), as
         ``LayerwiseOptimizer._masked_update`` does."""
-        lib, idx = _split(opt, params, grads, states)
-        if lib is None:
+        split = _split(opt, params, grads, states)
+        if split is None:
             return _compiled.Compiled.run(opt, group, params, grads, states, scale, ok)
-        n = len(params)
-        taken = set(idx)
-        rest = [i for i in range(n) if i not in taken]
-        cols = _call(lib, opt, group, *_sub(params, grads, states, idx), scale, ok) if idx else None
-        rest_cols = opt._masked_update(group, *_lists(params, grads, states, rest), Foreach, scale, ok) if rest else None
-        return _merge(n, idx, cols, rest, rest_cols)
+        lib, idx, rest = split
+        cols = rest_cols = None
+        if idx:
+            cols = _call(lib, opt, group, *_sub(params, grads, states, idx), scale, ok)
+        if rest:
+            rest_cols = opt._masked_update(group, *_lists(params, grads, states, rest), Foreach, scale, ok)
+        return _merge(len(params), idx, cols, rest, rest_cols)
 
     @staticmethod
     def local_sq(opt, group, params, grads, states, scale: Tensor | None = None) -> Tensor:
         """``LayerwiseOptimizer._local_sq`` of every tensor, ``[n, k]`` float64 (writes nothing):
         the kernel's pass 1 alone."""
-        lib, idx = _split(opt, params, grads, states)
-        if lib is None:
+        split = _split(opt, params, grads, states)
+        if split is None:
             return _compiled.Compiled.local_sq(opt, group, params, grads, states, scale)
-        n = len(params)
-        taken = set(idx)
-        rest = [i for i in range(n) if i not in taken]
+        lib, idx, rest = split
         parts = []
         if idx:
             sums = _call(lib, opt, group, *_sub(params, grads, states, idx), scale, None, mode=MODE_SUMS)
@@ -268,7 +266,7 @@ class Native:
             parts.append(opt._local_sq(group, *_lists(params, grads, states, rest), Foreach, scale))
         if not rest or not idx:
             return parts[0]
-        out = torch.empty((n, parts[0].shape[1]), dtype=torch.float64)
+        out = torch.empty((len(params), parts[0].shape[1]), dtype=torch.float64)
         out[idx], out[rest] = parts[0], parts[1]
         return out
 
@@ -277,12 +275,10 @@ class Native:
                   ok: Tensor | None = None):
         """:meth:`run` with the norms given (``[n, k]``, reduced over the shards, in the compute
         dtype; ``LayerwiseOptimizer._given_update``): the kernel without pass 1."""
-        lib, idx = _split(opt, params, grads, states)
-        if lib is None:
+        split = _split(opt, params, grads, states)
+        if split is None:
             return _compiled.Compiled.run_given(opt, group, params, grads, states, norms, scale, ok)
-        n = len(params)
-        taken = set(idx)
-        rest = [i for i in range(n) if i not in taken]
+        lib, idx, rest = split
         cols = rest_cols = None
         if idx:
             # the kernel takes sums of squares: in double, sqrt(x * x) == x for these norms
@@ -292,7 +288,7 @@ class Native:
         if rest:
             rest_cols = opt._given_update(group, *_lists(params, grads, states, rest), norms[rest], Foreach,
                                           scale, ok)
-        return _merge(n, idx, cols, rest, rest_cols)
+        return _merge(len(params), idx, cols, rest, rest_cols)
 
 
 def _sub(params, grads, states, idx):
