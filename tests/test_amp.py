@@ -15,7 +15,6 @@ On CUDA: no host synchronization in ``scale(loss).backward(); step; update``.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from forked import count_all_reduce, free_port, init_gloo
 from cases import OPTIMIZERS, make
 from largebatch.optim import CLARS, param_groups
 from largebatch.optim._engine import PATHS, LayerwiseOptimizer
@@ -363,35 +363,14 @@ def _sharded_run(name, path, rank=0, world=1, mesh=None, calls=None):
             "scale": scaler.get_scale() if scaler is not None else None}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sharded_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    # compile synchronously in a forked child (see tests/test_sharded.py)
-    import torch._inductor.async_compile as async_compile
-    import torch._inductor.config as inductor_config
-
-    inductor_config.compile_threads = 1
-    async_compile.AsyncCompile.pool.cache_clear()
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port, compiles=True)
     from torch.distributed.tensor import init_device_mesh
 
     from largebatch.optim import _compiled
 
     _compiled.MIN_NUMEL = _compiled.MIN_TOTAL = 64
-    calls = []
-    all_reduce = dist.all_reduce
-
-    def counting_all_reduce(*args, **kwargs):
-        calls.append(1)
-        return all_reduce(*args, **kwargs)
-
-    dist.all_reduce = counting_all_reduce
+    calls = count_all_reduce()
     mesh = init_device_mesh("cpu", (world,))
     res = {(n, p): _sharded_run(n, p, rank, world, mesh, calls) for n in NAMES for p in PATHS}
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
@@ -401,7 +380,7 @@ def _sharded_worker(rank, world, port, out):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("amp_sharded")
-    mp.start_processes(_sharded_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_sharded_worker, args=(2, free_port(), str(out)), nprocs=2, join=True, start_method="fork")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -230,9 +230,9 @@ def _ddp_worker(rank, world, port, result_dir, data, init):
 
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from forked import init_gloo
+
+    init_gloo(rank, world, port)
     try:
         model = Net()
         model.load_state_dict(init)
@@ -250,13 +250,11 @@ def _ddp_worker(rank, world, port, result_dir, data, init):
 
 
 def test_two_process_ddp_equals_single_process(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from forked import free_port
+
+    port = free_port()
     model = Net()
     init = copy.deepcopy(model.state_dict())
     data = batches(3, 8, seed=3)

@@ -3,12 +3,12 @@
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from forked import free_port, torchrun_env
 from largebatch.cli import main
 from largebatch.ssl import barlow_twins_views
 from largebatch.train import data
@@ -144,16 +144,8 @@ def test_linear_eval_of_a_classification_run(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- two processes
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, out, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    torchrun_env(rank, world, port)
     res = pretrain(_cfg(out, device="cpu", mlp_batchnorm=True, projector="32-32"), log=lambda s: None)
     torch.save({"weights": res.model.state_dict(), "history": res.history},
                os.path.join(result_dir, f"rank{rank}.pt"))
@@ -161,7 +153,7 @@ def _worker(rank, world, port, out, result_dir):
 
 def test_two_processes_equal_one_on_the_global_batch(tmp_path):
     data.load("digits")
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2,
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path / "ddp"), str(tmp_path)), nprocs=2,
                        join=True, start_method="fork")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 from contextlib import nullcontext
 
 import pytest
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 
+from forked import count_all_reduce, free_port, init_gloo
 from cases import OPTIMIZERS, make
 from largebatch.optim import CLARS, param_groups
 from largebatch.optim.lars import _TrustMomentum
@@ -116,12 +116,6 @@ def _layer_stats(opt):
 
 
 # ---------------------------------------------------------------------------- the 2 ranks
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _distribute(setting, model, mesh):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Replicate, distribute_module
@@ -211,17 +205,7 @@ def _undeclared_norm_error(mesh, rank, world):
 
 
 def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    # A forked child inherits inductor's compile thread pool object but not its threads (torch
-    # resets only the process pool after fork): waiting on it would hang forever once earlier
-    # tests in this pytest process compiled something. Compile synchronously in the child.
-    import torch._inductor.async_compile as async_compile
-    import torch._inductor.config as inductor_config
-
-    inductor_config.compile_threads = 1
-    async_compile.AsyncCompile.pool.cache_clear()
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port, compiles=True)
     from torch.distributed.tensor import init_device_mesh
 
     from largebatch.optim import _compiled, _native
@@ -234,14 +218,7 @@ def _worker(rank, world, port, out):
         return native_call(*args, mode=mode, **kwargs)
 
     _native._call = spying_call
-    calls = []
-    all_reduce = dist.all_reduce
-
-    def counting_all_reduce(*args, **kwargs):
-        calls.append(1)
-        return all_reduce(*args, **kwargs)
-
-    dist.all_reduce = counting_all_reduce
+    calls = count_all_reduce()
     meshes = {s: init_device_mesh("cpu", MESH[s], mesh_dim_names=("replicate", "shard")) if s in MESH
               else init_device_mesh("cpu", (world,)) for s in SETTINGS}
     res = {(s, n, p): _run(s, n, p, rank, world, meshes[s], calls) for s in SETTINGS for n in NAMES for p in PATHS}
@@ -256,7 +233,7 @@ def _worker(rank, world, port, out):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
-    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True, start_method="fork")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -3,7 +3,6 @@ the loss and its gradients, a DDP + LARS step with BatchNorm synchronized over t
 (GlobalBatchNorm: torch.nn.SyncBatchNorm refuses CPU tensors), and embedding caching."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from forked import free_port, init_gloo
 from largebatch.optim import LARS, param_groups
 from largebatch.ssl import (BarlowTwins, GlobalBatchNorm, average_gradients, barlow_twins_loss, barlow_twins_views,
                             build_backbone, cached_backward, convert_global_batchnorm)
@@ -19,12 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPLIT = [7, 9]          # uneven shards: the global count is all-reduced, not assumed
 N = sum(SPLIT)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _embeddings():
@@ -61,9 +55,7 @@ def _grads(model):
 
 
 def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     lo, hi = sum(SPLIT[:rank]), sum(SPLIT[:rank + 1])
     res = {}
     # 1. the loss alone
@@ -94,7 +86,7 @@ def _worker(rank, world, port, out):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ssl_ddp")
-    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True, start_method="fork")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -1,12 +1,12 @@
 """Two processes on CPU (Gloo, DDP) give the single-process result; sharding matches DistributedSampler."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from forked import free_port, torchrun_env
 from largebatch.train import data
 from largebatch.train import distributed as dist_mod
 from largebatch.train.config import TrainConfig
@@ -18,12 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cfg(out, **kw):
     base = dict(dataset="digits", model="mlp", mlp_depth=2, mlp_width=32, mlp_batchnorm=False, batch_size=256,
                 epochs=2, optimizer="lars", lr=2.0, schedule="cosine", warmup_epochs=1, out_dir=out,
@@ -33,9 +27,7 @@ def _cfg(out, **kw):
 
 
 def _worker(rank, world, port, out, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    torchrun_env(rank, world, port)
     res = train(_cfg(out), log=lambda s: None)
     torch.save({"status": res.status, "weights": res.model.state_dict(), "history": res.history},
                os.path.join(result_dir, f"rank{rank}.pt"))
@@ -44,7 +36,7 @@ def _worker(rank, world, port, out, result_dir):
 def test_two_process_gloo_equals_single_process_accumulation(tmp_path):
     out = str(tmp_path / "ddp")
     data.load("digits")  # warm the imports: forked workers inherit them (spawn would re-import torch twice)
-    mp.start_processes(_worker, args=(2, _free_port(), out, str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, free_port(), out, str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)

@@ -8,13 +8,13 @@ the 2-rank run to float32 rounding of a different reduction order.
 
 import os
 import shutil
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from forked import free_port, torchrun_env
 from largebatch.train import data, fsdp
 from largebatch.train.config import TrainConfig
 from largebatch.train.loop import train
@@ -23,12 +23,6 @@ from largebatch.train.rundir import read_table
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 OPTIMIZERS = ("lamb", "clars", "sgd")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(out, optimizer, **kw):
@@ -46,9 +40,7 @@ def _result(res, info=None):
 
 
 def _worker(rank, world, port, root, phase):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    torchrun_env(rank, world, port)
     dist.init_process_group("gloo", rank=rank, world_size=world)  # one group for all runs of this worker
     out = {}
     try:
@@ -80,10 +72,10 @@ def _worker(rank, world, port, root, phase):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     data.load("digits")  # warm the imports: forked workers inherit them
-    mp.start_processes(_worker, args=(2, _free_port(), str(root), 1), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(2, free_port(), str(root), 1), nprocs=2, join=True, start_method="fork")
     for name in OPTIMIZERS:  # a copy of the 1-epoch checkpoint, resumed on one process below
         shutil.copytree(root / name / "nobn-stopped", root / name / "single")
-    mp.start_processes(_worker, args=(2, _free_port(), str(root), 2), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(2, free_port(), str(root), 2), nprocs=2, join=True, start_method="fork")
     res = {}
     for phase in (1, 2):
         for rank in (0, 1):
@@ -203,9 +195,7 @@ def _pt_cfg(out, **kw):
 def _pt_worker(rank, world, port, root):
     from largebatch.train.pretrain import pretrain
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    torchrun_env(rank, world, port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     out = {}
     try:
@@ -229,7 +219,7 @@ def test_barlow_twins_on_fsdp(tmp_path):
     from largebatch.train.linear_eval import linear_eval
 
     data.load("digits")
-    mp.start_processes(_pt_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_pt_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
     r = [torch.load(tmp_path / f"pt-rank{k}.pt", weights_only=False) for k in (0, 1)]
     for micro in (None, 64):
         _close(r[1]["fsdp", micro]["weights"], r[0]["fsdp", micro]["weights"], 0)
@@ -246,9 +236,7 @@ def test_barlow_twins_on_fsdp(tmp_path):
 def _failing_write_worker(rank, world, port, root):
     from largebatch.train.rundir import RunDirError
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    torchrun_env(rank, world, port)
     calls = []
 
     def write_meta(path, meta, _real=fsdp.write_meta):
@@ -271,7 +259,7 @@ def test_failed_sharded_checkpoint_write_stops_every_rank_and_keeps_the_last(tmp
     import time
 
     data.load("digits")
-    ctx = mp.start_processes(_failing_write_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
+    ctx = mp.start_processes(_failing_write_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False,
                              start_method="fork")
     deadline = time.time() + 120
     while not ctx.join(timeout=1):  # a rank waiting forever for rank 0 would hang here
