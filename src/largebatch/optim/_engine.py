@@ -322,7 +322,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _path_for(self, device: torch.device) -> str:
         if self.path is not None:
             return self.path
-        if self._native_rule and _native.default_path(device) == "native":
+        if self._native_rule and _native.applies(device):
             return "native"
         return _compiled.default_path(device) if self._compilable else "foreach"
 

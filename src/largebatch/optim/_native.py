@@ -85,12 +85,10 @@ def rule_of(cls: type) -> str | None:
     return cls.__dict__.get("_native_rule")
 
 
-def default_path(device: torch.device) -> str | None:
-    """``"native"`` where it applies to a class with a rule (a CPU, not inside an outer
-    ``torch.compile``, which then traces the step itself), else ``None`` (the next path)."""
-    if not torch.compiler.is_compiling() and device.type == "cpu" and available():
-        return "native"
-    return None
+def applies(device: torch.device) -> bool:
+    """Whether a class with a rule defaults to the native path on ``device``: a CPU, the path
+    available, and not inside an outer ``torch.compile`` (which then traces the step itself)."""
+    return not torch.compiler.is_compiling() and device.type == "cpu" and available()
 
 
 class _Args(ctypes.Structure):
