@@ -7,12 +7,21 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup demo test bench data clean
 
+# The set-up is the one step that needs a package index: pip fetches torch, torchvision and the
+# dependencies from PyPI, or from what pip is configured to use instead (PIP_INDEX_URL,
+# PIP_FIND_LINKS: a local mirror or a folder of wheels). After it, `make demo` and `make test`
+# need no network: the demo's data (digits) ships with scikit-learn.
 $(VENV)/.installed: pyproject.toml Makefile
+	@echo "setup: installing into $(VENV)/ (first time only: a few minutes, about 6 GB, from the package index)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "setup 1/3: pip"
 	$(PY) -m pip install --quiet --upgrade pip
+	@echo "setup 2/3: $(TORCH_PIN) (the largest download)"
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[dev,data,analysis]'
+	@echo "setup 3/3: largebatch (editable) with its dependencies and pytest"
+	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
+	@echo "setup: done"
 
 setup: $(VENV)/.installed
 

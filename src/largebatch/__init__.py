@@ -5,4 +5,5 @@ Subpackages:
     largebatch.schedules  warm-up + cosine, polynomial decay, TVLARS phi(t), LR scaling rules
 """
 
+# the package's one version number (pyproject.toml reads it; `largebatch --version` prints it)
 __version__ = "0.1.0"

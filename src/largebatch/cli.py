@@ -1,26 +1,31 @@
 """`largebatch` command line: one entry point, one module per sub-command.
 
 Each sub-command lives in its own module, which defines ``add_arguments(parser)`` and
-``run(args) -> int``. Modules are imported lazily so that ``largebatch --help`` is fast
-and a sub-command's heavy imports are paid only when it runs.
+``run(args) -> int``. Importing such a module must not import torch, torchvision, scipy,
+scikit-learn or matplotlib (``tests/test_cli.py`` checks it): building the parser then takes
+a fraction of a second, and a sub-command's heavy imports are paid inside its ``run`` only.
+Sub-commands whose implementation imports torch at module level have their command line in
+``largebatch.commands``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("largebatch.experiments.demo", "train a small model on offline data with every optimizer and print a table"),
-    "groups": ("largebatch.optim.groups", "print which parameter gets which optimizer treatment"),
-    "optimizers": ("largebatch.optim.registry", "list the registered optimizers: flags, defaults, auto schedule"),
+    "groups": ("largebatch.commands.groups", "print which parameter gets which optimizer treatment"),
+    "optimizers": ("largebatch.commands.optimizers", "list the registered optimizers: flags, defaults, auto schedule"),
     "train": ("largebatch.train.cli", "train a classifier (config file and/or flags)"),
-    "pretrain": ("largebatch.train.pretrain", "Barlow Twins self-supervised pre-training (config file and/or flags)"),
-    "linear-eval": ("largebatch.train.linear_eval", "linear evaluation of a run's frozen backbone (or a baseline)"),
+    "pretrain": ("largebatch.commands.pretrain", "Barlow Twins self-supervised pre-training (config file and/or flags)"),
+    "linear-eval": ("largebatch.commands.linear_eval", "linear evaluation of a run's frozen backbone (or a baseline)"),
     "plot": ("largebatch.train.plot", "plot one or more run directories"),
-    "explosion": ("largebatch.experiments.explosion", "gradient-explosion analysis of normalized networks (seed 003)"),
+    "explosion": ("largebatch.experiments.explosion",
+                  "gradient-explosion analysis of normalized networks (the LALC paper's theory)"),
     "barlow-twins-mini": ("largebatch.experiments.barlow_twins_mini",
                           "Barlow Twins on CPU: LARS, LAMB, TVLARS vs random-init and raw-pixel baselines"),
     "reproduce": ("largebatch.experiments.reproduce",
@@ -31,7 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from largebatch import __version__
+
     parser = argparse.ArgumentParser(prog="largebatch", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"largebatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -51,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nlargebatch {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `largebatch optimizers | head`: the reader left, nothing is wrong
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

@@ -7,10 +7,18 @@ Modules: ``theory`` (closed forms and factors), ``architectures`` (test networks
 ``largebatch.experiments.explosion``.
 """
 
-from .explosion import measure_architecture, measure_gradients, per_block_factor, rates, record_blocks
-from .theory import (THM1_FACTOR, THM2_CORRECTED_FACTOR, THM2_PAPER_FACTOR, activation_factor,
-                     relu_gaussian_mean, relu_gaussian_var)
+import importlib
 
-__all__ = ["measure_architecture", "measure_gradients", "per_block_factor", "rates", "record_blocks",
-           "THM1_FACTOR", "THM2_CORRECTED_FACTOR", "THM2_PAPER_FACTOR", "activation_factor",
-           "relu_gaussian_mean", "relu_gaussian_var"]
+# name -> module; imported on first access (PEP 562), so that the torch-free ``names`` module and
+# the command line do not pay for torch and scipy
+_EXPORTS = {**dict.fromkeys(("measure_architecture", "measure_gradients", "per_block_factor", "rates",
+                             "record_blocks"), "explosion"),
+            **dict.fromkeys(("THM1_FACTOR", "THM2_CORRECTED_FACTOR", "THM2_PAPER_FACTOR", "activation_factor",
+                             "relu_gaussian_mean", "relu_gaussian_var"), "theory")}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-ACTIVATIONS = ("relu", "leaky_relu", "elu", "selu", "gelu", "silu", "softplus", "dropout", "identity", "tanh")
-ARCHITECTURES = ("mlp-bn", "mlp-ln", "vgg-bn", "resnet-bn", "transformer-ln")
+from .names import ACTIVATIONS, ARCHITECTURES
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
 
 

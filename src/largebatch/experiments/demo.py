@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 
@@ -50,10 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: 30 digits / 10 fashion-mnist)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="global batch (default: 512 digits, i.e. 1/3 of the training set; 4096 fashion-mnist)")
-    parser.add_argument("--optimizers", default=None,
-                        help="comma-separated subset of the recipes: " + ", ".join(recipes()) + " (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optimizers", default=None, metavar="NAMES",
+                        help="comma-separated subset of the recipes (default: all): the optimizers of `largebatch "
+                             "optimizers`, NAME+warmup for a recipe with warm-up (an unknown name lists them)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the runs of an earlier demo in --out-dir (only their run files are deleted)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="print the table only")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: 1 for digits, whose tiny matrix products only "
@@ -69,7 +71,7 @@ def _pick_dataset(name: str, data_dir: str | None) -> str:
 
 
 def recipe_config(name: str, dataset: str, epochs: int, batch: int, spe: int, out_dir: str, seed: int,
-                  device: str):
+                  device: str, overwrite: bool = False):
     """The TrainConfig of recipe ``name`` (peak LRs referenced to batch 256 by the scaling rule;
     a callable recipe value is evaluated as ``value(epochs, steps_per_epoch)``)."""
     from largebatch.train.config import TrainConfig
@@ -81,7 +83,16 @@ def recipe_config(name: str, dataset: str, epochs: int, batch: int, spe: int, ou
     return TrainConfig(dataset=dataset, model="mlp", mlp_depth=3, mlp_width=256, epochs=epochs, batch_size=batch,
                        out_dir=os.path.join(out_dir, name), seed=seed, device=device, checkpoint=False,
                        stats_every=1, progress=False, optimizer=optimizer, warmup_epochs=round(warmup * epochs, 3),
-                       **kw)
+                       overwrite=overwrite, **kw)
+
+
+def _earlier_demo(out_dir: str, cfgs) -> list[str]:
+    """The recipe folders holding a run, and ``results.md``, already in ``out_dir``."""
+    from largebatch.train.rundir import RunDir
+
+    held = [c.out_dir for c in cfgs if RunDir(c.out_dir, c.metrics_format, True).run_files()]
+    results = os.path.join(out_dir, "results.md")
+    return held + ([results] if os.path.exists(results) else [])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,12 +133,18 @@ def run(args: argparse.Namespace) -> int:
     total = epochs * spe
     print(f"demo: {dataset} ({ds.train_x.shape[0]} train / {ds.test_x.shape[0]} test), BN-MLP 3x256, "
           f"global batch {batch} ({spe} steps/epoch), {epochs} epochs = {total} steps, seed {args.seed}")
+    cfgs = {name: recipe_config(name, dataset, epochs, batch, spe, args.out_dir, args.seed, args.device,
+                                overwrite=args.overwrite) for name in names}
+    if not args.overwrite:
+        held = _earlier_demo(args.out_dir, cfgs.values())
+        if held:
+            print(f"largebatch demo: {held[0]}{f' (and {len(held) - 1} more)' if len(held) > 1 else ''} holds the "
+                  f"output of an earlier demo; pass --overwrite to replace it, or choose another --out-dir",
+                  file=sys.stderr)
+            return 2
     results = []
     dirs = []
-    for name in names:
-        cfg = recipe_config(name, dataset, epochs, batch, spe, args.out_dir, args.seed, args.device)
-        if os.path.isdir(cfg.out_dir):
-            shutil.rmtree(cfg.out_dir)
+    for name, cfg in cfgs.items():
         t0 = time.perf_counter()
         res = train(cfg, dataset=ds, log=lambda s: None)
         dt = time.perf_counter() - t0

@@ -20,7 +20,7 @@ import math
 import os
 import time
 
-from largebatch.analysis import architectures as A
+from largebatch.analysis.names import ACTIVATIONS, ARCHITECTURES
 
 # per-architecture default sizes: (depth, width, batch)
 DEFAULT_SIZES = {
@@ -53,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="directory for explosion_prop1.json/.png")
 
     p = sub.add_parser("rates", help="measure the explosion rate at initialization (Fig. 1)")
-    p.add_argument("--arch", nargs="+", default=["mlp-bn"], choices=A.ARCHITECTURES)
-    p.add_argument("--act", nargs="+", default=["relu"], choices=A.ACTIVATIONS)
+    p.add_argument("--arch", nargs="+", default=["mlp-bn"], choices=ARCHITECTURES)
+    p.add_argument("--act", nargs="+", default=["relu"], choices=ACTIVATIONS)
     p.add_argument("--depth", type=_pos_int("--depth"), help="blocks (default per arch: %s)" % DEFAULT_SIZES)
     p.add_argument("--width", type=_pos_int("--width"), help="units / base channels (default per arch)")
     p.add_argument("--batch", type=_pos_int("--batch"), help="batch size (default per arch)")
@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("dynamics", help="early-training dynamics (Fig. 3)")
     p.add_argument("--depth", type=_pos_int("--depth"), default=10)
     p.add_argument("--width", type=_pos_int("--width"), default=128)
-    p.add_argument("--act", default="relu", choices=A.ACTIVATIONS)
+    p.add_argument("--act", default="relu", choices=ACTIVATIONS)
     p.add_argument("--norm", default="bn", choices=("bn", "ln"))
     p.add_argument("--steps", type=_pos_int("--steps"), default=200)
     p.add_argument("--log-every", type=_pos_int("--log-every"), default=10)
@@ -111,6 +111,7 @@ def _write(out, tag, payload):
 
 
 def run_theory(args) -> int:
+    from largebatch.analysis import architectures as A
     from largebatch.analysis import theory
 
     rows = theory.prop1_grid(args.mu, args.sigma, n=args.samples, seed=args.seed)
@@ -118,7 +119,7 @@ def run_theory(args) -> int:
     print(_md([[r["mu"], r["sigma"], _f(r["mean_theory"], 5), _f(r["mean_mc"], 5), f"{r['mean_rel_err']:.1e}",
                  _f(r["var_theory"], 5), _f(r["var_mc"], 5), f"{r['var_rel_err']:.1e}"] for r in rows],
               ["mu", "sigma", "E theory", "E MC", "rel err", "Var theory", "Var MC", "rel err"]))
-    acts = [a for a in A.ACTIVATIONS if a != "dropout"]
+    acts = [a for a in ACTIVATIONS if a != "dropout"]
     fac = {a: theory.activation_factor(lambda z, m=A.make_activation(a): m(z)) for a in acts}
     fac["dropout"] = 1.0
     print("\nPer-block factor E[f'(z)^2]/Var f(z), z ~ N(0,1) (Thm. 1 generalized; dropout: exactly 1)")

@@ -9,7 +9,6 @@ update. ``exclude`` adds more exclusions by name glob, module type or predicate.
 from __future__ import annotations
 
 import fnmatch
-import sys
 from typing import Any, Callable, Iterable, Union
 
 from torch import nn
@@ -101,45 +100,3 @@ def describe_groups(model: nn.Module, groups: list[dict[str, Any]] | None = None
     n_all = sum(p.numel() for g in groups for p in g["params"])
     lines.append(f"{n_ad:,} of {n_all:,} optimized elements are adapted (layer-wise rule)")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- `largebatch groups`
-def _build_model(spec: str) -> nn.Module:
-    import torchvision
-
-    try:
-        return getattr(torchvision.models, spec)(weights=None)
-    except AttributeError:
-        raise SystemExit(f"unknown model {spec!r}: give a torchvision.models builder name such as resnet18") from None
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("model", help="torchvision model builder name, e.g. resnet18, resnet50, vit_b_16")
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                        help="also exclude parameters whose name matches GLOB (repeatable)")
-    parser.add_argument("--keep-1d", action="store_true", help="do not exclude 1-D tensors by default")
-    parser.add_argument("--optimizer", default=None, metavar="NAME",
-                        help="also say what this registered optimizer does with each group (`largebatch optimizers`)")
-
-
-def run(args) -> int:
-    from .registry import OPTIMIZERS
-
-    info = None
-    if args.optimizer is not None:
-        info = OPTIMIZERS.get(args.optimizer)
-        if info is None:
-            print(f"largebatch groups: --optimizer: {args.optimizer!r} is not one of {', '.join(OPTIMIZERS)}",
-                  file=sys.stderr)
-            return 2
-    model = _build_model(args.model)
-    print(describe_groups(model, weight_decay=args.weight_decay, exclude=args.exclude or None,
-                          exclude_1d=not args.keep_1d))
-    if info is not None:
-        if info.layerwise:
-            print(f"{info.name}: adapted tensors get {info.summary}; excluded tensors get its base update at the "
-                  "group's lr, without the layer-wise rule")
-        else:
-            print(f"{info.name}: {info.summary}; no layer-wise rule (adapt is ignored), weight decay as listed")
-    return 0

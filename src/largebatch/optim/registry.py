@@ -20,7 +20,6 @@ the tests' tables (docs/optimizers.md, "Adding an optimizer").
 from __future__ import annotations
 
 import inspect
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -227,27 +226,3 @@ def markdown_table() -> str:
         rows.append(f"| `{info.name}` | `{cls}` | {summary} | {fields} | {info.schedule} | "
                     f"{info.lr_scaling} | {info.cpu_path} |")
     return "\n".join(rows)
-
-
-# ---------------------------------------------------------------- `largebatch optimizers`
-def add_arguments(parser) -> None:
-    parser.add_argument("--markdown", action="store_true", help="the Markdown table of docs/optimizers.md")
-
-
-def run(args) -> int:
-    if args.markdown:
-        print(markdown_table())
-        return 0
-    for info in OPTIMIZERS.values():
-        defaults = info.defaults()
-        print(f"{info.name:<8} {info.summary}")
-        print(f"{'':8} flags: " + ", ".join(f"--{f.replace('_', '-')} ({defaults.get(a, '-')!r})"
-                                           for f, a in info.args.items()))
-        print(f"{'':8} schedule auto = {info.schedule}, lr_scaling auto = {info.lr_scaling}, "
-              f"CPU path: {info.cpu_path}")
-    from . import _native
-    state = ("built: " + _native.library_path() if os.path.exists(_native.library_path())
-             else "not built yet (built at the first step of a model of 2^20 parameters or more, ~4 s)")
-    print(f"\nnative path (C++ kernels): {state}" if _native.available()
-          else "\nnative path: off (LARGEBATCH_NO_NATIVE / LARGEBATCH_NO_COMPILE, or its build failed)")
-    return 0

@@ -39,13 +39,24 @@ def _none_or(conv):
     return f
 
 
+def _shown(value) -> str:
+    """A default as it is typed on the command line (``true``, ``0.9,0.999``, ``none``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
     """``--config FILE`` and one flag per field of ``cls`` (``TrainConfig`` or a subclass)."""
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="YAML/TOML/JSON config file (flags override its values)")
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
+        help_ = f.metadata.get("help", "")
+        if "default" not in help_:  # a help text that explains its default keeps its own words
+            help_ += f" (default: {_shown(f.default)})"
         conv = _type_of(str(f.type))
         if conv is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,

@@ -80,7 +80,7 @@ class TrainConfig:
     tvlars_alpha: float = field(default=1.0, metadata={"help": "TVLARS alpha (eq. 8)"})
     tvlars_delay_epochs: float = field(default=0.0, metadata={"help": "TVLARS delay d_e in epochs (converted to steps)"})
     tvlars_gamma_min: float = field(default=0.0, metadata={"help": "TVLARS lower bound gamma_min"})
-    clars_subset: int | None = field(default=None, metadata={"help": "CLARS: per-sample norms from this many samples"})
+    clars_subset: int | None = field(default=None, metadata={"help": "CLARS: per-sample norms from the first N samples per process and step (default: all)"})
     # schedule
     schedule: str = field(default="auto", metadata={"help": "auto (the optimizer's: none for tvlars, whose phi(t) is "
                                                      "the schedule; cosine otherwise), none, cosine (warm-up + "
@@ -104,7 +104,7 @@ class TrainConfig:
     checkpoint: bool = field(default=True, metadata={"help": "write an atomic checkpoint every epoch"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT_DIR/checkpoint.pt"})
     overwrite: bool = field(default=False, metadata={"help": "replace the run already in OUT_DIR (its files are deleted)"})
-    stop_after_epochs: int | None = field(default=None, metadata={"help": "stop this invocation after N epochs (resume later)"})
+    stop_after_epochs: int | None = field(default=None, metadata={"help": "stop this invocation after N epochs, resume later (default: none, run to the end)"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar (quiet anyway when not a terminal)"})
 
     # ------------------------------------------------------------------ validation
@@ -229,6 +229,41 @@ class TrainConfig:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """``TrainConfig`` plus Barlow Twins' fields; defaults follow the reference recipe (LARS-style
+    LR 0.2 x B/256, weight decay 1.5e-6) and the TVLARS papers (``tvlars_lam`` 1e-5)."""
+
+    lr: float = field(default=0.2, metadata={"help": "base learning rate (before the scaling rule)"})
+    lr_scaling: str = field(default="linear", metadata={"help": "none, linear (lr*B/B0; the reference: 0.2 x B/256), "
+                                                         "sqrt or auto (the optimizer's rule)"})
+    weight_decay: float = field(default=1.5e-6, metadata={"help": "coupled L2 on weights (the reference: 1.5e-6)"})
+    tvlars_lam: float = field(default=1e-5, metadata={"help": "TVLARS decay coefficient lambda (the papers' SSL: 1e-5)"})
+    out_dir: str = field(default="runs/pretrain", metadata={"help": "run directory (config, metrics, checkpoint)"})
+    projector: str = field(default="2048-2048-4096", metadata={"help": "projector layer widths, dash-separated"})
+    lambd: float = field(default=0.0051, metadata={"help": "weight of the off-diagonal terms of the loss"})
+    knn_every: int = field(default=1, metadata={"help": "kNN monitor every N epochs and after the last (0: off)"})
+    knn_k: int = field(default=200, metadata={"help": "neighbours of the kNN monitor"})
+    knn_temperature: float = field(default=0.1, metadata={"help": "temperature of the kNN monitor's vote"})
+
+    def validate(self) -> "PretrainConfig":
+        super().validate()
+        from largebatch.ssl import parse_projector
+
+        parse_projector(self.projector)
+        if not (isinstance(self.lambd, (int, float)) and not isinstance(self.lambd, bool)
+                and math.isfinite(self.lambd) and self.lambd >= 0):
+            raise ValueError(f"lambd: must be a finite number >= 0, got {self.lambd!r}")
+        for name, lo in (("knn_every", 0), ("knn_k", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name}: must be an integer >= {lo}, got {v!r}")
+        if not (isinstance(self.knn_temperature, (int, float)) and math.isfinite(self.knn_temperature)
+                and self.knn_temperature > 0):
+            raise ValueError(f"knn_temperature: must be a finite number > 0, got {self.knn_temperature!r}")
+        return self
 
 
 def load_file(path: str) -> dict[str, Any]:

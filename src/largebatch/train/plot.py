@@ -17,10 +17,11 @@ import sys
 from collections import defaultdict
 
 from ..plotting import pyplot, save_figure
-from .rundir import read_table
 
 
 def _table(run_dir: str, base: str) -> list[dict]:
+    from .rundir import read_table  # imports torch: not at module level (`largebatch plot --help`)
+
     for ext in (".csv", ".jsonl"):
         p = os.path.join(run_dir, base + ext)
         if os.path.exists(p):

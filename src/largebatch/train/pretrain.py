@@ -29,9 +29,7 @@ run's LR. CLARS is refused: its per-sample gradient norms need a loss that is a 
 
 from __future__ import annotations
 
-import argparse
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -41,44 +39,11 @@ from largebatch.optim import registry
 
 from . import data as data_mod
 from . import distributed as dist_mod
-from .config import TrainConfig
+from .config import PretrainConfig, TrainConfig  # noqa: F401  (PretrainConfig: re-exported)
 from .loop import Task, _Setup
 from .models import init_weights
 
 PRETRAIN_COLUMNS = ["epoch", "step", "lr", "train_loss", "knn_acc", "epoch_seconds", "images_per_s"]
-
-
-@dataclass
-class PretrainConfig(TrainConfig):
-    """``TrainConfig`` plus Barlow Twins' fields; defaults follow the reference recipe (LARS-style
-    LR 0.2 x B/256, weight decay 1.5e-6) and the TVLARS papers (``tvlars_lam`` 1e-5)."""
-
-    lr: float = field(default=0.2, metadata={"help": "base learning rate (before the scaling rule)"})
-    lr_scaling: str = field(default="linear", metadata={"help": "none, linear (lr*B/B0; the reference: 0.2 x B/256), "
-                                                         "sqrt or auto (the optimizer's rule)"})
-    weight_decay: float = field(default=1.5e-6, metadata={"help": "coupled L2 on weights (the reference: 1.5e-6)"})
-    tvlars_lam: float = field(default=1e-5, metadata={"help": "TVLARS decay coefficient lambda (the papers' SSL: 1e-5)"})
-    out_dir: str = field(default="runs/pretrain", metadata={"help": "run directory (config, metrics, checkpoint)"})
-    projector: str = field(default="2048-2048-4096", metadata={"help": "projector layer widths, dash-separated"})
-    lambd: float = field(default=0.0051, metadata={"help": "weight of the off-diagonal terms of the loss"})
-    knn_every: int = field(default=1, metadata={"help": "kNN monitor every N epochs and after the last (0: off)"})
-    knn_k: int = field(default=200, metadata={"help": "neighbours of the kNN monitor"})
-    knn_temperature: float = field(default=0.1, metadata={"help": "temperature of the kNN monitor's vote"})
-
-    def validate(self) -> "PretrainConfig":
-        super().validate()
-        ssl.parse_projector(self.projector)
-        if not (isinstance(self.lambd, (int, float)) and not isinstance(self.lambd, bool)
-                and math.isfinite(self.lambd) and self.lambd >= 0):
-            raise ValueError(f"lambd: must be a finite number >= 0, got {self.lambd!r}")
-        for name, lo in (("knn_every", 0), ("knn_k", 1)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"{name}: must be an integer >= {lo}, got {v!r}")
-        if not (isinstance(self.knn_temperature, (int, float)) and math.isfinite(self.knn_temperature)
-                and self.knn_temperature > 0):
-            raise ValueError(f"knn_temperature: must be a finite number > 0, got {self.knn_temperature!r}")
-        return self
 
 
 class BarlowTwinsTask(Task):
@@ -154,17 +119,3 @@ def pretrain(cfg: PretrainConfig, dataset: data_mod.ArrayDataset | None = None, 
     from .loop import train
 
     return train(cfg, dataset, log=log, task=BarlowTwinsTask())
-
-
-# ----------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_arguments as add_config_arguments
-
-    add_config_arguments(parser, PretrainConfig)
-
-
-def run(args: argparse.Namespace) -> int:
-    from .cli import execute
-
-    return execute(args, "pretrain", PretrainConfig, lambda cfg: pretrain(cfg))
-
