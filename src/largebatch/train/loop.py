@@ -263,7 +263,7 @@ def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: flo
             global_step = ep.end_step
             row = _end_epoch(setup, run, ep, epoch, history)
             log(f"epoch {epoch + 1}/{cfg.epochs} step {global_step} | {task.summary(row)} | "
-                f"lr {row['lr']:.4g} | {row['images_per_s']:.0f} img/s")
+                f"{_lr_text(row['lr'], ep.step_lrs)} | {row['images_per_s']:.0f} img/s")
             epochs_this_run += 1
             if cfg.stop_after_epochs is not None and epochs_this_run >= cfg.stop_after_epochs \
                     and epoch + 1 < cfg.epochs:
@@ -368,6 +368,15 @@ def _optimizer_step(setup: _Setup, stats: LayerStatsRecorder, global_step: int) 
     opt.zero_grad(set_to_none=True)
     if setup.sched is not None:
         setup.sched.step()
+
+
+def _lr_text(lr: float, step_lrs: list[tuple[float, float]]) -> str:
+    """The epoch line's LR: the group's ``lr``, and the LR applied at the epoch's last step where
+    the optimizer scales it in time (TVLARS: ``lr x phi(t)``), as ``lr.png`` shows both."""
+    applied = step_lrs[-1][1] if step_lrs else lr
+    if abs(applied - lr) <= 1e-12 * max(abs(lr), 1e-30):
+        return f"lr {lr:.4g}"
+    return f"lr {lr:.4g}, applied lr x phi(t) {applied:.4g}"
 
 
 def _end_epoch(setup: _Setup, run: RunDir, ep: _Epoch, epoch: int, history: list[dict[str, Any]]) -> dict[str, Any]:
