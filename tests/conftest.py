@@ -6,12 +6,22 @@ import torch
 # Deterministic, modest threading: CI has 2 cores.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-# The compiled path's measured kernel choices (optim/_compiled.py) go to a folder of this test
-# session, not to the user's ~/.cache/largebatch.
+# The compiled path's measured kernel choices and the native library (optim/_compiled.py,
+# optim/_native.py) go to a folder of this test session, not to the user's ~/.cache/largebatch;
+# the session removes it when it ends (pytest_unconfigure).
+_SESSION_CACHE = None
 if "LARGEBATCH_CACHE_DIR" not in os.environ:
     import tempfile
 
-    os.environ["LARGEBATCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="largebatch-test-cache-")
+    _SESSION_CACHE = os.environ["LARGEBATCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="largebatch-test-cache-")
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE is not None and os.environ.get("LARGEBATCH_CACHE_DIR") == _SESSION_CACHE:
+        import shutil
+
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+        del os.environ["LARGEBATCH_CACHE_DIR"]
 
 
 @pytest.fixture(autouse=True)

@@ -139,3 +139,43 @@ def test_groups_unknown_model_is_one_line(capsys):
     assert main(["groups", "no_such_model"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no_such_model" in err
+
+
+def test_package_warnings_print_as_one_line(monkeypatch):
+    """A missing compiler's warning on the command line: one line, no library source line, the
+    compiler's multi-line text cut, what happens instead kept."""
+    import warnings
+
+    from largebatch import cli
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    msg = ("largebatch: the compiled optimizer path is unavailable (InductorError: InvalidCxxCompiler: No working "
+           "C++ compiler found\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace\n); using the 'foreach' path")
+    out = cli.format_warning(RuntimeWarning(msg), RuntimeWarning, "/x/_engine.py", 371, "fin = self._run(...)")
+    assert out.count("\n") == 1 and "_engine.py" not in out and "TORCHDYNAMO" not in out
+    assert out.startswith("largebatch: the compiled optimizer path is unavailable") and "using the 'foreach' path" in out
+    other = cli.format_warning(UserWarning("not ours"), UserWarning, "/y/z.py", 3, "code()")
+    assert "z.py:3" in other  # other warnings keep Python's format
+    assert main(["optimizers", "--markdown"]) == 0
+    assert warnings.formatwarning is cli.format_warning
+
+
+def test_test_session_removes_its_cache_folder(tmp_path):
+    """tests/conftest.py's temporary native/kernel cache is gone after a pytest session."""
+    (tmp_path / "test_touch.py").write_text(
+        "import os\n"
+        "def test_touch():\n"
+        "    d = os.environ['LARGEBATCH_CACHE_DIR']\n"
+        "    open(os.path.join(d, 'marker'), 'w').close()\n"
+        "    print('CACHE=' + d)\n")
+    import shutil
+
+    shutil.copy(os.path.join(ROOT, "tests", "conftest.py"), tmp_path / "conftest.py")
+    env = {k: v for k, v in os.environ.items() if k != "LARGEBATCH_CACHE_DIR"}
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", str(tmp_path)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    cache = next(line.split("=", 1)[1] for line in out.stdout.splitlines() if "CACHE=" in line)
+    cache = cache[cache.index("/"):].strip()
+    assert "largebatch-test-cache-" in cache and not os.path.exists(cache)

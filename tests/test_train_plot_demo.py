@@ -121,6 +121,7 @@ def test_console_names_tvlars_applied_lr():
     from largebatch.train.loop import _lr_text
 
     assert _lr_text(0.5, [(0.5, 0.5)]) == "lr 0.5"
+    assert _lr_text(0.0, [(0.1, 0.1), (0.05, 0.05)]) == "lr 0"  # a schedule's end: no time factor
     assert _lr_text(2.0, [(2.0, 1.5), (2.0, 0.25)]) == "lr 2, applied lr x phi(t) 0.25"
 
 

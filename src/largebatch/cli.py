@@ -14,6 +14,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -48,7 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """The command line's format of the package's own warnings (``largebatch: ...``, e.g. a
+    missing C++ compiler): one line, without the library source line that raised it (nothing a
+    user can act on) and without the multi-line text of a compiler error quoted inside it. Other
+    warnings keep Python's format."""
+    text = str(message)
+    if not text.startswith("largebatch"):
+        return _python_format(message, category, filename, lineno, line)
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    return (lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}") + "\n"
+
+
+_python_format = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = format_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

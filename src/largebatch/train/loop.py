@@ -373,8 +373,8 @@ def _optimizer_step(setup: _Setup, stats: LayerStatsRecorder, global_step: int) 
 def _lr_text(lr: float, step_lrs: list[tuple[float, float]]) -> str:
     """The epoch line's LR: the group's ``lr``, and the LR applied at the epoch's last step where
     the optimizer scales it in time (TVLARS: ``lr x phi(t)``), as ``lr.png`` shows both."""
-    applied = step_lrs[-1][1] if step_lrs else lr
-    if abs(applied - lr) <= 1e-12 * max(abs(lr), 1e-30):
+    last, applied = step_lrs[-1] if step_lrs else (lr, lr)
+    if abs(applied - last) <= 1e-12 * max(abs(last), 1e-30):
         return f"lr {lr:.4g}"
     return f"lr {lr:.4g}, applied lr x phi(t) {applied:.4g}"
 
