@@ -44,7 +44,7 @@ from torch import nn
 from largebatch.optim import LAMB, LARS, param_groups
 
 OPTIMIZERS = {"LARS": (LARS, dict(lr=0.1, momentum=0.9)), "LAMB": (LAMB, dict(lr=1e-3))}
-#: the paths on which the DTensors ran as they are (issue 13): LAMB's per_tensor failed at its step counter
+#: the paths on which the DTensors ran as they are (before sharded norms were summed across ranks): LAMB's per_tensor failed at its step counter
 OLD_PATHS = {"LARS": ("per_tensor", "foreach"), "LAMB": ("foreach",)}
 
 

@@ -1,6 +1,6 @@
-"""Independent float64 references of SPEC.md's update rules, one function per rule.
+"""Independent float64 references of the update rules of docs/algorithms.md, one function per rule.
 
-Written straight from SPEC with plain Python control flow, no code shared with
+Written straight from docs/algorithms.md with plain Python control flow, no code shared with
 ``largebatch.optim``. Each ``step`` maps ``{name: w}`` and ``{name: g}`` (float64) to new
 weights, keeping its own state.
 """
@@ -18,7 +18,7 @@ def _norm(x):
 
 
 def _lars_trust(w, g, adapt, wd, eta, eps):
-    """SPEC's LARS/TVLARS ratio with the zero-norm rule; 1 for excluded tensors."""
+    """The LARS/TVLARS ratio (docs/algorithms.md sections 2, 4) with the zero-norm rule; 1 for excluded tensors."""
     if not adapt:
         return 1.0
     wn, gn = _norm(w), _norm(g)
@@ -34,7 +34,7 @@ class Reference:
         self.algo, self.groups, self.hp = algo, groups, hp
         self.w = {k: v.detach().double().clone() for k, v in weights.items()}
         self.state = {k: {} for k in weights}
-        self.t = 0  # optimizer steps so far (SPEC: the first step uses t = 0)
+        self.t = 0  # optimizer steps so far (docs/algorithms.md section 4: the first step uses t = 0)
 
     def step(self, grads, lr, skip=()):
         """One step; tensors named in ``skip`` (non-finite gradient) are left untouched."""
@@ -45,7 +45,7 @@ class Reference:
             self.w[k] = getattr(self, "_" + self.algo)(self.w[k], g.double(), self.state[k], lr, adapt, wd)
         self.t += 1
 
-    # SPEC "LARS"
+    # docs/algorithms.md section 2
     def _lars(self, w, g, st, lr, adapt, wd):
         hp = self.hp
         mu, eta, eps = hp.get("momentum", 0.9), hp.get("eta", 1e-3), hp.get("eps", 0.0)
@@ -59,7 +59,7 @@ class Reference:
             return w - (mu * v + lr * trust * d)
         return w - v
 
-    # SPEC "TVLARS"
+    # docs/algorithms.md section 4
     def _tvlars(self, w, g, st, lr, adapt, wd):
         hp = self.hp
         mu, eta, eps = hp.get("momentum", 0.9), hp.get("eta", 1e-3), hp.get("eps", 0.0)
@@ -72,7 +72,7 @@ class Reference:
         st["b"] = b
         return w + mu * b - gamma * d
 
-    # SPEC "LAMB"
+    # docs/algorithms.md section 3
     def _lamb(self, w, g, st, lr, adapt, wd):
         hp = self.hp
         b1, b2 = hp.get("betas", (0.9, 0.999))
@@ -93,7 +93,7 @@ class Reference:
                 trust = min(max(trust, 0.0), max_trust)
         return w - lr * trust * r
 
-    # SPEC "LALC"
+    # docs/algorithms.md section 5
     def _lalc(self, w, g, st, lr, adapt, wd):
         hp = self.hp
         mu, eta, eps = hp.get("momentum", 0.9), hp.get("eta", 0.01), hp.get("eps", 1e-8)

@@ -1,4 +1,4 @@
-"""Mixed precision without host syncs (issue 14): ``torch.amp.GradScaler``'s protocol for
+"""Mixed precision without host syncs: ``torch.amp.GradScaler``'s protocol for
 optimizers that unscale inside their step (``_step_supports_amp_scaling``, torch 2.14
 ``GradScaler.step``; ``optim/_engine.py``, "Mixed precision").
 
@@ -265,7 +265,7 @@ def test_clars_tracker_contract_without_unscale_persample():
 
 def test_clars_unscale_persample_diagnostics():
     """``last_persample`` is unscaled too; its ``grad_weight`` matches ``.grad``, which stays
-    scaled after ``scaler.step``, so ``variance_factor()`` (seed 004's ``M_k``) is the unscaled one."""
+    scaled after ``scaler.step``, so ``variance_factor()`` (the CLARS paper's ``M_k``) is the unscaled one."""
     ref = run("CLARS", "foreach")
     got = run("CLARS", "foreach", scaler=scaler_for())
     for f in ("mean_norm", "mean_sq_norm", "variance_factor"):

@@ -1,4 +1,4 @@
-"""Tests for largebatch.analysis (seed 003: Prop. 1, Thm. 1-2, Cor. 2, Fig. 1, Fig. 3)."""
+"""Tests for largebatch.analysis (LALC paper: Prop. 1, Thm. 1-2, Cor. 2, Fig. 1, Fig. 3)."""
 
 import json
 import math

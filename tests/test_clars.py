@@ -1,4 +1,4 @@
-"""CLARS (SPEC "CLARS", seed 004 eq. 4-5, Alg. 1) against an independent float64 reference."""
+"""CLARS (docs/algorithms.md section 6, CLARS paper eq. 4-5, Alg. 1) against an independent float64 reference."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def lr_at(t):
 
 
 def reference_clars(model, data, subset=None):
-    """SPEC "CLARS" in float64 with plain Python: per-sample gradients by a loop of
+    """docs/algorithms.md section 6 in float64 with plain Python: per-sample gradients by a loop of
     single-sample backward passes; ndim <= 1 tensors excluded (trust 1, no weight decay)."""
     m = copy.deepcopy(model).double()
     params = dict(m.named_parameters())
@@ -168,7 +168,7 @@ def test_trust_never_above_lars_and_equals_formula():
         want = torch.stack([ETA * wn[id(p)] / (nk[id(p)].float() + WD * wn[id(p)])
                             for p, a in zip(sc["params"], adapt) if a])
         torch.testing.assert_close(tc, want, rtol=1e-5, atol=0)
-        # the seed 004 Fig. 2 factor is available from the same statistics, M_k >= 1
+        # the CLARS paper Fig. 2 factor is available from the same statistics, M_k >= 1
         assert torch.all(clars.last_persample.variance_factor() >= 1 - 1e-6)
         for p, q in zip(model.parameters(), twin.parameters()):  # keep the twins identical
             q.data.copy_(p.data)

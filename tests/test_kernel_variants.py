@@ -1,4 +1,4 @@
-"""Kernel variants of the compiled path and their first-use choice (issue 14, item 1).
+"""Kernel variants of the compiled path and their first-use choice.
 
 * Every variant (``_compiled.supported_variants()`` on this CPU), forced, for every compilable
   optimizer: equal to the per-tensor reference path (float32: as ``test_fast_paths.py``;

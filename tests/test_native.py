@@ -1,7 +1,7 @@
-"""The ``native`` path (``optim/_native.py``, ``_native.cpp``; issue 14, item 1).
+"""The ``native`` path (``optim/_native.py``, ``_native.cpp``).
 
 * float64: every configuration of ``test_optim_reference.CASES`` against the independent
-  float64 reference of SPEC (``reference.py``) at 1e-12, on tensors split among the threads
+  float64 reference (``reference.py``) at 1e-12, on tensors split among the threads
   (>= ``SPLIT`` elements) and whole ones, with 1 and 2 threads, a learning-rate schedule,
   and non-finite gradients in a split and in a whole tensor (left untouched);
 * float32: equal to the per-tensor reference path, weights, state, step counters and the

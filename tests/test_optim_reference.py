@@ -1,4 +1,4 @@
-"""Each optimizer against the independent float64 reference of SPEC (tests/reference.py)."""
+"""Each optimizer against the independent float64 reference (tests/reference.py)."""
 
 import pytest
 import torch

@@ -1,10 +1,10 @@
-"""Per-sample gradient norms vs brute force (issue 3).
+"""Per-sample gradient norms vs brute force.
 
 Reference 1 (every model, BatchNorm in train mode included): sample i's additive
 contribution to the gradient is the gradient w.r.t. a private copy of each layer's
 parameters that only sample i's output row uses (one forward/backward per sample).
 Reference 2 (models without batch coupling): ``torch.func.vmap(grad)`` of each sample's
-own loss. Convolutions (issue 14): every route of ``rules.conv_weight_sqnorms`` against
+own loss. Convolutions: every route of ``rules.conv_weight_sqnorms`` against
 autograd one sample at a time, in float64 (to 1e-10) and float32.
 """
 

@@ -1,4 +1,4 @@
-"""SPEC "Precision" (docs/algorithms.md section 8; issue 10, items 9, 4 and 5):
+"""docs/algorithms.md section 8:
 
 * float64 runs reproduce the float64 formulas (no per-tensor scalar rounded to float32),
   LAMB's bias corrections lose no digits, step counters are exact integers;

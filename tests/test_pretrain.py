@@ -1,5 +1,5 @@
-"""`largebatch pretrain` and `largebatch linear-eval`: the harness around the Barlow Twins library
-(issue 11): end to end, exact resume, global-batch views, N processes = 1, clear errors."""
+"""`largebatch pretrain` and `largebatch linear-eval`: the harness around the Barlow Twins library:
+end to end, exact resume, global-batch views, N processes = 1, clear errors."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Runs never lose data and never fail with a traceback for a user's mistake (issue 10).
+"""Runs never lose data and never fail with a traceback for a user's mistake.
 
 Each test drives `largebatch train` (or `train()`) into one situation a tester found: a run
 directory that already holds a run, two processes on one directory, unreadable checkpoints,

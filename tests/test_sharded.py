@@ -1,4 +1,4 @@
-"""Sharded parameters (issue 13; SPEC "Notation": the norms are those of the *full* tensors),
+"""Sharded parameters (docs/algorithms.md section 1: the norms are those of the *full* tensors),
 2 processes on CPU (Gloo), forked once for the whole module:
 
 * ``fsdp``: FSDP2 ``fully_shard`` (``Shard(0)``) on conv + BatchNorm + two linears, every
@@ -266,7 +266,7 @@ def test_sharded_equals_one_process(ranks, setting, name, path):
         # the NaN in one rank's shard skipped the tensor on both ranks (in the weights above too)
         assert got["found_inf"] == [t == NAN_STEP for t in range(STEPS)], f"rank {r}"
         if name == "CLARS":  # n_k: per-sample norms of the full per-sample gradients, over all
-            # samples; M_k (seed 004 Fig. 2) from the sharded .grad (the last step's, no NaN)
+            # samples; M_k (CLARS paper Fig. 2) from the sharded .grad (the last step's, no NaN)
             torch.testing.assert_close(got["clars"], clars, rtol=1e-9, atol=0)
 
 

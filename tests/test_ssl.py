@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ----------------------------------------------------------------------------- loss
 def reference_loss(z1, z2, lambd, eps=1e-5):
-    """SPEC's formula in plain Python floats, loop by loop."""
+    """The formula of docs/algorithms.md section 11 in plain Python floats, loop by loop."""
     z1, z2 = np.asarray(z1, dtype=np.float64), np.asarray(z2, dtype=np.float64)
     n, d = z1.shape
 
@@ -295,7 +295,7 @@ def test_projector_layout_and_parsing():
     assert [type(m).__name__ for m in q] == ["Linear", "ReLU", "Linear"] and q[0].bias is not None
     assert [type(m).__name__ for m in Projector(4, [6])] == ["Linear"]
     assert parse_projector("2048-2048-4096") == (2048, 2048, 4096)
-    assert len(Projector(3)) == 7 and Projector(3).out_dim == 4096     # SPEC default 2048-2048-4096
+    assert len(Projector(3)) == 7 and Projector(3).out_dim == 4096     # the default 2048-2048-4096
 
 
 @pytest.mark.parametrize("dims", [(), (0,), (16, -2), (8.0,), (True,), "2048-x", "", "12--3"])

@@ -1,4 +1,4 @@
-"""Two processes on CPU (Gloo) equal one process on the same global batch (SPEC "Barlow Twins"):
+"""Two processes on CPU (Gloo) equal one process on the same global batch (docs/algorithms.md section 11):
 the loss and its gradients, a DDP + LARS step with BatchNorm synchronized over the ranks
 (GlobalBatchNorm: torch.nn.SyncBatchNorm refuses CPU tensors), and embedding caching."""
 

@@ -172,7 +172,7 @@ def test_channel_stats_match_torch():
     assert torch.allclose(std.double(), xs.std(dim=(0, 2, 3)), atol=1e-6)
 
 
-# ----------------------------------------------------------------------------- Tiny ImageNet cache (issue 10)
+# ----------------------------------------------------------------------------- Tiny ImageNet cache
 def test_tinyimagenet_cache_follows_images_replaced_in_place(tmp_path):
     """The cache key holds each file's size and mtime: a replaced image is decoded again."""
     from PIL import Image
@@ -245,7 +245,7 @@ def test_tinyimagenet_unreadable_cache_is_rebuilt_with_a_warning(tmp_path, monke
     assert torch.equal(data.load("tinyimagenet", str(tmp_path)).train_x, ds.train_x)
 
 
-# ----------------------------------------------------------------------------- damaged files (issue 10)
+# ----------------------------------------------------------------------------- damaged files
 def _cifar10(tmp_path, n=3):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()

@@ -45,7 +45,7 @@ def test_cli_end_to_end_writes_run_dir(tmp_path, capsys):
     assert m[-1]["test_acc"] > 0.5  # it learns
     steps = read_table(str(out / "steps.csv"))
     assert [r["step"] for r in steps] == list(range(20))
-    # warm-up of 1 epoch = 5 steps: lr_t = lr * t / 5, then cosine over the other 15 (SPEC schedules)
+    # warm-up of 1 epoch = 5 steps: lr_t = lr * t / 5, then cosine over the other 15 (docs/algorithms.md section 9)
     assert [round(r["lr"], 6) for r in steps[:5]] == [0.0, 0.8, 1.6, 2.4, 3.2]
     q = (1 + math.cos(math.pi * 3 / 15)) / 2
     assert steps[8]["lr"] == pytest.approx(4.0 * q)
@@ -60,7 +60,7 @@ def test_layer_stats_are_the_lars_quantities(tmp_path, digits):
     lrs = {r["step"]: r["lr"] for r in read_table(os.path.join(cfg.out_dir, "steps.csv"))}
     adapted = [r for r in stats if r["adapt"] == 1]
     assert {r["layer"] for r in adapted} == {"1.weight", "4.weight", "7.weight"}
-    for r in adapted:  # SPEC LARS: trust = eta ||w|| / (||g|| + wd ||w||), layer LR = lr * trust
+    for r in adapted:  # docs/algorithms.md section 2: trust = eta ||w|| / (||g|| + wd ||w||), layer LR = lr * trust
         assert r["lnr"] == pytest.approx(r["w_norm"] / r["g_norm"], rel=1e-6)
         assert r["trust"] == pytest.approx(1e-3 * r["w_norm"] / (r["g_norm"] + 1e-3 * r["w_norm"]), rel=1e-4)
         assert r["layer_lr"] == pytest.approx(lrs[r["step"]] * r["trust"], rel=1e-5)

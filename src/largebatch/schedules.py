@@ -45,7 +45,7 @@ def _warmup_then(total_steps: int, warmup_steps: int, decay: Callable[[float], f
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0) -> Callable[[int], float]:
-    """Linear warm-up then cosine decay (seed 001 Appendix A; seed 000 eq. 4 is garbled).
+    """Linear warm-up then cosine decay (ICLR TVLARS paper Appendix A; TVLARS paper eq. 4 is garbled).
 
     ``t < T_w``: ``t / T_w``; then with ``q = (1 + cos(pi (t - T_w) / (T - T_w))) / 2``:
     ``q + min_ratio (1 - q)``, i.e. ``lr_t = lr q + lr_min (1 - q)`` with
@@ -88,7 +88,7 @@ def phi(t, lam: float, alpha: float, delay: float, gamma_min: float):
     """The formula of TVLARS's eq. 8, unchecked: ``1 / (alpha + exp(lam (t - delay))) +
     gamma_min``, for a number ``t`` or a floating tensor ``t`` (the optimizer's per-tensor
     step counters, converted to the parameters' compute dtype, in which ``phi`` is then
-    computed: SPEC "Precision"). The one place it is written; ``exp`` overflowing gives
+    computed: docs/algorithms.md section 8). The one place it is written; ``exp`` overflowing gives
     ``phi = gamma_min``."""
     x = lam * (t - delay)
     if isinstance(x, torch.Tensor):
@@ -97,7 +97,7 @@ def phi(t, lam: float, alpha: float, delay: float, gamma_min: float):
 
 
 def tvlars_phi(t: float, lam: float = 1e-4, alpha: float = 1.0, delay: float = 0.0, gamma_min: float = 0.0) -> float:
-    """TVLARS's time-varying factor, seed 000 eq. 8:
+    """TVLARS's time-varying factor, TVLARS paper eq. 8:
     ``phi(t) = 1 / (alpha + exp(lam (t - delay))) + gamma_min``.
 
     Non-increasing in ``t`` for ``lam >= 0``, and ``gamma_min <= phi(t) <= 1/(alpha +
@@ -120,7 +120,7 @@ def scale_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str = 
     """Scale a learning rate tuned at ``base_batch_size`` to ``batch_size``.
 
     ``linear``: ``base_lr * B / B_base`` (Goyal et al.; You et al.); ``sqrt``:
-    ``base_lr * sqrt(B / B_base)`` (Krizhevsky 2014; seed 000); ``none``: ``base_lr``.
+    ``base_lr * sqrt(B / B_base)`` (Krizhevsky 2014; TVLARS paper); ``none``: ``base_lr``.
     """
     if rule not in SCALING_RULES:
         raise ValueError(f"invalid rule={rule!r}: expected one of {SCALING_RULES}")

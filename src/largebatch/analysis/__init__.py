@@ -1,4 +1,4 @@
-"""Gradient-explosion analysis of BatchNorm + ReLU networks (seed 003: Prop. 1, Thm. 1-2,
+"""Gradient-explosion analysis of BatchNorm + ReLU networks (LALC paper: Prop. 1, Thm. 1-2,
 Cor. 1-2, Fig. 1, Fig. 3). See docs/explosion.md.
 
 Modules: ``theory`` (closed forms and factors), ``architectures`` (test networks),

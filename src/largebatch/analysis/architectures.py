@@ -1,4 +1,4 @@
-"""Small self-contained test architectures for the explosion analysis (seed 003, Fig. 1).
+"""Small self-contained test architectures for the explosion analysis (LALC paper, Fig. 1).
 
 Every model returns the output of its last normalization layer, so that a loss built on a
 random projection of that output has an upstream gradient independent of the input

@@ -1,4 +1,4 @@
-"""Early-training dynamics of a BN network (seed 003, Fig. 3).
+"""Early-training dynamics of a BN network (LALC paper, Fig. 3).
 
 A ``NormMLP`` (``x^{n+1} = BN(W^n f(x^n))``) with all weights drawn from ``N(0, init_std^2)``
 (the paper uses ``0.01``) is trained with SGD on scikit-learn's offline ``digits`` data (or a

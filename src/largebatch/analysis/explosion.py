@@ -1,4 +1,4 @@
-"""Measure the gradient explosion rate at initialization (seed 003, Fig. 1 and Theorems 1-2).
+"""Measure the gradient explosion rate at initialization (LALC paper, Fig. 1 and Theorems 1-2).
 
 Definitions used throughout (``g^n = dL/dx^n`` is the gradient w.r.t. the output ``x^n`` of
 the ``n``-th normalized block, counted from the input, ``N`` = the block nearest the output):

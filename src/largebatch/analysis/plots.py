@@ -1,4 +1,4 @@
-"""Matplotlib figures in the style of seed 003 Fig. 1a/1b (explosion rate) and Fig. 3 (dynamics)."""
+"""Matplotlib figures in the style of the LALC paper's Fig. 1a/1b (explosion rate) and Fig. 3 (dynamics)."""
 
 from __future__ import annotations
 

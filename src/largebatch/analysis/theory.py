@@ -1,4 +1,4 @@
-"""Closed forms and theoretical per-block factors of seed 003 ("Training instability and
+"""Closed forms and theoretical per-block factors of the LALC paper ("Training instability and
 disharmony between ReLU and batch normalization").
 
 * Proposition 1 (eq. 1-2): mean and variance of ``ReLU(N(mu, sigma^2))``.

@@ -3,7 +3,7 @@
 - ``demo`` (``largebatch demo``): every optimizer trains the same BN-MLP on offline data through
   the training harness; prints a results table and writes the plots.
 - ``explosion`` (``largebatch explosion``): gradient explosion of normalized networks at
-  initialization (seed 003), built on the theory and measurements of ``largebatch.analysis``.
+  initialization (LALC paper), built on the theory and measurements of ``largebatch.analysis``.
 - ``barlow_twins_mini`` (``largebatch barlow-twins-mini``): Barlow Twins on CPU with LARS, LAMB, TVLARS.
 - ``reproduce`` (``largebatch reproduce``): every table and figure of the papers at paper, mini or smoke
   scale, on the engine of ``engine.py``; the artifacts are declared in ``artifacts/`` (one module per

@@ -1,5 +1,5 @@
 """``largebatch barlow-twins-mini``: does Barlow Twins pre-training learn anything, with LARS, LAMB
-and TVLARS at one large batch? The CPU-sized edition of TVLARS Table 1's SSL half (issue 11).
+and TVLARS at one large batch? The CPU-sized edition of TVLARS Table 1's SSL half (docs/ssl.md).
 
 For each optimizer: ``largebatch pretrain`` of a BN-MLP backbone (default 2 x 1024, projector
 1024-1024) on Fashion-MNIST at batch 4096, then ``largebatch linear-eval`` (100 epochs, SGD +

@@ -11,8 +11,8 @@ The recipes are the ``demo`` field of each optimizer's registry entry
 (``largebatch.optim.registry``; a registered optimizer of your own is trained too). They follow
 the papers' shapes at toy scale: SGD with linear LR scaling and warm-up (Goyal et al.), LARS
 with and without warm-up (You et al.), LAMB with warm-up, TVLARS with a constant target LR and
-its own ``phi(t)`` decay instead of warm-up, sized to the run (seed 000), LALC without warm-up
-(seed 003), CLARS (seed 004).
+its own ``phi(t)`` decay instead of warm-up, sized to the run (TVLARS paper), LALC without warm-up
+(LALC paper), CLARS (CLARS paper).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``largebatch explosion``: gradient-explosion analysis of normalized networks (seed 003).
+"""``largebatch explosion``: gradient-explosion analysis of normalized networks (LALC paper).
 
 Actions::
 

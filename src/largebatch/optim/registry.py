@@ -201,14 +201,14 @@ register(OptimizerInfo(
                tvlars_delay_epochs=lambda epochs, spe: 0.1 * epochs, tvlars_lam=_tvlars_lam),)))
 register(OptimizerInfo(
     "lalc", LALC, {**_MOMENTUM, "nesterov": "nesterov", "eta": "eta", "eps": "eps"},
-    "SGD direction h, lr_k = min(lr, eta ||w|| / (||h|| + eps)): clips, never amplifies (seed 003)",
+    "SGD direction h, lr_k = min(lr, eta ||w|| / (||h|| + eps)): clips, never amplifies (LALC paper)",
     demo=(dict(lr=0.1, lr_scaling="linear", warmup=0.0),)))
 register(OptimizerInfo(
     "clars", CLARS, {**_MOMENTUM, "eta": "eta", "eps": "eps", "clars_subset": "persample_subset"},
     "LARS trust with the mean per-sample gradient norm n_k for ||g||, Nesterov (Huo et al. 2021)",
     # the training loop back-propagates sum_i f_i / rows of the step: "sum", scale set per step
     fixed={"loss_reduction": "sum"}, persample=True, lr_scaling="sqrt",
-    # default eta 0.01 (seed 004): lr 0.4 gives the same lr * eta as the LARS recipes
+    # default eta 0.01 (CLARS paper): lr 0.4 gives the same lr * eta as the LARS recipes
     demo=(dict(lr=0.4, lr_scaling="none", warmup=0.0),)))
 
 

@@ -8,8 +8,8 @@ For each tracked tensor ``w`` (all device tensors, one entry per tensor):
 * ``grad_weight``: the factor ``c`` with ``w.grad == c * mean_i grad_w f_i`` over *all*
   samples of the step (the loss scale the gradient carries; see :meth:`variance_factor`).
 
-``mean_norm()`` is CLARS's ``n_k`` (docs/algorithms.md, "CLARS"; seed 004 eq. 5) and
-``variance_factor()`` is the gradient-variance factor of seed 004 Fig. 2,
+``mean_norm()`` is CLARS's ``n_k`` (docs/algorithms.md, "CLARS"; CLARS paper eq. 5) and
+``variance_factor()`` is the gradient-variance factor of the CLARS paper Fig. 2,
 ``M_k = mean_i ||grad f_i||^2 / ||mean_i grad f_i||^2``.
 """
 

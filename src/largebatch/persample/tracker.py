@@ -122,7 +122,7 @@ class PerSampleGradNorms:
                 continue
             full = [f"{mname}.{n}" if mname else n for n, _ in own]
             for f, (_, p) in zip(full, own):
-                if p.is_complex():  # the rules square real numbers (SPEC "Precision": refuse)
+                if p.is_complex():  # the rules square real numbers (docs/algorithms.md section 8: refuse)
                     raise TypeError(f"parameter {f!r} is complex: per-sample gradient norms of complex "
                                     "parameters are not supported (leave it out with params=...)")
                 if id(p) in owner:

@@ -1,4 +1,4 @@
-"""Gradient-variance factor of seed 004 (Fig. 2), measured with the per-sample machinery.
+"""Gradient-variance factor of the CLARS paper (Fig. 2), measured with the per-sample machinery.
 
 ``M_k = mean_i ||grad_k f_i||^2 / ||mean_i grad_k f_i||^2`` per parameter tensor ``k``
 (docs/algorithms.md, "Diagnostics"). During training it is available from any tracker's statistics

@@ -1,4 +1,4 @@
-"""Self-supervised pre-training with Barlow Twins (Zbontar et al. 2021; SPEC "Barlow Twins", issue 11).
+"""Self-supervised pre-training with Barlow Twins (Zbontar et al. 2021; docs/algorithms.md section 11, docs/ssl.md).
 
 Building blocks of ``largebatch pretrain`` / ``linear-eval``:
 

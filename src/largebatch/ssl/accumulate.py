@@ -1,4 +1,4 @@
-"""Exact large-batch Barlow Twins steps through embedding caching (issue 11).
+"""Exact large-batch Barlow Twins steps through embedding caching (docs/ssl.md).
 
 The loss is not a mean of per-sample terms (the cross-correlation couples the whole batch), so
 summing micro-batch gradients of micro-batch losses is a different objective. Embedding caching

@@ -1,4 +1,4 @@
-"""Barlow Twins augmentations, batched on the training device (SPEC "Barlow Twins"; the reference
+"""Barlow Twins augmentations, batched on the training device (docs/algorithms.md section 11; the reference
 ``Transform`` of facebookresearch/barlowtwins, which follows BYOL, Grill et al. 2020, Table 6).
 
 Per view and per image, in the reference's order: random resized crop (scale (0.08, 1), aspect

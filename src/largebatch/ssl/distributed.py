@@ -1,4 +1,4 @@
-"""Global-batch statistics under data parallelism (SPEC "Barlow Twins": N processes equal one process).
+"""Global-batch statistics under data parallelism (docs/algorithms.md section 11: N processes equal one process).
 
 Gradient convention (the one of ``torch.nn.SyncBatchNorm`` and ``torch.distributed.nn``): every
 rank computes the same global quantity, and a sum over ranks (``all_reduce_sum``) back-propagates

@@ -1,4 +1,4 @@
-"""Linear evaluation on cached frozen features (SPEC "Barlow Twins": SGD + cosine, 100 epochs).
+"""Linear evaluation on cached frozen features (docs/algorithms.md section 11: SGD + cosine, 100 epochs).
 
 Features are standardized with the training set's per-dimension mean and standard deviation, the
 fixed-statistics form of the affine-free BatchNorm that MAE (He et al. 2022, App. A.2) and MoCo v3

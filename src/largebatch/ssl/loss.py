@@ -1,4 +1,4 @@
-"""The Barlow Twins loss (Zbontar et al. 2021, eqs. 1-2; SPEC "Barlow Twins") on the global batch."""
+"""The Barlow Twins loss (Zbontar et al. 2021, eqs. 1-2; docs/algorithms.md section 11) on the global batch."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def off_diagonal(c: Tensor) -> Tensor:
 
 
 def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 0.0051, group=None, eps: float = 1e-5) -> Tensor:
-    """Barlow Twins redundancy-reduction loss of two ``N x D`` embedding batches (SPEC; Zbontar et al. eq. 1)::
+    """Barlow Twins redundancy-reduction loss of two ``N x D`` embedding batches (docs/algorithms.md section 11; Zbontar et al. eq. 1)::
 
         zn   = (z - mean_batch(z)) / sqrt(var_batch(z) + eps)     # per dimension, biased variance
         C    = zn1^T zn2 / N                                        # eq. 2, D x D

@@ -1,4 +1,4 @@
-"""Barlow Twins network: a backbone without its classification head, a projector, the loss (SPEC "Barlow Twins").
+"""Barlow Twins network: a backbone without its classification head, a projector, the loss (docs/algorithms.md section 11).
 
 The backbones are the harness's classifiers (``largebatch.train.models.build_model``: MLP, CIFAR
 ResNet-20/32/44/56, torchvision ResNet-18/34/50 with either stem) with the head, the last
@@ -33,7 +33,7 @@ def parse_projector(dims: str | Sequence[int]) -> tuple[int, ...]:
 
 
 class Projector(nn.Sequential):
-    """``Linear(in, d1) BN ReLU ... Linear(d_{k-1}, d_k)`` (SPEC; the reference's projector): BatchNorm and
+    """``Linear(in, d1) BN ReLU ... Linear(d_{k-1}, d_k)`` (docs/algorithms.md section 11; the reference's projector): BatchNorm and
     ReLU after every layer but the last. Linear layers have no bias where BatchNorm follows, nor the last
     (the loss standardizes each dimension, so a bias there has no effect), as in the reference.
     ``batchnorm=False`` drops the BatchNorms (hidden layers then get a bias).

@@ -580,7 +580,7 @@ def _write_cache(cache: str, key: str, xtr: np.ndarray, xte: np.ndarray) -> None
 
 
 # --- ImageNet (ImageFolder layout, streamed from the JPEG files) ------------------------------
-#: the papers' normalization and transforms (seed 003 App. B; torchvision's ImageNet recipe)
+#: the papers' normalization and transforms (LALC paper App. B; torchvision's ImageNet recipe)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_CROP, IMAGENET_RESIZE = 224, 256

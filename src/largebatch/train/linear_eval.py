@@ -1,4 +1,4 @@
-"""``largebatch linear-eval RUN_DIR``: linear evaluation of a run's frozen backbone (SPEC "Barlow
+"""``largebatch linear-eval RUN_DIR``: linear evaluation of a run's frozen backbone (docs/algorithms.md section 11 "Barlow
 Twins", Evaluation; the TVLARS papers' SSL accuracy).
 
 The backbone of ``RUN_DIR`` (a ``largebatch pretrain`` run, or a ``train`` run with its head

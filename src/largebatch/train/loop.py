@@ -1,6 +1,6 @@
 """The training loop: one optimizer step per global batch, diagnostics without per-step host syncs.
 
-Batch arithmetic (issue 4): ``global batch = micro-batch x accumulation steps x world size``.
+Batch arithmetic: ``global batch = micro-batch x accumulation steps x world size``.
 Each process draws its share of an epoch's permutation (``distributed.shard``), splits its
 ``batch_size / world_size`` rows of a step into micro-batches, and back-propagates
 ``sum of per-sample losses / rows of this step``; DDP's gradient average over ranks (or FSDP2's

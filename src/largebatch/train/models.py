@@ -1,4 +1,4 @@
-"""Classifiers used in the papers' experiments, and the weight initialisations of seed 000's ablation.
+"""Classifiers used in the papers' experiments, and the weight initialisations of the TVLARS paper's ablation.
 
 - ``resnet18/34/50``: torchvision's ResNets with either the ImageNet stem (7x7 stride-2 conv +
   max-pool; what the TVLARS authors used on CIFAR) or the CIFAR stem (3x3 stride-1 conv, no
@@ -105,7 +105,7 @@ def build_model(name: str, num_classes: int, in_shape: tuple[int, int, int], *, 
 
 
 def init_weights(model: nn.Module, scheme: str) -> nn.Module:
-    """Re-initialise every Conv/Linear weight with ``scheme`` and zero its bias (seed 000's init ablation).
+    """Re-initialise every Conv/Linear weight with ``scheme`` and zero its bias (the TVLARS paper's init ablation).
 
     ``default`` leaves the framework's initialisation alone. Kaiming variants use fan_in and the
     ReLU gain (He et al. 2015); Xavier variants the unit gain (Glorot & Bengio 2010).

@@ -1,5 +1,5 @@
-"""``largebatch pretrain``: Barlow Twins pre-training on the harness (SPEC "Barlow Twins"; TVLARS
-seed 000/001 Table 1, self-supervised half).
+"""``largebatch pretrain``: Barlow Twins pre-training on the harness (docs/algorithms.md section 11; TVLARS
+TVLARS paper Table 1, self-supervised half).
 
 The run is the classification harness's loop (``loop.py``: steps, layer diagnostics, atomic
 checkpoints and exact ``--resume``, the non-finite stop, DDP, progress bar) with a different
@@ -22,7 +22,7 @@ checkpoints and exact ``--resume``, the non-finite stop, DDP, progress bar) with
   against its training features, every ``--knn-every`` epochs and after the last (NaN between).
 
 Optimizers come from the registry with biases and normalization parameters excluded
-(``param_groups``), as in the reference. Deviation (SPEC is silent): the reference gives biases
+(``param_groups``), as in the reference. Deviation (docs/algorithms.md is silent): the reference gives biases
 and BatchNorm parameters a separate, smaller LR (0.0048 vs 0.2 x B/256); here every group has the
 run's LR. CLARS is refused: its per-sample gradient norms need a loss that is a sum over samples.
 """
