@@ -215,3 +215,23 @@ def test_cell_reports_mean_std_and_what_is_left_out():
         "50.00 (1/3; 1 failed, 1 missing)"
     assert engine.cell([res("partial"), res("finished", float("nan"))], engine.test_acc) == "- (1 unfinished, 1 non-finite)"
     assert engine.cell([], engine.test_acc) == "-"
+
+
+def test_run_in_a_terminal_draws_a_bar_over_runs_and_one_per_run(tmp_path, capsys, monkeypatch):
+    """`reproduce --run` in a terminal: a bar over the artifact's runs and each run's bar of steps
+    (outside a terminal, as in the other tests, both stay quiet)."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    argv = ["reproduce", "tvlars-ablation-init", "--scale", "smoke", "--out", str(tmp_path), "--run",
+            "--only", "*lars-b512-lr2-initxavier_uniform-s0"]
+    assert main(argv) == 0
+    text = term.getvalue()
+    assert "tvlars-ablation-init smoke" in text and "2/2" in text and "run" in text  # the bar over runs
+    assert "it/s" in text or "s/it" in text  # a run's bar of steps

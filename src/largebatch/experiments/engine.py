@@ -242,10 +242,11 @@ def _dataset(cfg):
 
 
 def execute(ctx: Ctx, run: Run, retry_failed: bool = False, log: Callable[[str], None] = print,
-            verbose: bool = False) -> Result:
+            verbose: bool = False, progress: bool = False) -> Result:
     """Bring one run to ``finished`` if it can: nothing for a finished run; a failed one only when
     ``retry_failed`` (a non-finite run is started again, one stopped by an exception resumes);
-    otherwise start or resume it. Exceptions other than user errors mark the run failed."""
+    otherwise start or resume it. Exceptions other than user errors mark the run failed.
+    ``progress``: a training run draws its bar of steps (in a terminal)."""
     res = ctx.result(run)
     if res.status == "finished" or (res.status == "failed" and not retry_failed):
         return res
@@ -259,7 +260,7 @@ def execute(ctx: Ctx, run: Run, retry_failed: bool = False, log: Callable[[str],
             os.makedirs(path, exist_ok=True)
             _write_json(os.path.join(path, RESULT_FILE), run.call(path, **run.cfg))
         else:
-            _train(ctx, run, overwrite, quiet)
+            _train(ctx, run, overwrite, quiet, progress)
     except (UserError, KeyboardInterrupt):
         raise
     except (ValueError, FileNotFoundError) as e:  # configuration, data, run directory: the user's to fix
@@ -276,11 +277,11 @@ def execute(ctx: Ctx, run: Run, retry_failed: bool = False, log: Callable[[str],
     return ctx.result(run)
 
 
-def _train(ctx: Ctx, run: Run, overwrite: bool, log) -> None:
+def _train(ctx: Ctx, run: Run, overwrite: bool, log, progress: bool = False) -> None:
     from largebatch.train.loop import train
 
     cfg = ctx.resolved(run)
-    cfg.progress = False
+    cfg.progress = progress
     if overwrite:
         cfg.overwrite = True
     else:
@@ -328,18 +329,36 @@ def run_all(ctx: Ctx, only: str | None = None, retry_failed: bool = False, log=p
         todo = [r for r in runs if r.name not in done]
         if not todo:
             return [ctx.result(r) for r in runs]
-        for i, r in enumerate(todo, 1):
-            done.add(r.name)
-            before = ctx.result(r)
-            if before.status == "finished":
-                continue
-            if before.status == "failed" and not retry_failed:
-                log(f"[{i}/{len(todo)}] {r.name}: failed earlier, kept ({before.error}); --retry-failed runs it again")
-                continue
-            what = {"partial": "resuming", "failed": "retrying"}.get(before.status, "starting")
-            log(f"[{i}/{len(todo)}] {r.name}: {what}")
-            after = execute(ctx, r, retry_failed, log, verbose)
-            log(f"[{i}/{len(todo)}] {r.name}: {describe(after)}")
+        with _runs_bar(ctx, todo, verbose) as bar:
+            say = log if bar.disable else bar.write  # lines above the bars, in a terminal
+            for i, r in enumerate(todo, 1):
+                done.add(r.name)
+                before = ctx.result(r)
+                if before.status == "finished":
+                    bar.update()
+                    continue
+                if before.status == "failed" and not retry_failed:
+                    say(f"[{i}/{len(todo)}] {r.name}: failed earlier, kept ({before.error}); --retry-failed runs it "
+                        f"again")
+                    bar.update()
+                    continue
+                what = {"partial": "resuming", "failed": "retrying"}.get(before.status, "starting")
+                say(f"[{i}/{len(todo)}] {r.name}: {what}")
+                bar.set_postfix_str(r.name)
+                after = execute(ctx, r, retry_failed, log, verbose, progress=not bar.disable)
+                say(f"[{i}/{len(todo)}] {r.name}: {describe(after)}")
+                bar.update()
+
+
+def _runs_bar(ctx: Ctx, todo: list[Run], verbose: bool):
+    """The progress bar over an artifact's runs (in a terminal, unless ``verbose`` prints every
+    epoch); each training run draws its own bar of steps below it."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=len(todo), unit="run", desc=f"{ctx.artifact.id} {ctx.scale}", file=sys.stderr,
+                disable=True if verbose else None, dynamic_ncols=True)
 
 
 def describe(res: Result) -> str:
