@@ -3,7 +3,7 @@
 Trains a BatchNorm MLP (3 x 256, ReLU) once per optimizer with the same seed, data order and
 epoch budget, prints a results table (final and best test accuracy, final test loss, seconds)
 and writes the plots of ``largebatch plot`` (curves, LR vs step, per-layer LWN/LGN/LNR) into
-``--out-dir``. Data: scikit-learn's digits by default (embedded, about a minute on 2 cores);
+``--out-dir``. Data: scikit-learn's digits by default (embedded; about a minute on 2 cores, training ~12 s);
 ``--dataset fashion-mnist`` uses Fashion-MNIST from ``/usr/share/datasets/fashion-mnist``
 (Debian's ``dataset-fashion-mnist``) or ``--data-dir`` (longer). Neither needs the network.
 
@@ -42,7 +42,7 @@ DATASET_DEFAULTS = {  # epochs, global batch
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="digits", choices=("digits", "fashion-mnist", "auto"),
-                        help="digits (default, about a minute), fashion-mnist (longer: 60k images), "
+                        help="digits (default: about a minute on 2 cores), fashion-mnist (longer: 60k images), "
                              "auto: fashion-mnist when found locally, else digits")
     parser.add_argument("--data-dir", default=None, help="where to look for fashion-mnist first")
     parser.add_argument("--out-dir", default="runs/demo", help="output folder (one sub-folder per optimizer)")
