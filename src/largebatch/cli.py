@@ -39,7 +39,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     from largebatch import __version__
 
-    parser = argparse.ArgumentParser(prog="largebatch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="largebatch", description="Layer-wise adaptive optimizers (LARS, LAMB, TVLARS, LALC, CLARS) and "
+        "large-batch training: train, plot, reproduce the papers. `largebatch COMMAND --help` for each command.")
     parser.add_argument("--version", action="version", version=f"largebatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
