@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> N
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
-        if "default" not in help_:  # a help text that explains its default keeps its own words
+        if "(default" not in help_:  # a help text that explains its default keeps its own words
             help_ += f" (default: {_shown(f.default)})"
         conv = _type_of(str(f.type))
         if conv is bool:

@@ -43,7 +43,7 @@ class TrainConfig:
     dataset: str = field(default="digits", metadata={"help": f"one of {', '.join(DATASETS)}"})
     data_dir: str | None = field(default=None, metadata={"help": "dataset root (default: per dataset, see docs/training.md)"})
     download: bool = field(default=False, metadata={"help": "download the dataset with torchvision if absent"})
-    augment: bool | None = field(default=None, metadata={"help": "random crop (pad 4) + flip; default on for cifar/tinyimagenet"})
+    augment: bool | None = field(default=None, metadata={"help": "random crop (pad 4) + flip (default: on for cifar/tinyimagenet, off otherwise)"})
     # model
     model: str = field(default="mlp", metadata={"help": f"one of {', '.join(MODELS)}"})
     stem: str = field(default="cifar", metadata={"help": "ResNet-18/34/50 stem: cifar (3x3 conv, no max-pool) or imagenet"})
