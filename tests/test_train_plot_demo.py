@@ -162,3 +162,26 @@ def test_demo_runs_every_optimizer_and_writes_table(tmp_path, capsys):
     rc = main(["demo", "--epochs", "2", "--optimizers", "lars,tvlars", "--out-dir", str(out), "--overwrite"])
     assert rc == 0 and _png(out / "curves.png") and _png(out / "lr.png") and _png(out / "layers-tvlars.png")
     assert main(["demo", "--optimizers", "lars,adamw", "--out-dir", str(out)]) == 2
+
+
+def test_many_layers_get_a_colour_bar_named_by_module(tmp_path, monkeypatch):
+    """A ResNet-20 (22 adapted layers): no 22-line legend, a colour bar from the first module to
+    the last, with integer ticks."""
+    import csv
+
+    from largebatch.train.models import build_model
+    from largebatch.train.plot import plot_layers
+
+    (tmp_path / "config.yaml").write_text("model: resnet20\n")
+    names = [n for n, p in build_model("resnet20", 10, (3, 32, 32)).named_parameters() if p.ndim > 1]
+    with open(tmp_path / "layer_stats.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "layer", "adapt", "w_norm", "g_norm", "lnr", "trust", "layer_lr"])
+        for s in range(3):
+            for i, n in enumerate(names):
+                w.writerow([s, n, 1, 1 + i, 0.1 * (i + 1), 10, 1, 0.01])
+    fig = _figure_of(monkeypatch, plot_layers, str(tmp_path), "unused.png")
+    assert not fig.legends and len(fig.axes) == 5
+    bar = fig.axes[-1]
+    assert "L1 Conv2d conv1" in bar.get_ylabel() and "L22 Linear fc" in bar.get_ylabel()
+    assert all(float(t).is_integer() for t in bar.get_yticks())

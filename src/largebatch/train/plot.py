@@ -189,7 +189,7 @@ def plot_layers(run_dir: str, path: str, title: str | None = None) -> str | None
         ax.grid(alpha=0.3)
         _integer_ticks(ax)
     fig.suptitle(title or f"Layer statistics: {_label(run_dir)}")
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.tight_layout(rect=(0, 0, 0.86 if n <= 12 else 0.97, 1))
     if n <= 12:
         handles, labs = axes[0].get_legend_handles_labels()
         fig.legend(handles, labs, loc="center left", bbox_to_anchor=(0.865, 0.5), fontsize=9,
@@ -199,7 +199,11 @@ def plot_layers(run_dir: str, path: str, title: str | None = None) -> str | None
         from matplotlib.colors import Normalize
 
         first, last = names[next(iter(series))], names[list(series)[-1]]
+        from matplotlib.ticker import MaxNLocator
+
         bar = fig.colorbar(ScalarMappable(Normalize(1, n), cmap), ax=list(axes), fraction=0.02, pad=0.02)
+        bar.locator = MaxNLocator(integer=True)
+        bar.update_ticks()
         bar.set_label(f"adapted layer: 1 = {first} ... {n} = {last}", fontsize=8)
     return save_figure(fig, path, dpi=110, tight=False)
 
