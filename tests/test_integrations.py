@@ -130,7 +130,7 @@ def _fsdp_worker(rank, world, port, root):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = StateDictOptions(full_state_dict=True)  # on every rank
     out = {}
     for name in NAMES:
         try:
