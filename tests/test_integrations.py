@@ -296,7 +296,8 @@ def _manual_amp(name, clip):
             scaler.scale(loss).backward()
             if clip:
                 scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(net.parameters(), clip)
+                # over the optimizer's parameters, in its groups' order: what Lightning clips
+                nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
             scaler.step(opt)
             scaler.update()
     return net, scaler
