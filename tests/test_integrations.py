@@ -249,6 +249,10 @@ def _lightning_module(name, clip_amp=False):
                 opt._step_supports_amp_scaling = False
             return opt
 
+        def on_before_backward(self, loss):
+            if clip_amp and name == "CLARS":  # the scale the per-sample hooks will see (docs/integrations.md)
+                self.optimizers().optimizer.persample.loss_scale = self.trainer.precision_plugin.scaler.get_scale()
+
     return Module()
 
 

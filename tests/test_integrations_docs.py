@@ -20,13 +20,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 BLOCKS = dict(re.findall(r"<!-- test: ([\w-]+) -->\n```python\n(.*?)```", DOC.read_text(), flags=re.S))
 DISTRIBUTED = ("fsdp-dcp", "zero")
-NEEDS = {"lightning-clip": ["lightning"]}  # blocks that continue an earlier one
+NEEDS = {"lightning-clip": ["lightning"], "lightning-clars": ["lightning", "lightning-clip"]}  # blocks that continue an earlier one
 
 
 def test_every_python_block_is_tested():
     n_python = DOC.read_text().count("```python")
     assert n_python == len(BLOCKS) and "setup" in BLOCKS
-    assert set(BLOCKS) == {"setup", "plain", "clars-amp", "lightning", "lightning-clip", "accelerate", "timm",
+    assert set(BLOCKS) == {"setup", "plain", "clars-amp", "lightning", "lightning-clip", "lightning-clars", "accelerate", "timm",
                            *DISTRIBUTED}
 
 
@@ -71,6 +71,12 @@ def test_lightning(tmp_path, monkeypatch):
 def test_lightning_16_mixed_with_clipping(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ns = _run("lightning-clip")
+    assert ns["amp"].scaler.get_scale() > 1
+
+
+def test_lightning_clars_16_mixed_with_clipping(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ns = _run("lightning-clars")
     assert ns["amp"].scaler.get_scale() > 1
 
 
