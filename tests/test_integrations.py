@@ -89,7 +89,8 @@ def _raise(result):
 @pytest.mark.parametrize("name", NAMES)
 def test_dcp_round_trip_continues_like_uninterrupted_run(name, tmp_path):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
 
     ref = _net()
     _train(ref, _opt(name, ref), range(6))
@@ -97,16 +98,16 @@ def test_dcp_round_trip_continues_like_uninterrupted_run(name, tmp_path):
     net = _net()
     opt = _opt(name, net)
     _train(net, opt, range(3))
-    msd, osd = get_state_dict(net, opt)
+    osd = get_optimizer_state_dict(net, opt)
     assert osd["state"] and all(isinstance(k, str) for k in osd["state"])  # keyed by parameter name
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path))
+    dcp.save({"model": get_model_state_dict(net), "optim": osd}, checkpoint_id=str(tmp_path))
 
     net2 = _net(seed=1)  # other weights, fresh state: everything comes from the checkpoint
     opt2 = _opt(name, net2)
-    msd2, osd2 = get_state_dict(net2, opt2)
-    sd = {"model": msd2, "optim": osd2}
+    sd = {"model": get_model_state_dict(net2), "optim": get_optimizer_state_dict(net2, opt2)}
     dcp.load(sd, checkpoint_id=str(tmp_path))
-    set_state_dict(net2, opt2, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_model_state_dict(net2, sd["model"])
+    set_optimizer_state_dict(net2, opt2, sd["optim"])
     _train(net2, opt2, range(3, 6))
     _assert_bitwise(_weights(net2), _weights(ref))
 
