@@ -76,14 +76,15 @@ def timm_register(prefix: str = "lb", registry: Any = None) -> list[str]:
         raise ValueError(f"prefix: {prefix!r} contains '_', which timm reads as a wrapper separator "
                          "('lookahead_lblars'); use letters and digits only")
     try:
-        from timm.optim import _optim_factory
+        from timm.optim import OptimInfo
+        from timm.optim._optim_factory import default_registry  # what create_optimizer_v2 reads (timm >= 1.0.12)
     except ImportError:
-        raise ImportError("timm_register() needs timm: pip install timm") from None
+        raise ImportError("timm_register() needs timm >= 1.0.12 (its optimizer registry): pip install -U timm") from None
     import inspect
 
     from .registry import OPTIMIZERS
 
-    registry = _optim_factory.default_registry if registry is None else registry
+    registry = default_registry if registry is None else registry
     names = []
     for info in OPTIMIZERS.values():
         if not info.layerwise:
@@ -97,7 +98,8 @@ def timm_register(prefix: str = "lb", registry: Any = None) -> list[str]:
         names.append(name)
         if isinstance(old, functools.partial) and old.func is _build and old.args == (info.cls,):
             continue  # registered by an earlier call
-        registry.register(_optim_factory.OptimInfo(
-            name=name, opt_class=functools.partial(_build, info.cls), description=f"largebatch {info.cls.__name__}: {info.summary}",
+        registry.register(OptimInfo(
+            name=name, opt_class=functools.partial(_build, info.cls),
+            description=f"largebatch {info.cls.__name__}: {info.summary}",
             has_eps="eps" in sig, has_momentum="momentum" in sig, has_betas="betas" in sig))
     return names
