@@ -202,12 +202,19 @@ def read_meta(path: str) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ValueError(f"{META} is not a largebatch checkpoint's")
     need: dict[str, int] = {}
-    for info in md.storage_data.values():
+    stored: dict[str, int] = {}  # bytes in the shards per tensor
+    for index, info in md.storage_data.items():
         name = getattr(info, "relative_path", None)
         if not isinstance(name, str) or not SHARD.fullmatch(name) or not isinstance(info.offset, int) \
                 or not isinstance(info.length, int) or info.offset < 0 or info.length < 0:
             raise ValueError(f".metadata names a shard {name!r} outside the folder's __<rank>_<n>.distcp files")
         need[name] = max(need.get(name, 0), info.offset + info.length)
+        stored[getattr(index, "fqn", None)] = stored.get(getattr(index, "fqn", None), 0) + info.length
+    for key, t in md.state_dict_metadata.items():  # a declared shape the shards cannot hold is a lie
+        numel = math.prod(t.size)
+        if sum(math.prod(c.sizes) for c in t.chunks) != numel \
+                or stored.get(key, 0) < numel * torch.empty((), dtype=t.properties.dtype).element_size():
+            raise ValueError(f".metadata declares {key} of shape {tuple(t.size)}, which its shards do not hold")
     recorded = meta.get("files")
     for name in sorted(set(need) | set(recorded or {})):
         f = os.path.join(path, name)

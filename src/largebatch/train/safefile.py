@@ -116,9 +116,11 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -
         with (open(fd, "wb") if binary else open(fd, "w", newline="")) as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             clear(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = path  # a failed write says which file
         raise
 
 
