@@ -548,3 +548,41 @@ def test_a_checkpoint_with_values_of_the_wrong_kind_falls_back(tmp_path, digits,
     logs = []
     res = train(_cfg(out, resume=True), dataset=digits, log=logs.append)
     assert any("falling back" in s for s in logs) and _same(_weights(res.model), full_run)
+
+
+# ----------------------------------------------------------------------------- 8. on two processes
+def _damaged_shard_worker(rank, world, port, root):
+    import torch.distributed as dist
+
+    from forked import torchrun_env
+
+    torchrun_env(rank, world, port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    logs = []
+    try:
+        kw = dict(fsdp=True, device="cpu", mlp_width=45, batch_size=256)
+        full = fsdp.full_state_dict(train(_cfg(f"{root}/full", **kw), log=_quiet).model)
+        train(_cfg(f"{root}/r", stop_after_epochs=2, **kw), log=_quiet)
+        dist.barrier()
+        if rank == 0:  # rank 1's shard of the latest checkpoint is lost
+            os.remove(os.path.join(root, "r", "checkpoint", "__1_0.distcp"))
+        dist.barrier()
+        res = train(_cfg(f"{root}/r", resume=True, **kw), log=logs.append)
+        out = {"logs": logs, "status": res.status, "same": _same(fsdp.full_state_dict(res.model), full)}
+    finally:
+        dist.destroy_process_group()
+    torch.save(out, os.path.join(root, f"rank{rank}.pt"))
+
+
+def test_a_lost_shard_falls_back_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    from forked import free_port
+
+    data.load("digits")
+    mp.start_processes(_damaged_shard_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert any("__1_0.distcp is missing" in s and "checkpoint-prev (epoch 1)" in s for s in r["logs"]), r["logs"]
+        assert r["status"] == "finished" and r["same"]

@@ -210,7 +210,7 @@ class RunDir:
         """The marker's content, or ``None`` (absent or not ours)."""
         try:
             with open(os.path.join(self.path, MARKER)) as f:
-                m = json.load(f)
+                m = json.loads(f.read(4096))
         except (OSError, ValueError):
             return None
         return m if isinstance(m, dict) and m.get("tool") == "largebatch" and isinstance(m.get("command"), str) \
