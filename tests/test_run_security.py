@@ -8,7 +8,6 @@ unsafe way creates ``MARK``. Every test asserts that ``MARK`` does not exist aft
 import json
 import os
 import pickle
-import resource
 import signal
 import subprocess
 import sys
@@ -20,11 +19,9 @@ import torch
 
 from largebatch.cli import main
 from largebatch.optim import registry
-from largebatch.train import config as config_mod
 from largebatch.train import data, fsdp, loop, rundir
 from largebatch.train.config import TrainConfig
 from largebatch.train.loop import train
-from largebatch.train.pretrain import PretrainConfig, pretrain
 from largebatch.train.rundir import read_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -586,3 +583,21 @@ def test_a_lost_shard_falls_back_on_every_rank(tmp_path):
         r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert any("__1_0.distcp is missing" in s and "checkpoint-prev (epoch 1)" in s for s in r["logs"]), r["logs"]
         assert r["status"] == "finished" and r["same"]
+
+
+@pytest.mark.parametrize("lie", ["shape", "lr"])
+def test_a_checkpoint_that_does_not_fit_the_run_is_refused_before_writing(tmp_path, capsys, lie):
+    out = tmp_path / "r"
+    assert main(ARGS + ["--epochs", "2", "--stop-after-epochs", "1", "--out-dir", str(out)]) == 0
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    if lie == "shape":  # old code: a traceback after config.yaml was rewritten
+        ck["model"]["1.weight"] = torch.zeros(3, 3)
+    else:  # old code: a TypeError traceback at the first step
+        ck["optimizer"]["param_groups"][0]["lr"] = "0.1"
+    torch.save(ck, out / "checkpoint.pt")
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(ARGS + ["--epochs", "2", "--resume", "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt does not fit this run" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and _snapshot(out) == before

@@ -221,8 +221,11 @@ def read_meta(path: str) -> dict[str, Any]:
         if not os.path.isfile(f) or os.path.islink(f):
             raise ValueError(f"shard {name} is missing")
         size = os.path.getsize(f)
-        if size < need.get(name, 0) or (recorded and name in recorded and size != recorded[name][0]):
-            raise ValueError(f"shard {name} is truncated ({size} bytes of {recorded[name][0] if recorded else need[name]})")
+        if size < need.get(name, 0):
+            raise ValueError(f"shard {name} is truncated ({size} bytes, its entries need {need[name]})")
+        if recorded and name in recorded and size != recorded[name][0]:
+            word = "truncated" if size < recorded[name][0] else "changed"
+            raise ValueError(f"shard {name} is {word} ({size} bytes, written with {recorded[name][0]})")
         if recorded and name in recorded and _sha256(f) != recorded[name][1]:
             raise ValueError(f"shard {name} is damaged (its SHA-256 differs from the one recorded when it was written)")
     return meta

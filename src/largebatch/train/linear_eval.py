@@ -76,15 +76,16 @@ def _backbone_weights(cfg, state: dict, own: dict[str, torch.Tensor]) -> dict[st
            for k, v in own.items() if shapes.get(prefix + k) != tuple(v.shape)]
     if bad:
         saved = state.get("config") or {}
-        edited = [k for k in ("model", "stem", "mlp_depth", "mlp_width", "activation", "mlp_batchnorm")
-                  if k in saved and saved[k] != getattr(cfg, k)]
+        edited = ", ".join(f"{k} {saved[k]!r} in the checkpoint, {getattr(cfg, k)!r} now"
+                           for k in ("model", "stem", "mlp_depth", "mlp_width", "activation", "mlp_batchnorm")
+                           if k in saved and saved[k] != getattr(cfg, k))
         raise ValueError(f"run_dir: {state.get('file')} does not hold the backbone its config.yaml describes ("
                          + "; ".join(bad[:2]) + ")"
-                         + (f": config.yaml was edited after the run ({', '.join(f'{k} {saved[k]!r} in the checkpoint, {getattr(cfg, k)!r} now' for k in edited)}); restore it"
-                            if edited else ""))
+                         + (f": config.yaml was edited after the run ({edited}); restore it" if edited else ""))
     if "model" in state:
         return {k: state["model"][prefix + k] for k in own}
-    return {k[len(prefix):]: v for k, v in fsdp.read_model(state["dcp"], {prefix + k: v for k, v in own.items()}).items()}
+    weights = fsdp.read_model(state["dcp"], {prefix + k: v for k, v in own.items()})
+    return {k[len(prefix):]: v for k, v in weights.items()}
 
 
 def features_of(backbone: nn.Module | None, ds: data_mod.ArrayDataset, batch: int,

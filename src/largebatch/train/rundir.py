@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import random
 import re
@@ -199,7 +200,8 @@ class RunDir:
             mode = os.lstat(q).st_mode
             want_dir = n in ("checkpoint", "checkpoint-prev", "tensorboard")
             if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) if want_dir else stat.S_ISREG(mode)):
-                what = "a symbolic link" if stat.S_ISLNK(mode) else "not a " + ("folder" if want_dir else "regular file")
+                what = ("a symbolic link" if stat.S_ISLNK(mode)
+                        else "not a " + ("folder" if want_dir else "regular file"))
                 raise ValueError(f"out_dir: {q} is {what}, which a largebatch run never writes; nothing was "
                                  f"changed: remove it or choose another --out-dir")
             if n != ".lock":
@@ -410,10 +412,13 @@ class RunDir:
         self.metrics.rewrite(history)
         if self.tb is not None:
             row = history[-1]
-            for k in self.metrics.columns[2:]:
-                if isinstance(row.get(k), (int, float)):
-                    self.tb.add_scalar(k, row[k], row["epoch"])
-            self.tb.flush()
+            try:
+                for k in self.metrics.columns[2:]:
+                    if isinstance(row.get(k), (int, float)):
+                        self.tb.add_scalar(k, row[k], row["epoch"])
+                self.tb.flush()
+            except OSError as e:
+                raise RunDirError(write_failed(os.path.join(self.path, "tensorboard"), e)) from None
 
     def save_checkpoint(self, model, opt, sched, scaler, cfg, epoch, global_step, history, device) -> None:
         """Every rank calls it. Atomic: write ``checkpoint.pt.tmp``, keep the current one as
@@ -478,11 +483,13 @@ class RunDir:
         A checkpoint that does not fit the run (edited, or of another model) is a ``ValueError``
         naming it."""
         try:
+            built = [dict(g) for g in opt.param_groups]
             if "dcp" in state:
                 fsdp.load(state["dcp"], state, model, opt)
             else:
                 model.load_state_dict(state["model"])
                 opt.load_state_dict(state["optimizer"])
+            _check_groups(built, opt.param_groups)
             if sched is not None:
                 sched.load_state_dict(state["scheduler"])
             if scaler is not None and state.get("scaler"):
@@ -564,7 +571,11 @@ def _tensorboard(out: str):
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard not installed
         return None
-    return SummaryWriter(os.path.join(out, "tensorboard"))
+    path = os.path.join(out, "tensorboard")
+    try:
+        return SummaryWriter(path)
+    except OSError as e:
+        raise RunDirError(write_failed(path, e)) from None
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -599,6 +610,18 @@ def _check_state(state: Any, want: tuple[str, ...]) -> None:
           and isinstance(state["history"], list) and all(isinstance(r, dict) for r in state["history"]))
     if not ok:
         raise ValueError("not a largebatch checkpoint (epoch, global_step, config, rng or history of another type)")
+
+
+def _check_groups(built: list[dict[str, Any]], loaded: list[dict[str, Any]]) -> None:
+    """A loaded hyper-parameter that is a number in the optimizer as built must be a finite number
+    (a checkpoint's ``lr: "0.1"`` or NaN would fail, or silently spoil, the first step)."""
+    def real(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for i, (b, g) in enumerate(zip(built, loaded)):
+        for k, v in b.items():
+            if real(v) and not (real(g.get(k)) and math.isfinite(g[k])):
+                raise ValueError(f"optimizer param_groups[{i}][{k!r}] is {g.get(k)!r}, not a finite number")
 
 
 def header_of(path: str) -> list[str] | None:
