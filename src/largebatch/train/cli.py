@@ -112,6 +112,6 @@ def execute(args: argparse.Namespace, prog: str, cls: type, run_fn) -> int:
               f"epoch, intact: continue with the same command plus --resume", file=sys.stderr)
         return 143
     finally:
-        if main_thread:
+        if main_thread and previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 3 if result.status == "nonfinite" else 0
