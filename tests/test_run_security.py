@@ -19,6 +19,7 @@ import torch
 
 from largebatch.cli import main
 from largebatch.optim import registry
+from largebatch.train import config as config_mod
 from largebatch.train import data, fsdp, loop, rundir
 from largebatch.train.config import TrainConfig
 from largebatch.train.loop import train
@@ -601,3 +602,34 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_refused_before_writing(tmp_pa
     err = capsys.readouterr().err
     assert "checkpoint.pt does not fit this run" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and _snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- "billion laughs"
+def _laughs(levels=9):
+    """A list of 10^levels strings built from ``levels`` lists of 10 references each."""
+    a = ["ha"] * 10
+    for _ in range(levels - 1):
+        a = [a] * 10
+    return a
+
+
+def test_a_config_file_of_nested_anchors_is_refused_at_once(tmp_path):
+    """500 bytes of YAML anchors stand for 10^9 values: the old code hung expanding them."""
+    lines = ["momentum: [&a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f", &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    p = tmp_path / "c.yaml"
+    p.write_text("".join(lines) + "]\n")
+    with pytest.raises(ValueError, match=r"c\.yaml holds more than 10000 values"):
+        config_mod.resolve(str(p))
+
+
+def test_a_checkpoint_of_nested_references_falls_back(tmp_path, digits, full_run):
+    out = tmp_path / "r"
+    train(_cfg(out, stop_after_epochs=2), dataset=digits, log=_quiet)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    ck["config"]["lr"] = _laughs()  # old code: printing it in "lr: differs" never ended
+    torch.save(ck, out / "checkpoint.pt")
+    assert os.path.getsize(out / "checkpoint.pt") < 10**6
+    logs = []
+    res = train(_cfg(out, resume=True), dataset=digits, log=logs.append)
+    assert any("falling back" in s and "more than" in s for s in logs) and _same(_weights(res.model), full_run)

@@ -262,6 +262,9 @@ def load_file(path: str) -> dict[str, Any]:
                          f"{_parse_problem(e)}") from None
     if data is None:
         data = {}
+    from .safefile import check_size
+
+    check_size(data, 10_000, f"config: {path}")  # YAML anchors can stand for 10^9 values in 500 bytes
     if not isinstance(data, dict):
         raise ValueError(f"config: {path} must contain a mapping of field: value")
     if set(data) == {"train"} and isinstance(data["train"], dict):

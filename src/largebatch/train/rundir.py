@@ -605,6 +605,7 @@ def _check_state(state: Any, want: tuple[str, ...]) -> None:
     missing = [k for k in want if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"not a largebatch checkpoint (no {', '.join(missing)})")
+    safefile.check_size(state, 1_000_000, "the file")  # pickle's memo can alias a list 10^9 times
     ok = (isinstance(state["epoch"], int) and isinstance(state["global_step"], int) and state["epoch"] >= 0
           and isinstance(state["config"], dict) and isinstance(state["rng"], dict)
           and isinstance(state["history"], list) and all(isinstance(r, dict) for r in state["history"]))

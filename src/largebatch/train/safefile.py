@@ -95,6 +95,24 @@ def numpy_array_globals() -> dict[tuple[str, str], Any]:
             ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
 
 
+def check_size(obj: Any, limit: int, what: str) -> None:
+    """``ValueError`` if ``obj`` holds more than ``limit`` values counted with repetition: YAML
+    anchors and pickle's memo let a few hundred bytes stand for a list of 10^9 items (a "billion
+    laughs"), which comparing, copying or printing it would expand. Tensors count as one value."""
+    stack, seen = [obj], 0
+    while stack:
+        o = stack.pop()
+        seen += 1
+        if seen > limit:
+            raise ValueError(f"{what} holds more than {limit} values (nested or repeated references, e.g. "
+                             f"YAML anchors); refused")
+        if isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            stack.extend(o)
+
+
 # ----------------------------------------------------------------------------- writing
 def clear(path: str) -> None:
     """Remove ``path`` if present: a file or a link is unlinked (a link's target is untouched),
