@@ -633,3 +633,12 @@ def test_a_checkpoint_of_nested_references_falls_back(tmp_path, digits, full_run
     logs = []
     res = train(_cfg(out, resume=True), dataset=digits, log=logs.append)
     assert any("falling back" in s and "more than" in s for s in logs) and _same(_weights(res.model), full_run)
+
+
+def test_a_malicious_linear_eval_cache_runs_nothing(tmp_path, capsys):
+    out, mark = tmp_path / "r", tmp_path / "PWNED"
+    assert main(ARGS + ["--epochs", "1", "--out-dir", str(out)]) == 0
+    (out / "linear-eval").mkdir()
+    torch.save({"key": Evil(str(mark))}, out / "linear-eval" / "features-pretrained.pt")
+    assert main(["linear-eval", str(out), "--epochs", "1"]) == 0  # the cache is recomputed
+    assert not mark.exists() and torch.load(out / "linear-eval" / "features-pretrained.pt", weights_only=True)["key"]

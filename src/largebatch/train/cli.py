@@ -108,8 +108,11 @@ def execute(args: argparse.Namespace, prog: str, cls: type, run_fn) -> int:
               f"continue with the same command plus --resume", file=sys.stderr)
         return 130
     except Terminated:
-        print(f"\nlargebatch {prog}: terminated (SIGTERM); {cfg.out_dir} keeps the checkpoint of the last finished "
-              f"epoch, intact: continue with the same command plus --resume", file=sys.stderr)
+        import os
+
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets it: one line, not N
+            print(f"\nlargebatch {prog}: terminated (SIGTERM); {cfg.out_dir} keeps the checkpoint of the last "
+                  f"finished epoch, intact: continue with the same command plus --resume", file=sys.stderr)
         return 143
     finally:
         if main_thread and previous is not None:
