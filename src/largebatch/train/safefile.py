@@ -42,13 +42,20 @@ def _numpy_rng_globals() -> list:
     return out
 
 
+def _legacy_rng_globals() -> list:
+    """:func:`_numpy_rng_globals` for ``torch.serialization.safe_globals``, with the NumPy 1
+    spelling of ``_reconstruct`` too (a checkpoint written under NumPy 1)."""
+    out = _numpy_rng_globals()
+    return out + [(out[-1], "numpy.core.multiarray._reconstruct")]
+
+
 def load_tensors(path: str) -> Any:
     """``torch.load`` of ``path`` on the CPU with ``weights_only=True``. Raises :class:`NotOurs`
     for a pickle of any other object (nothing in it is run), ``OSError`` / ``RuntimeError`` for
     a file that is not a readable torch file."""
     _regular_file(path)
     try:
-        with torch.serialization.safe_globals(_numpy_rng_globals()):
+        with torch.serialization.safe_globals(_legacy_rng_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         what = str(e).split("GLOBAL ", 1)[1].split(" ", 1)[0] if "GLOBAL " in str(e) else "objects"
