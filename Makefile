@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Versions pinned for development and CI only; pyproject.toml declares loose ranges.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test bench data clean
+.PHONY: setup demo test bench gpu-check data clean
 
 # The set-up is the one step that needs a package index: pip fetches torch, torchvision and the
 # dependencies from PyPI, or from what pip is configured to use instead (PIP_INDEX_URL,
@@ -38,6 +38,11 @@ data:
 bench: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/optimizer_step.py
+
+# On a machine with one CUDA GPU, under 8 minutes: CUDA-only tests, step benchmark vs fused
+# SGD/Adam, CUDA-graph capture, no-sync check, short fp16 training; writes gpu-check-report.md.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py --out gpu-check-report.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

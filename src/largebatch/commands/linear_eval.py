@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from largebatch.train.linear_eval import linear_eval
+    from largebatch.train.rundir import RunDirError
 
     features = "random-init" if args.random_init else "raw-pixels" if args.raw_pixels else "pretrained"
     try:
@@ -33,6 +34,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"largebatch linear-eval: {e}", file=sys.stderr)
         return 2
+    except RunDirError as e:  # the run's folder could not be written (read-only, full disk)
+        print(f"largebatch linear-eval: {e}", file=sys.stderr)
+        return 1
     print(f"linear-eval {features}: {r['dataset']} epoch {r['epoch']} features {r['feature_dim']}: "
           f"top-1 {100 * r['top1']:.2f}% ({args.run_dir}/linear-eval/{features}.json)")
     return 0

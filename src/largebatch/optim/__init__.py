@@ -8,6 +8,7 @@ training harness, the demo and the docs know about it; ``register`` adds your ow
 
 from .clars import CLARS
 from .groups import describe_groups, param_groups, split_parameters
+from .integrations import timm_groups, timm_register  # docs/integrations.md
 from .lalc import LALC
 from .lamb import LAMB
 from .lars import LARS

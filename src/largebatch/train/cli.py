@@ -80,10 +80,23 @@ def run(args: argparse.Namespace) -> int:
     return execute(args, "train", TrainConfig, train)
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill``, a scheduler's time limit, torchrun stopping its workers), raised where the
+    process is, as Ctrl-C raises ``KeyboardInterrupt``: checkpoints are replaced atomically, so
+    the last one is intact wherever it lands."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
 def execute(args: argparse.Namespace, prog: str, cls: type, run_fn) -> int:
     """Resolve the configuration and run it; the exit codes of ``train`` and ``pretrain``: 0 finished
     or stopped as asked, 2 a user error (nothing written), 3 a non-finite loss (``failure.json``),
-    1 the run directory could not be written, 130 interrupted."""
+    1 the run directory could not be written, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
+    import signal
+    import threading
+
     try:
         cfg = config_from_args(args, cls)
     except (ValueError, OSError) as e:
@@ -91,6 +104,8 @@ def execute(args: argparse.Namespace, prog: str, cls: type, run_fn) -> int:
         return 2
     from .rundir import RunDirError
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         result = run_fn(cfg)
     except (ValueError, FileNotFoundError) as e:
@@ -103,4 +118,14 @@ def execute(args: argparse.Namespace, prog: str, cls: type, run_fn) -> int:
         print(f"\nlargebatch {prog}: interrupted; {cfg.out_dir} keeps the checkpoint of the last finished epoch: "
               f"continue with the same command plus --resume", file=sys.stderr)
         return 130
+    except Terminated:
+        import os
+
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets it: one line, not N
+            print(f"\nlargebatch {prog}: terminated (SIGTERM); {cfg.out_dir} keeps the checkpoint of the last "
+                  f"finished epoch, intact: continue with the same command plus --resume", file=sys.stderr)
+        return 143
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 3 if result.status == "nonfinite" else 0

@@ -138,6 +138,14 @@ class TrainConfig:
             v = getattr(self, f.name)
             if str(f.type).startswith("bool") and not (isinstance(v, bool) or (v is None and "None" in str(f.type))):
                 raise ValueError(f"{f.name}: must be true or false (unquoted in config files), got {v!r}")
+        for f in fields(TrainConfig):  # paths and names: a YAML number or list is not one
+            v = getattr(self, f.name)
+            if str(f.type).startswith("str") and not (isinstance(v, str) or (v is None and "None" in str(f.type))):
+                raise ValueError(f"{f.name}: must be a string, got {v!r}" + (" (quote it in a config file)"
+                                                                             if isinstance(v, (int, float)) else ""))
+        for name in ("out_dir",):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name}: must not be empty")
         for name, allowed in (("dataset", DATASETS), ("model", MODELS), ("init", INITS),
                               ("optimizer", tuple(registry.OPTIMIZERS)), ("schedule", SCHEDULES),
                               ("lr_scaling", SCALING), ("precision", PRECISIONS), ("activation", ACTIVATIONS),
@@ -289,6 +297,9 @@ def load_file(path: str) -> dict[str, Any]:
                          f"{_parse_problem(e)}") from None
     if data is None:
         data = {}
+    from .safefile import check_size
+
+    check_size(data, 10_000, f"config: {path}")  # YAML anchors can stand for 10^9 values in 500 bytes
     if not isinstance(data, dict):
         raise ValueError(f"config: {path} must contain a mapping of field: value")
     if set(data) == {"train"} and isinstance(data["train"], dict):
@@ -363,8 +374,7 @@ def save(cfg: TrainConfig, path: str) -> None:
     """Write the resolved config as YAML (atomically), without the per-invocation fields."""
     import yaml
 
+    from .safefile import atomic_write
+
     d = {k: v for k, v in cfg.to_dict().items() if k not in INVOCATION_FIELDS}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(d, f, sort_keys=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: yaml.safe_dump(d, f, sort_keys=False))  # a failed write leaves no .tmp

@@ -23,12 +23,24 @@ written by N processes loads on M (DCP reshards; M = 1 loads full tensors into t
 model) and on the same N loads every shard bitwise. Loading needs no optimizer step: the
 optimizer's state is rebuilt from the checkpoint's metadata (shape and dtype of each saved
 tensor; one shaped like its parameter is sharded like it).
+
+Reading a folder someone else wrote runs nothing and trusts nothing: DCP's ``.metadata`` (a
+pickle, which DCP itself loads with ``pickle.load``) is read by a restricted unpickler that makes
+only DCP's metadata classes, and every entry must be a tensor stored in a shard file
+``__<rank>_<n>.distcp`` of the folder; ``meta.pt`` is read with ``weights_only=True`` and records
+each shard file's size and SHA-256, checked before loading (:func:`read_meta`), so a truncated,
+deleted or corrupt shard makes the folder unreadable and ``--resume`` falls back to
+``checkpoint-prev/``. Declared shapes must be those of the run's model (an optimizer state at
+most its parameter's size) before anything is allocated.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import math
 import os
+import re
 import warnings
 from typing import Any
 
@@ -38,8 +50,10 @@ from torch import nn
 from torchvision.models import resnet as tvr
 
 from . import distributed as dist_mod
+from . import safefile
 
 META = "meta.pt"
+SHARD = re.compile(r"__\d+_\d+\.distcp")
 #: normalization layers: float32 parameters under ``--fsdp-param-dtype bf16`` (as autocast runs them)
 NORMS: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 #: modules sharded as one unit (all their parameters gathered together)
@@ -162,35 +176,148 @@ def save(path: str, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str
 
 
 def write_meta(path: str, meta: dict[str, Any]) -> None:
-    """Rank 0: ``meta.pt`` of the DCP folder ``path`` (what :func:`save` returned)."""
-    torch.save(meta, os.path.join(path, META))
+    """Rank 0: ``meta.pt`` of the DCP folder ``path`` (what :func:`save` returned), with the size and
+    SHA-256 of every shard file (every rank's write is complete when :func:`save` returns)."""
+    files = {n: [os.path.getsize(os.path.join(path, n)), _sha256(os.path.join(path, n))]
+             for n in sorted(os.listdir(path)) if SHARD.fullmatch(n)}
+    torch.save({**meta, "files": files}, os.path.join(path, META))
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_meta(path: str) -> dict[str, Any]:
-    """``meta.pt`` of a complete DCP checkpoint folder (``ValueError`` if it is not one)."""
+    """``meta.pt`` of a complete, undamaged DCP checkpoint folder (``ValueError`` naming what is
+    wrong otherwise): its ``.metadata`` lists only tensors in shard files of the folder, and every
+    shard file is there, with the size (and checksum, when recorded) it was written with."""
     if not os.path.exists(os.path.join(path, ".metadata")):
         raise ValueError("no .metadata: an incomplete torch.distributed.checkpoint folder")
-    return torch.load(os.path.join(path, META), map_location="cpu", weights_only=False)
+    md = read_metadata(path)
+    meta = safefile.load_tensors(os.path.join(path, META))
+    if not isinstance(meta, dict):
+        raise ValueError(f"{META} is not a largebatch checkpoint's")
+    need: dict[str, int] = {}
+    stored: dict[str, int] = {}  # bytes in the shards per tensor
+    for index, info in md.storage_data.items():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or not SHARD.fullmatch(name) or not isinstance(info.offset, int) \
+                or not isinstance(info.length, int) or info.offset < 0 or info.length < 0:
+            raise ValueError(f".metadata names a shard {name!r} outside the folder's __<rank>_<n>.distcp files")
+        need[name] = max(need.get(name, 0), info.offset + info.length)
+        stored[getattr(index, "fqn", None)] = stored.get(getattr(index, "fqn", None), 0) + info.length
+    for key, t in md.state_dict_metadata.items():  # a declared shape the shards cannot hold is a lie
+        numel = math.prod(t.size)
+        if sum(math.prod(c.sizes) for c in t.chunks) != numel \
+                or stored.get(key, 0) < numel * torch.empty((), dtype=t.properties.dtype).element_size():
+            raise ValueError(f".metadata declares {key} of shape {tuple(t.size)}, which its shards do not hold")
+    recorded = meta.get("files")
+    for name in sorted(set(need) | set(recorded or {})):
+        f = os.path.join(path, name)
+        if not os.path.isfile(f) or os.path.islink(f):
+            raise ValueError(f"shard {name} is missing")
+        size = os.path.getsize(f)
+        if size < need.get(name, 0):
+            raise ValueError(f"shard {name} is truncated ({size} bytes, its entries need {need[name]})")
+        if recorded and name in recorded and size != recorded[name][0]:
+            word = "truncated" if size < recorded[name][0] else "changed"
+            raise ValueError(f"shard {name} is {word} ({size} bytes, written with {recorded[name][0]})")
+        if recorded and name in recorded and _sha256(f) != recorded[name][1]:
+            raise ValueError(f"shard {name} is damaged (its SHA-256 differs from the one recorded when it was written)")
+    return meta
+
+
+def _metadata_classes() -> dict:
+    import pathlib
+
+    import torch.distributed.checkpoint.metadata as m
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    dtypes = {("torch", k): v for k, v in vars(torch).items() if isinstance(v, torch.dtype)}
+    return {**dtypes, **safefile.by_name(
+        m.Metadata, m.TensorStorageMetadata, m.TensorProperties, m.ChunkStorageMetadata, m.MetadataIndex,
+        m.StorageMeta, m._MEM_FORMAT_ENCODING, _StorageInfo, torch.Size, torch.serialization._get_layout,
+        pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath)}
+
+
+def read_metadata(path: str):
+    """DCP's ``.metadata`` of the folder ``path``, unpickled with only DCP's metadata classes (no
+    ``BytesStorageMetadata``: DCP loads those entries with ``weights_only=False``; ours are all
+    tensors)."""
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        md = safefile.restricted_unpickle(f, _metadata_classes())
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) \
+            or not isinstance(md.storage_data, dict):
+        raise ValueError(".metadata is not a torch.distributed.checkpoint index")
+    for k, v in md.state_dict_metadata.items():
+        if not isinstance(v, TensorStorageMetadata) or not all(isinstance(d, int) and d >= 0 for d in v.size):
+            raise ValueError(f".metadata entry {k!r} is not a tensor")
+    return md
+
+
+def _reader(path: str):
+    """A ``FileSystemReader`` of ``path`` whose metadata is read by :func:`read_metadata`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if kwargs.get("rank") is not None:
+                raise ValueError("rank-local metadata is not written by largebatch")
+            md = read_metadata(str(self.path))
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return SafeReader(path)
+
+
+def saved_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every model tensor in the DCP folder ``path``, by its name in the model."""
+    return {k[len("model."):]: tuple(v.size) for k, v in read_metadata(path).state_dict_metadata.items()
+            if k.startswith("model.")}
+
+
+def _check_shapes(path: str, saved, want: dict[str, tuple[int, ...]]) -> None:
+    for key, shape in want.items():
+        if key not in saved:
+            raise ValueError(f"checkpoint {path} lacks {key}")
+        if tuple(saved[key].size) != tuple(shape):
+            raise ValueError(f"checkpoint {path}: {key} has shape {tuple(saved[key].size)}, this run's model "
+                             f"{tuple(shape)}")
 
 
 def load(path: str, meta: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer) -> None:
     """Every rank: load the DCP folder ``path`` into ``model`` and ``opt`` (sharded or not, any
-    number of ranks)."""
+    number of ranks). Shapes are checked before anything is allocated: the model's must match,
+    an optimizer state tensor may be at most as large as its parameter."""
     import torch.distributed.checkpoint as dcp
 
     DT = _dtensor()
     fqn = _param_names(model, opt)
     params = {n: p for n, p in model.named_parameters()}
-    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    saved = read_metadata(path).state_dict_metadata
     model_sd = model.state_dict()
     flat: dict[str, Any] = {f"model.{k}": v for k, v in model_sd.items()}
+    _check_shapes(path, saved, {k: tuple(v.shape) for k, v in flat.items()})
     state: dict[int, dict[str, Any]] = {}
     for idx, name, k in meta["optim_keys"]:
         key = f"optim.state.{name}.{k}"
+        if not (isinstance(idx, int) and 0 <= idx < len(fqn)) or fqn[idx] != name:
+            raise ValueError(f"checkpoint {path}: optimizer state {key} is not this run's parameter {idx}")
         if key not in saved:
             raise ValueError(f"checkpoint {path} lacks {key}")
         md, p = saved[key], params[fqn[idx]]
         size, dtype = tuple(md.size), md.properties.dtype
+        if math.prod(size) > max(p.numel(), 1):
+            raise ValueError(f"checkpoint {path}: {key} has shape {size}, larger than its parameter {tuple(p.shape)}")
         if DT is not None and isinstance(p, DT) and size and size == tuple(p.shape):
             t = torch.empty_like(p, dtype=dtype)  # sharded like its parameter
         else:
@@ -198,23 +325,25 @@ def load(path: str, meta: dict[str, Any], model: nn.Module, opt: torch.optim.Opt
         flat[key] = t
         state.setdefault(idx, {})[k] = t
     with _single_process_quiet():
-        dcp.load(flat, checkpoint_id=path, no_dist=not dist.is_initialized())
+        dcp.load(flat, storage_reader=_reader(path), no_dist=not dist.is_initialized())
     model.load_state_dict({k: flat[f"model.{k}"] for k in model_sd})
     for idx, st in meta.get("optim_extra", {}).items():
         state.setdefault(idx, {}).update(st)
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def read_model(path: str) -> dict[str, torch.Tensor]:
-    """The model's full state (plain CPU tensors) from the DCP folder ``path``, in one process
-    (e.g. ``largebatch linear-eval`` of a ``--fsdp`` pre-training run)."""
+def read_model(path: str, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model tensors ``like`` names (plain CPU tensors of their shapes and dtypes) from the
+    DCP folder ``path``, in one process (e.g. ``largebatch linear-eval`` of a ``--fsdp``
+    pre-training run); a shape that differs is a ``ValueError``."""
     import torch.distributed.checkpoint as dcp
 
-    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    flat = {k: torch.empty(tuple(md.size), dtype=md.properties.dtype) for k, md in saved.items()
-            if k.startswith("model.") and hasattr(md, "size")}
+    saved = read_metadata(path).state_dict_metadata
+    _check_shapes(path, saved, {f"model.{k}": tuple(v.shape) for k, v in like.items()})
+    flat = {f"model.{k}": torch.empty(tuple(v.shape), dtype=saved[f"model.{k}"].properties.dtype)
+            for k, v in like.items()}
     with _single_process_quiet():
-        dcp.load(flat, checkpoint_id=path, no_dist=True)
+        dcp.load(flat, storage_reader=_reader(path), no_dist=True)
     return {k[len("model."):]: v for k, v in flat.items()}
 
 

@@ -27,11 +27,11 @@ from torch import nn
 from largebatch import ssl
 
 from . import data as data_mod
-from . import fsdp
+from . import fsdp, safefile
 from .config import TrainConfig, load_file, resolve
 from .distributed import pick_device
 from .models import init_weights
-from .rundir import RunDir
+from .rundir import RunDir, RunDirError
 
 FEATURES = ("pretrained", "random-init", "raw-pixels")
 
@@ -58,13 +58,32 @@ def build_backbone(cfg, shape: tuple[int, int, int], state: dict | None) -> nn.M
                                      mlp_batchnorm=cfg.mlp_batchnorm)
     init_weights(backbone, cfg.init)
     if state is not None:
-        weights = state["model"] if "model" in state else fsdp.read_model(state["dcp"])  # --fsdp: a DCP folder
-        if any(k.startswith("backbone.") for k in weights):
-            weights = {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")}
-        else:
-            weights = {k: v for k, v in weights.items() if k in backbone.state_dict()}
-        backbone.load_state_dict(weights)
+        backbone.load_state_dict(_backbone_weights(cfg, state, backbone.state_dict()))
     return backbone
+
+
+def _backbone_weights(cfg, state: dict, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone's tensors from a checkpoint (pre-training: ``backbone.*``; a classifier: all but
+    its head); ``ValueError`` when their shapes are not those ``config.yaml`` describes."""
+    if "model" in state:
+        shapes = {k: tuple(v.shape) for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
+    else:  # --fsdp: a DCP folder
+        shapes = fsdp.saved_shapes(state["dcp"])
+    prefix = "backbone." if any(k.startswith("backbone.") for k in shapes) else ""
+    bad = [f"{k}: {shapes.get(prefix + k, 'absent')} in the checkpoint, {tuple(v.shape)} by config.yaml"
+           for k, v in own.items() if shapes.get(prefix + k) != tuple(v.shape)]
+    if bad:
+        saved = state.get("config") or {}
+        edited = ", ".join(f"{k} {saved[k]!r} in the checkpoint, {getattr(cfg, k)!r} now"
+                           for k in ("model", "stem", "mlp_depth", "mlp_width", "activation", "mlp_batchnorm")
+                           if k in saved and saved[k] != getattr(cfg, k))
+        raise ValueError(f"run_dir: {state.get('file')} does not hold the backbone its config.yaml describes ("
+                         + "; ".join(bad[:2]) + ")"
+                         + (f": config.yaml was edited after the run ({edited}); restore it" if edited else ""))
+    if "model" in state:
+        return {k: state["model"][prefix + k] for k in own}
+    weights = fsdp.read_model(state["dcp"], {prefix + k: v for k, v in own.items()})
+    return {k[len(prefix):]: v for k, v in weights.items()}
 
 
 def features_of(backbone: nn.Module | None, ds: data_mod.ArrayDataset, batch: int,
@@ -91,7 +110,9 @@ def linear_eval(run_dir: str, features: str = "pretrained", *, epochs: int = 100
     if features != "raw-pixels":
         state = None
         if features == "pretrained":
-            state = RunDir(run_dir, cfg.metrics_format, True)._read_checkpoint(log)
+            rd = RunDir(run_dir, cfg.metrics_format, True)
+            rd.run_files()  # refuses links in place of the run's files
+            state = rd._read_checkpoint(log)
             if state is None:
                 raise ValueError(f"run_dir: {run_dir} has no checkpoint (run with --no-checkpoint, or stopped in "
                                  f"its first epoch); only --random-init or --raw-pixels can be evaluated")
@@ -99,16 +120,20 @@ def linear_eval(run_dir: str, features: str = "pretrained", *, epochs: int = 100
         backbone = build_backbone(cfg, ds.shape, state)
     dev = pick_device(device)
     out = os.path.join(run_dir, "linear-eval")
-    os.makedirs(out, exist_ok=True)
+    try:  # before minutes of work: results go next to the run
+        os.makedirs(out, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", out)
+    except OSError as e:
+        raise ValueError(f"run_dir: cannot write {out} ({e.strerror or e}); copy the run to a writable folder "
+                         f"and evaluate the copy") from None
     key = {"features": features, "dataset": cfg.dataset, "epoch": info["epoch"],
            "global_step": info["global_step"], "train": int(ds.train_x.shape[0]), "test": int(ds.test_x.shape[0])}
     cache = os.path.join(out, f"features-{features}.pt")
     cached = _read_cache(cache, key)
     if cached is None:
         tr, te = features_of(backbone, ds, 512, dev)
-        tmp = cache + ".tmp"
-        torch.save({"key": key, "train": tr.cpu(), "test": te.cpu()}, tmp)
-        os.replace(tmp, cache)
+        _write(cache, lambda f: torch.save({"key": key, "train": tr.cpu(), "test": te.cpu()}, f), binary=True)
     else:
         tr, te = cached["train"].to(dev), cached["test"].to(dev)
     res = ssl.train_linear(tr, ds.train_y.to(dev), te, ds.test_y.to(dev), ds.num_classes, epochs=epochs, lr=lr,
@@ -117,18 +142,23 @@ def linear_eval(run_dir: str, features: str = "pretrained", *, epochs: int = 100
               "settings": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
                            "seed": seed, "optimizer": "SGD momentum 0.9, cosine", "standardized": True},
               "history": res.history}
-    path = os.path.join(out, f"{features}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
+    _write(os.path.join(out, f"{features}.json"), lambda f: json.dump(result, f, indent=2))
     return result
 
 
+def _write(path: str, write, binary: bool = False) -> None:
+    try:
+        safefile.atomic_write(path, write, binary)
+    except OSError as e:
+        raise RunDirError(f"could not write {path} ({e.strerror or e}; disk full?); nothing half-written was "
+                          f"left") from None
+
+
 def _read_cache(path: str, key: dict) -> dict | None:
-    if not os.path.exists(path):
+    if not os.path.exists(path) or os.path.islink(path):
         return None
     try:
-        c = torch.load(path, map_location="cpu", weights_only=True)
+        c = safefile.load_tensors(path)
     except Exception:  # an unreadable cache is recomputed
         return None
     return c if isinstance(c, dict) and c.get("key") == key else None

@@ -44,7 +44,7 @@ from .diagnostics import LayerStatsRecorder
 from .evaluate import autocast_for, evaluate
 from .factory import build_optimizer, build_scheduler, effective_lr, lr_applied, steps_per_epoch
 from .models import build_model, init_weights
-from .rundir import METRIC_COLUMNS, RunDir, first_line
+from .rundir import METRIC_COLUMNS, RunDir, RunDirError, first_line
 
 CHECK_EVERY = 50  # steps between the (one-bool) checks for a non-finite loss
 
@@ -224,7 +224,8 @@ def train(cfg: TrainConfig, dataset: data_mod.ArrayDataset | None = None, *,
 def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: float, task: "Task") -> RunResult:
     micro, accum = cfg.check_world_size(info.world_size)
     task.check(cfg)
-    run = RunDir(cfg.out_dir, cfg.metrics_format, info.is_main, task.metric_columns, sharded=cfg.fsdp)
+    run = RunDir(cfg.out_dir, cfg.metrics_format, info.is_main, task.metric_columns, sharded=cfg.fsdp,
+                 command=task.name)
     resume_state = run.inspect(cfg, log)  # reads only: a refusal leaves the directory as it was
     if resume_state is not None and resume_state["epoch"] > cfg.epochs:
         raise ValueError(f"epochs: the run in {cfg.out_dir} already completed {resume_state['epoch']} epochs; "
@@ -238,17 +239,23 @@ def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: flo
     total_steps = cfg.epochs * spe
     ds = ds.to(info.device)
     setup = _build(cfg, ds, info, spe, micro, task)
+    history, start_epoch, global_step = [], 0, 0
+    if resume_state is not None:  # before anything is written: a checkpoint that does not fit changes nothing
+        start_epoch, global_step, history = run.restore(resume_state, setup.core, setup.opt, setup.sched,
+                                                        setup.scaler, info.device)
+        if start_epoch >= cfg.epochs:
+            log(f"resume: the run in {cfg.out_dir} is already complete ({start_epoch} of {cfg.epochs} epochs, "
+                f"step {global_step}); nothing to do")
+            return RunResult("finished", cfg.out_dir, len(history), global_step, history, None,
+                             time.perf_counter() - t_start, setup.core)
     _on_rank0(info, lambda: run.create(cfg))
 
     from tqdm.auto import tqdm
 
     bar = None
     status, failure, epochs_this_run = "finished", None, 0
-    history, start_epoch, global_step = [], 0, 0
     try:
         if resume_state is not None:
-            start_epoch, global_step, history = run.restore(resume_state, setup.core, setup.opt, setup.sched,
-                                                            setup.scaler, info.device)
             log(f"resume: continuing {cfg.out_dir} after epoch {start_epoch} (step {global_step})")
         run.open(history, global_step)
         log(f"{task.name}: {cfg.dataset if dataset is None else ds.name} ({n_train} train / {ds.test_x.shape[0]} test) "
@@ -284,11 +291,12 @@ def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: flo
 
 
 def _on_rank0(info: dist_mod.DistInfo, fn: Callable[[], None]) -> None:
-    """Run ``fn`` (which acts on rank 0 only) and raise its ``ValueError`` on every rank."""
+    """Run ``fn`` (which acts on rank 0 only) and raise its ``ValueError`` (or ``RunDirError``) on
+    every rank."""
     err = None
     try:
         fn()
-    except ValueError as e:
+    except (ValueError, RunDirError) as e:
         err = e
     if bool(dist_mod.any_flag(torch.tensor(err is not None, device=info.device), info)):
         raise err or ValueError("rank 0 could not prepare the run directory (see its message)")

@@ -5,10 +5,21 @@ row per optimizer step) and ``layer_stats`` (per parameter tensor every ``stats_
 ``.csv`` or ``.jsonl``, ``checkpoint.pt`` (written atomically after each epoch: model,
 optimizer, scheduler, GradScaler, RNG states, config and metric history) and the one before it,
 ``checkpoint-prev.pt``, ``failure.json`` when a loss turned non-finite, ``tensorboard/`` when
-TensorBoard is installed, and ``.lock`` (held while a process writes the directory). Rank 0
-writes; every rank reads the checkpoint. Under ``--fsdp`` the checkpoints are the folders
-``checkpoint/`` and ``checkpoint-prev/`` (``torch.distributed.checkpoint``, every rank writes its
-shards: ``fsdp.py``), replaced atomically the same way.
+TensorBoard is installed, ``.lock`` (held while a process writes the directory) and the marker
+``.largebatch-run`` (JSON: which command made the run). Rank 0 writes; every rank reads the
+checkpoint. Under ``--fsdp`` the checkpoints are the folders ``checkpoint/`` and
+``checkpoint-prev/`` (``torch.distributed.checkpoint``, every rank writes its shards:
+``fsdp.py``), replaced atomically the same way.
+
+Ownership: ``--overwrite`` and ``--resume`` act only on a directory that is a run of ours: one
+holding the marker, or (runs made before the marker existed) a ``config.yaml`` together with a
+metrics, steps or layer-statistics table whose header is exactly ours. ``--overwrite`` deletes
+only the files a run writes (the names above, their ``.tmp`` files, and inside ``checkpoint*/``,
+``tensorboard/`` and ``linear-eval/`` only the files those write); anything else in them, or a
+symbolic link in place of one of them, makes it refuse with the directory left as it was.
+
+Checkpoints hold tensors and plain values only (the RNG states too) and are read with
+``weights_only=True`` (``safefile.py``): a file that holds anything else is refused, not run.
 """
 
 from __future__ import annotations
@@ -16,10 +27,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import random
-import shutil
+import re
 import socket
+import stat
 from typing import Any, Callable
 
 import numpy as np
@@ -27,7 +40,7 @@ import torch
 
 from . import config as config_mod
 from . import distributed as dist_mod
-from . import fsdp
+from . import fsdp, safefile
 from .config import TrainConfig
 
 METRIC_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
@@ -37,6 +50,16 @@ STAT_COLUMNS = ["step", "layer", "adapt", "w_norm", "g_norm", "lnr", "trust", "l
 RUN_FILES = ["config.yaml", "checkpoint.pt", "checkpoint-prev.pt", "checkpoint", "checkpoint-prev", "failure.json",
              "tensorboard"] + [
     f"{t}.{ext}" for t in ("metrics", "steps", "layer_stats") for ext in ("csv", "jsonl")]
+MARKER = ".largebatch-run"
+#: what a run writes besides RUN_FILES: the marker, the .tmp of each file (left by a crash), linear-eval's results
+OWNED = RUN_FILES + [MARKER, "linear-eval"] + [n + ".tmp" for n in RUN_FILES + [MARKER]]
+#: the only files ``--overwrite`` removes inside the folders a run writes
+OWNED_INSIDE = {
+    "checkpoint": re.compile(r"(\.metadata|meta\.pt|__\d+_\d+\.distcp|__\d+\.metadata)(\.tmp)?"),
+    "tensorboard": re.compile(r"events\.out\.tfevents\..+"),
+    "linear-eval": re.compile(r"(features-(pretrained|random-init|raw-pixels)\.pt|(pretrained|random-init|raw-pixels)"
+                              r"\.json)(\.tmp)?"),
+}
 CHECKPOINT_KEYS = ("epoch", "global_step", "model", "optimizer", "rng", "config", "history")
 SHARDED_KEYS = ("epoch", "global_step", "param_groups", "optim_keys", "rng", "config", "history")
 
@@ -53,26 +76,37 @@ class Table:
         return read_table(self.path)
 
     def rewrite(self, rows: list[dict[str, Any]]) -> None:
-        tmp = self.path + ".tmp"
-        self._write(tmp, rows, "w")
-        os.replace(tmp, self.path)
+        """Replace the table atomically (a failed write leaves it as it was, and no ``.tmp``)."""
+        try:
+            safefile.atomic_write(self.path, lambda f: self._rows(f, rows, True))
+        except OSError as e:
+            raise RunDirError(write_failed(self.path, e)) from None
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
-        self._write(self.path, rows, "a")
+        try:
+            new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+            with open(self.path, "a", newline="") as f:
+                self._rows(f, rows, new)
+        except OSError as e:  # a row cut by a full disk is the last line: read_table drops it
+            raise RunDirError(write_failed(self.path, e)) from None
 
-    def _write(self, path: str, rows: list[dict[str, Any]], mode: str) -> None:
-        new = mode == "w" or not os.path.exists(path) or os.path.getsize(path) == 0
-        with open(path, mode, newline="") as f:
-            if self.fmt == "csv":
-                w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
-                if new:
-                    w.writeheader()
-                w.writerows(rows)
-            else:
-                for r in rows:
-                    f.write(json.dumps({k: r.get(k) for k in self.columns}) + "\n")
+    def _rows(self, f, rows: list[dict[str, Any]], header: bool) -> None:
+        if self.fmt == "csv":
+            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            if header:
+                w.writeheader()
+            w.writerows(rows)
+        else:
+            for r in rows:
+                f.write(json.dumps({k: r.get(k) for k in self.columns}) + "\n")
+
+
+def write_failed(path: str, e: OSError) -> str:
+    """The message of a failed write to the run directory (the run stops; what was written stays)."""
+    return (f"could not write {path} ({e.strerror or first_line(e)}; disk full?). The run stopped; the files "
+            f"already written are intact (the last checkpoint is kept): free space, then continue with --resume")
 
 
 def read_table(path: str) -> list[dict[str, Any]]:
@@ -130,16 +164,17 @@ class RunDir:
 
     Nothing is lost: :meth:`inspect` decides, reading only, whether this invocation may use the
     directory (a run already there is continued with ``--resume`` or replaced with
-    ``--overwrite``, never silently rewritten); :meth:`create` then takes an exclusive lock
-    (``.lock``, ``flock``: released by the kernel when the process dies, so ``kill -9`` and
-    ``--resume`` still work) so that two processes never write one directory; checkpoints are
-    written atomically and the previous one is kept as ``checkpoint-prev.pt``, the fallback when
-    the latest cannot be read.
+    ``--overwrite``, never silently rewritten; a directory that is not a run of ours is never
+    touched); :meth:`create` then takes an exclusive lock (``.lock``, ``flock``: released by
+    the kernel when the process dies, so ``kill -9`` and ``--resume`` still work) so that two
+    processes never write one directory; checkpoints are written atomically and the previous one
+    is kept as ``checkpoint-prev.pt``, the fallback when the latest cannot be read.
+    ``command``: the sub-command writing the run (``train``, ``pretrain``), kept in the marker.
     """
 
     def __init__(self, out_dir: str, fmt: str, is_main: bool, metric_columns: list[str] = METRIC_COLUMNS,
-                 sharded: bool = False):
-        self.path, self.is_main, self.sharded = out_dir, is_main, sharded
+                 sharded: bool = False, command: str = "train"):
+        self.path, self.is_main, self.sharded, self.command = out_dir, is_main, sharded, command
         ext = "" if sharded else ".pt"
         self.checkpoint_path = os.path.join(out_dir, "checkpoint" + ext)
         self.previous_path = os.path.join(out_dir, "checkpoint-prev" + ext)
@@ -152,11 +187,57 @@ class RunDir:
 
     # ------------------------------------------------------------------ before anything is written
     def run_files(self) -> list[str]:
-        """The files of a run present in the directory (any format)."""
+        """The files of a run present in the directory (any format). A symbolic link, or a
+        non-regular file, in place of one of them is refused (``ValueError``): a run never
+        writes one, and reading or writing through it would reach outside the directory."""
         if not os.path.isdir(self.path):
             return []
-        names = [n for n in RUN_FILES if os.path.exists(os.path.join(self.path, n))]
+        names = []
+        for n in RUN_FILES + [MARKER, ".lock"]:
+            q = os.path.join(self.path, n)
+            if not os.path.lexists(q):
+                continue
+            mode = os.lstat(q).st_mode
+            want_dir = n in ("checkpoint", "checkpoint-prev", "tensorboard")
+            if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) if want_dir else stat.S_ISREG(mode)):
+                what = ("a symbolic link" if stat.S_ISLNK(mode)
+                        else "not a " + ("folder" if want_dir else "regular file"))
+                raise ValueError(f"out_dir: {q} is {what}, which a largebatch run never writes; nothing was "
+                                 f"changed: remove it or choose another --out-dir")
+            if n != ".lock":
+                names.append(n)
         return names
+
+    def marker(self) -> dict[str, Any] | None:
+        """The marker's content, or ``None`` (absent or not ours)."""
+        try:
+            with open(os.path.join(self.path, MARKER)) as f:
+                m = json.loads(f.read(4096))
+        except (OSError, ValueError):
+            return None
+        return m if isinstance(m, dict) and m.get("tool") == "largebatch" and isinstance(m.get("command"), str) \
+            else None
+
+    def owner(self) -> str | None:
+        """The command that made the run in ``out_dir`` (``train``, ``pretrain``), or ``None`` when
+        the directory is not a run of ours. A run made before the marker existed counts as ours only
+        with a ``config.yaml`` and a table whose header is exactly one of ours."""
+        m = self.marker()
+        if m is not None:
+            return m["command"]
+        saved = os.path.join(self.path, "config.yaml")
+        if not os.path.isfile(saved):
+            return None
+        headers = [self.metrics.columns, METRIC_COLUMNS, STEP_COLUMNS, STAT_COLUMNS]
+        for t in (self.metrics, self.steps, self.stats):
+            for ext in (".csv", ".jsonl"):
+                if header_of(os.path.splitext(t.path)[0] + ext) in headers:
+                    try:
+                        cfg = config_mod.load_file(saved)
+                    except ValueError:
+                        return None
+                    return "pretrain" if "projector" in cfg else "train"
+        return None
 
     def inspect(self, cfg: TrainConfig, log: Callable[[str], None]) -> dict[str, Any] | None:
         """Read-only: may this invocation use ``out_dir``? Returns the checkpoint to resume from
@@ -170,14 +251,25 @@ class RunDir:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise ValueError(f"out_dir: {parent} is not writable; choose another --out-dir")
         self._seen = self.run_files()
-        if not self._seen or cfg.overwrite:
+        if not self._seen:
             if cfg.resume:
                 log(f"resume: no run in {p} yet; starting from scratch")
             return None
         held = ", ".join(self._seen)
+        owner = self.owner()
+        if owner is None:
+            raise ValueError(f"out_dir: {p} holds {held} but is not a largebatch run (no {MARKER}, no metrics "
+                             f"table of ours); nothing was changed: choose another --out-dir")
+        if cfg.overwrite:
+            self._overwrite_plan()  # refuses when the run's folders hold files that are not the run's
+            return None
         if not cfg.resume:
             raise ValueError(f"out_dir: {p} already holds a run ({held}); pass --resume to continue it, "
                              f"--overwrite to replace it, or choose another --out-dir")
+        if owner != self.command:
+            raise ValueError(f"out_dir: {p} holds a run made by `largebatch {owner}`, which `largebatch "
+                             f"{self.command} --resume` cannot continue: run `largebatch {owner} --resume` with "
+                             f"the same --out-dir, or choose another --out-dir")
         state = self._read_checkpoint(log)
         if state is not None:
             check_resume_config(cfg, state["config"])
@@ -192,26 +284,57 @@ class RunDir:
         log(f"resume: {p} has no checkpoint yet (stopped in its first epoch); starting it from scratch")
         return None
 
+    def _overwrite_plan(self) -> list[str]:
+        """What ``--overwrite`` removes, deepest first: the run's files and, inside the folders it
+        writes, only the files it writes. Refuses (``ValueError``, nothing removed) when one of them
+        is a link or holds anything else."""
+        plan = []
+        for n in OWNED:
+            q = os.path.join(self.path, n)
+            if not os.path.lexists(q):
+                continue
+            if os.path.islink(q):
+                raise ValueError(f"out_dir: {q} is a symbolic link, which a largebatch run never writes; nothing "
+                                 f"was changed: remove it, or choose another --out-dir")
+            if not os.path.isdir(q):
+                plan.append(q)
+                continue
+            pattern = OWNED_INSIDE["checkpoint" if n.startswith("checkpoint") else n] \
+                if (n.startswith("checkpoint") or n in OWNED_INSIDE) else None
+            inside = sorted(os.listdir(q))
+            foreign = [x for x in inside if pattern is None or not pattern.fullmatch(x)
+                       or not stat.S_ISREG(os.lstat(os.path.join(q, x)).st_mode)]
+            if foreign:
+                raise ValueError(f"out_dir: {q} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, "
+                                 f"which a largebatch run does not write; nothing was changed: move it out, then "
+                                 f"--overwrite, or choose another --out-dir")
+            plan += [os.path.join(q, x) for x in inside] + [q]
+        return plan
+
     def _read_checkpoint(self, log: Callable[[str], None]) -> dict[str, Any] | None:
-        """The latest readable checkpoint, falling back to the previous one (and saying so)."""
+        """The latest readable checkpoint, falling back to the previous one (and saying so). Read
+        with ``weights_only=True``: a file holding anything but tensors and plain values is
+        refused, never run; an ``--fsdp`` folder's shards are checked against the sizes and
+        checksums its ``meta.pt`` recorded."""
         problems = []
         for name in ("checkpoint.pt", "checkpoint", "checkpoint-prev.pt", "checkpoint-prev"):
             path = os.path.join(self.path, name)
-            if not os.path.exists(path):
+            if not os.path.lexists(path):
                 continue
             try:
+                if os.path.islink(path):
+                    raise ValueError("a symbolic link, which a largebatch run never writes")
                 if os.path.isdir(path):  # --fsdp: a torch.distributed.checkpoint folder
                     state, want = {**fsdp.read_meta(path), "dcp": path}, SHARDED_KEYS
                 else:
-                    state, want = torch.load(path, map_location="cpu", weights_only=False), CHECKPOINT_KEYS
-                missing = [k for k in want if not isinstance(state, dict) or k not in state]
-                if missing:
-                    raise ValueError(f"not a largebatch checkpoint (no {', '.join(missing)})")
+                    state, want = safefile.load_tensors(path), CHECKPOINT_KEYS
+                _check_state(state, want)
             except Exception as e:  # truncated, empty, random or foreign: all mean "unreadable"
                 problems.append(f"{path} cannot be read ({first_line(e)})")
                 continue
             if problems:
                 log(f"resume: {problems[0]}; falling back to the previous checkpoint {path} (epoch {state['epoch']})")
+            state["file"] = path
             return state
         if problems:
             raise ValueError(f"resume: no readable checkpoint in {self.path}: {'; '.join(problems)}. Pass "
@@ -219,7 +342,8 @@ class RunDir:
         return None
 
     def create(self, cfg: TrainConfig) -> None:
-        """Rank 0: make the folder, lock it, clear it when overwriting, write ``config.yaml``."""
+        """Rank 0: make the folder, lock it, clear it when overwriting, write the marker and
+        ``config.yaml``. A failed write raises :class:`RunDirError` (no ``.tmp`` is left)."""
         if not self.is_main:
             return
         try:
@@ -227,16 +351,22 @@ class RunDir:
             self._take_lock()
             now = self.run_files()
             if cfg.overwrite:
-                for name in now:
-                    q = os.path.join(self.path, name)
-                    shutil.rmtree(q) if os.path.isdir(q) else os.remove(q)
+                for q in self._overwrite_plan():
+                    os.rmdir(q) if os.path.isdir(q) and not os.path.islink(q) else os.remove(q)
             elif now != self._seen:
                 raise ValueError(f"out_dir: {self.path} changed while this run was starting (another run wrote "
                                  f"{', '.join(sorted(set(now) - set(self._seen or [])))}); choose another --out-dir")
+            m = self.marker()
+            if m is None or m.get("command") != self.command:
+                from largebatch import __version__
+
+                safefile.write_text(os.path.join(self.path, MARKER), json.dumps(
+                    {"tool": "largebatch", "command": self.command, "version": __version__}) + "\n")
             config_mod.save(cfg, os.path.join(self.path, "config.yaml"))
         except OSError as e:
             self.close()
-            raise ValueError(f"out_dir: cannot write {self.path} ({e.strerror or e}); choose another --out-dir") from None
+            raise RunDirError(f"out_dir: cannot write {e.filename or self.path} ({e.strerror or first_line(e)}); "
+                              f"free space or fix the permissions, or choose another --out-dir") from None
         except ValueError:
             self.close()
             raise
@@ -246,12 +376,14 @@ class RunDir:
             import fcntl
         except ImportError:  # not POSIX: no lock
             return
-        f = open(os.path.join(self.path, ".lock"), "a+")
+        # never through a link: a ".lock" pointing elsewhere would truncate the file it points to
+        fd = os.open(os.path.join(self.path, ".lock"), os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        f = open(fd, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = f.read(200).strip() or "another process"
             f.close()
             raise ValueError(f"out_dir: {self.path} is in use by another largebatch run ({holder}); wait for it "
                              f"to finish or choose another --out-dir") from None
@@ -280,10 +412,13 @@ class RunDir:
         self.metrics.rewrite(history)
         if self.tb is not None:
             row = history[-1]
-            for k in self.metrics.columns[2:]:
-                if isinstance(row.get(k), (int, float)):
-                    self.tb.add_scalar(k, row[k], row["epoch"])
-            self.tb.flush()
+            try:
+                for k in self.metrics.columns[2:]:
+                    if isinstance(row.get(k), (int, float)):
+                        self.tb.add_scalar(k, row[k], row["epoch"])
+                self.tb.flush()
+            except OSError as e:
+                raise RunDirError(write_failed(os.path.join(self.path, "tensorboard"), e)) from None
 
     def save_checkpoint(self, model, opt, sched, scaler, cfg, epoch, global_step, history, device) -> None:
         """Every rank calls it. Atomic: write ``checkpoint.pt.tmp``, keep the current one as
@@ -302,13 +437,14 @@ class RunDir:
             if self.sharded:
                 self._save_sharded(tmp, model, opt, state, device)
             else:
+                safefile.clear(tmp)  # one left by a crash (or a link planted there) is not written through
                 torch.save({**state, "model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
                 if os.path.exists(self.checkpoint_path):
                     os.replace(self.checkpoint_path, self.previous_path)
                 os.replace(tmp, self.checkpoint_path)
         except (OSError, RuntimeError) as e:
             with contextlib.suppress(OSError):
-                shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
+                safefile.clear(tmp)
             kept = next((q for q in (self.checkpoint_path, self.previous_path) if os.path.exists(q)), None)
             raise RunDirError(f"could not write the checkpoint of epoch {epoch} to {self.path} "
                               f"({first_line(e)}; disk full?). "
@@ -328,15 +464,14 @@ class RunDir:
             if _any_rank(err is not None, device):
                 raise err or OSError(f"rank 0 could not prepare or rename the checkpoint folders in {self.path}")
 
-        on_rank0(lambda: shutil.rmtree(tmp) if os.path.exists(tmp) else None)  # a folder left by a crash
+        on_rank0(lambda: safefile.clear(tmp))  # a folder left by a crash
         meta = fsdp.save(tmp, model, opt, state)  # raises on every rank when one rank fails
         on_rank0(lambda: self._rotate(tmp, meta))
 
     def _rotate(self, tmp: str, meta: dict[str, Any]) -> None:
         fsdp.write_meta(tmp, meta)
         if os.path.exists(self.checkpoint_path):
-            if os.path.exists(self.previous_path):
-                shutil.rmtree(self.previous_path)
+            safefile.clear(self.previous_path)
             os.replace(self.checkpoint_path, self.previous_path)
         os.replace(tmp, self.checkpoint_path)
 
@@ -344,17 +479,26 @@ class RunDir:
     def restore(state: dict[str, Any], model, opt, sched, scaler,
                 device: torch.device) -> tuple[int, int, list[dict[str, Any]]]:
         """Load a checkpoint into the run's objects and RNGs; returns (epoch, global step, history).
-        A DCP folder (``--fsdp``) is loaded by every rank, resharded to this run's processes."""
-        if "dcp" in state:
-            fsdp.load(state["dcp"], state, model, opt)
-        else:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        _set_rng(state["rng"], device)
+        A DCP folder (``--fsdp``) is loaded by every rank, resharded to this run's processes.
+        A checkpoint that does not fit the run (edited, or of another model) is a ``ValueError``
+        naming it."""
+        try:
+            built = [dict(g) for g in opt.param_groups]
+            if "dcp" in state:
+                fsdp.load(state["dcp"], state, model, opt)
+            else:
+                model.load_state_dict(state["model"])
+                opt.load_state_dict(state["optimizer"])
+            _check_groups(built, opt.param_groups)
+            if sched is not None:
+                sched.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            _set_rng(state["rng"], device)
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise ValueError(f"resume: {state.get('file', 'the checkpoint')} does not fit this run "
+                             f"({first_line(e)}); pass --overwrite to start the run again, or choose another "
+                             f"--out-dir") from None
         return state["epoch"], state["global_step"], state["history"]
 
     def failure_record(self, step_losses: torch.Tensor, info: dist_mod.DistInfo, epoch: int, first_step: int,
@@ -390,12 +534,15 @@ class RunDir:
     def _epoch_of(path: str) -> int:
         if os.path.isdir(path):
             return fsdp.read_meta(path)["epoch"]
-        return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
+        return safefile.load_tensors(path)["epoch"]
 
     def write_failure(self, failure: dict[str, Any]) -> None:
         if self.is_main:
-            with open(os.path.join(self.path, "failure.json"), "w") as f:
-                json.dump(failure, f, indent=2)
+            path = os.path.join(self.path, "failure.json")
+            try:
+                safefile.write_text(path, json.dumps(failure, indent=2))
+            except OSError as e:
+                raise RunDirError(write_failed(path, e)) from None
 
     def close(self) -> None:
         """Close TensorBoard and release the lock (also done by the kernel if the process dies)."""
@@ -424,11 +571,19 @@ def _tensorboard(out: str):
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard not installed
         return None
-    return SummaryWriter(os.path.join(out, "tensorboard"))
+    path = os.path.join(out, "tensorboard")
+    try:
+        return SummaryWriter(path)
+    except OSError as e:
+        raise RunDirError(write_failed(path, e)) from None
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain values (what ``weights_only`` loading accepts)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
     if device.type == "cuda":
         st["cuda"] = torch.cuda.get_rng_state(device)
     return st
@@ -436,10 +591,54 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
 
 def _set_rng(st: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    n = st["numpy"]
+    if isinstance(n, dict):
+        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.set_state(n)  # a tuple with a NumPy array: checkpoints of earlier versions
     random.setstate(st["python"])
     if device.type == "cuda" and "cuda" in st:
         torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def _check_state(state: Any, want: tuple[str, ...]) -> None:
+    """``ValueError`` unless ``state`` has the keys and plain types of a checkpoint of ours."""
+    missing = [k for k in want if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"not a largebatch checkpoint (no {', '.join(missing)})")
+    safefile.check_size(state, 1_000_000, "the file")  # pickle's memo can alias a list 10^9 times
+    ok = (isinstance(state["epoch"], int) and isinstance(state["global_step"], int) and state["epoch"] >= 0
+          and isinstance(state["config"], dict) and isinstance(state["rng"], dict)
+          and isinstance(state["history"], list) and all(isinstance(r, dict) for r in state["history"]))
+    if not ok:
+        raise ValueError("not a largebatch checkpoint (epoch, global_step, config, rng or history of another type)")
+
+
+def _check_groups(built: list[dict[str, Any]], loaded: list[dict[str, Any]]) -> None:
+    """A loaded hyper-parameter that is a number in the optimizer as built must be a finite number
+    (a checkpoint's ``lr: "0.1"`` or NaN would fail, or silently spoil, the first step)."""
+    def real(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for i, (b, g) in enumerate(zip(built, loaded)):
+        for k, v in b.items():
+            if real(v) and not (real(g.get(k)) and math.isfinite(g[k])):
+                raise ValueError(f"optimizer param_groups[{i}][{k!r}] is {g.get(k)!r}, not a finite number")
+
+
+def header_of(path: str) -> list[str] | None:
+    """The column names of a table file (the CSV header, the first JSON row's keys), or ``None``."""
+    try:
+        with open(path, newline="") as f:
+            line = f.readline(4096)
+    except (OSError, UnicodeDecodeError):
+        return None
+    if path.endswith(".jsonl"):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return None
+        return list(row) if isinstance(row, dict) else None
+    return next(csv.reader([line]), None)
 
 
 def first_line(e: BaseException, limit: int = 160) -> str:
