@@ -191,6 +191,30 @@ def _fits(p: Tensor, g: Tensor, st: dict[str, Tensor]) -> bool:
     return g.stride() == s and all(v.dim() == 0 or v.stride() == s for v in st.values())
 
 
+#: 0-d state the kernel reads as an int64 counter (``Args::count``)
+_COUNTERS = ("step",)
+
+
+def _check_meta(opt, p: Tensor, g: Tensor, st: dict[str, Tensor]) -> None:
+    """Refuse, before the kernel reads raw memory, a gradient or state tensor that does not
+    match its parameter (metadata only: no read of a value, no sync): full-size state and the
+    gradient have the parameter's shape, dtype and device; counters are one-element int64
+    tensors. A state of another shape would make the kernel read and write out of bounds."""
+    for k, v in (("grad", g), *st.items()):
+        if isinstance(v, Tensor) and v.dim() == 0 and k != "grad":
+            ok = v.device == p.device and (k not in _COUNTERS or v.dtype == torch.int64)
+            want = "a 0-d int64 tensor" if k in _COUNTERS else "a 0-d tensor"
+        else:
+            ok = isinstance(v, Tensor) and v.shape == p.shape and v.dtype == p.dtype and v.device == p.device
+            want = f"a {p.dtype} tensor of shape {tuple(p.shape)} on {p.device}"
+        if not ok:
+            got = (f"a {v.dtype} tensor of shape {tuple(v.shape)} on {v.device}" if isinstance(v, Tensor)
+                   else f"a {type(v).__name__}")
+            index = next((j for j, q in enumerate(q for grp in opt.param_groups for q in grp["params"]) if q is p), "?")
+            raise ValueError(f"{type(opt).__name__}: parameter {index}: {'its gradient' if k == 'grad' else f'state {k!r}'} "
+                             f"is {got}, expected {want} (was the state loaded from another model or changed by hand?)")
+
+
 MODE_FULL, MODE_SUMS, MODE_GIVEN = 0, 1, 2   # _native.cpp, struct Args::mode
 
 
@@ -205,6 +229,8 @@ def _split(opt, params, grads, states):
     # takes foreach; a large one runs every bucket here, its biases and norm layers too
     if sum(p.numel() for g in opt.param_groups for p in g["params"]) < _compiled.MIN_TOTAL:
         return None, [], list(range(n))
+    for i in range(n):
+        _check_meta(opt, params[i], grads[i], states[i])
     idx = [i for i in range(n) if _fits(params[i], grads[i], states[i])]
     lib = _lib() if idx else None
     if idx and lib is None:

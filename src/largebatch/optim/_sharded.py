@@ -120,7 +120,7 @@ def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]], amp=None) -> 
     object); returns each bucket's ``fin`` (gradient finite, per tensor). ``amp``: the
     GradScaler's inputs (``_engine._AmpInputs``) or ``None``."""
     from ._compiled import Compiled
-    from ._engine import _Counters, _working_tensors
+    from ._engine import _Counters, _working_tensors, maximized
     from ._native import Native
 
     DT = dtensor_type()
@@ -131,7 +131,7 @@ def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]], amp=None) -> 
                   for st in opt._states(group, params)]
         work, grads, states, targets = _working_tensors(
             [p.to_local() for p in params], [_local_grad(p, DT) for p in params], states)
-        scale = amp.scale(work[0]) if amp is not None else None
+        scale = maximized(group, amp.scale(work[0]) if amp is not None else None, work[0])
         if scale is not None and P is not Compiled and P is not Native:  # eager: unscale once for both phases
             grads, scale = list(torch._foreach_div(grads, scale)), None
         if P is Compiled or P is Native:  # kernels: the scale is an input of both phases

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..persample import PerSampleGradNorms, PerSampleStats
-from ._engine import compute_dtype
+from ._engine import _state_like, compute_dtype
 from .lars import _TrustMomentum
 
 __all__ = ["CLARS"]
@@ -94,13 +94,16 @@ class CLARS(_TrustMomentum):
                  weight_decay: float = 0.0, eps: float = 0.0, adapt: bool = True, *,
                  model: nn.Module | None = None, persample_subset: int | None = None,
                  loss_reduction: str = "mean", loss_scale: float | Tensor = 1.0,
-                 unscale_persample: bool = False, path: str | None = None):
+                 unscale_persample: bool = True, path: str | None = None, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False):
         defaults = dict(lr=lr, momentum=momentum, eta=eta, weight_decay=weight_decay, eps=eps, adapt=adapt)
-        super().__init__(params, defaults, path=path)
+        super().__init__(params, defaults, path=path, maximize=maximize, foreach=foreach,
+                         differentiable=differentiable)
         self.unscale_persample = unscale_persample
         self.persample: PerSampleGradNorms | None = None
         self.last_persample: PerSampleStats | None = None
         self._n_k: dict[Tensor, Tensor] = {}  # this step's n_k per adapted tensor, set by step()
+        self._attached: tuple[nn.Module, dict[str, Any]] | None = None
         if model is not None:
             self.attach(model, persample_subset=persample_subset, loss_reduction=loss_reduction,
                         loss_scale=loss_scale)
@@ -117,6 +120,7 @@ class CLARS(_TrustMomentum):
         if self.persample is not None:
             self.persample.remove()
             self.persample = None
+        self._attached = None
         if isinstance(model, PerSampleGradNorms):
             if tracker_kwargs:
                 raise ValueError("attach(tracker) takes no keyword arguments")
@@ -126,7 +130,23 @@ class CLARS(_TrustMomentum):
             if not adapted:
                 raise ValueError("CLARS has no adapted parameter to measure (every group has adapt=False)")
             self.persample = PerSampleGradNorms(model, params=adapted, **tracker_kwargs)
+            self._attached = (model, tracker_kwargs)
         return self.persample
+
+    def _group_added(self, group):
+        """A group added after construction (``add_param_group``): its adapted tensors need
+        per-sample statistics, so a tracker this optimizer built is rebuilt over all adapted
+        tensors (statistics measured since the last step are dropped: add groups between steps)."""
+        attached = getattr(self, "_attached", None)
+        if not group["adapt"] or getattr(self, "persample", None) is None:
+            return
+        if attached is None:
+            raise ValueError("CLARS.add_param_group with adapted tensors: the attached tracker was built outside "
+                             "this optimizer and cannot measure them; attach a tracker over all adapted tensors "
+                             "(opt.attach(...)) or add the group with adapt=False")
+        model, kwargs = attached
+        kwargs = {**kwargs, "loss_scale": self.persample.loss_scale}
+        self.attach(model, **kwargs)
 
     def detach(self) -> None:
         """Remove the hooks (``step()`` then raises until :meth:`attach` is called again)."""
@@ -145,7 +165,7 @@ class CLARS(_TrustMomentum):
             stats = self._unscaled(stats)
         pos = stats.index()
         n_k = stats.mean_norm()
-        inputs, missing = {}, []
+        inputs, missing, missing_params = {}, [], []
         for g in self.param_groups:
             if not g["adapt"]:
                 continue
@@ -154,9 +174,12 @@ class CLARS(_TrustMomentum):
                     continue
                 j = pos.get(id(p))
                 if j is None or stats.local_count[j] == 0:
+                    missing_params.append(p)
                     missing.append(stats.names[j] if j is not None else f"{g.get('name', 'group')} {tuple(p.shape)}")
                 else:
                     inputs[p] = n_k[j].to(compute_dtype(p.dtype))  # SPEC "Precision"
+        if missing and all(float(g["lr"]) == 0 for g in self.param_groups if g["adapt"]):
+            return self._step_without_statistics(missing_params, loss)   # (a read on the error path only)
         if missing:
             raise RuntimeError(
                 f"CLARS step without per-sample statistics for {len(missing)} adapted tensor(s) "
@@ -168,6 +191,28 @@ class CLARS(_TrustMomentum):
             super().step()
         finally:
             self._n_k = {}
+        return loss
+
+    def _step_without_statistics(self, params: list[Tensor], loss):
+        """A step at ``lr = 0`` with gradients but without per-sample statistics for some
+        adapted tensors (``torch.distributed.checkpoint``'s initialisation sets zero gradients
+        and ``lr = 0`` and calls ``step()`` with no backward): no ``n_k`` exists, and at
+        ``lr = 0`` CLARS moves nothing whatever ``n_k`` is, so these tensors only get their
+        state created (as a step creates it) and the rest takes its step. At ``lr > 0`` a step
+        without statistics raises (docs/clars.md)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if any(p is q for q in params) and not self.state[p]:
+                    self.state[p].update(self._init_state(_state_like(p), group))
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            self.last_persample = None
+            super().step()
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
         return loss
 
     def _unscaled(self, stats: PerSampleStats) -> PerSampleStats:

@@ -45,10 +45,12 @@ class LALC(LayerwiseOptimizer):
 
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 0.01, dampening: float = 0.0,
                  nesterov: bool = False, eps: float = 1e-8, weight_decay: float = 0.0, adapt: bool = True,
-                 path: str | None = None):
+                 path: str | None = None, *, maximize: bool = False, foreach: bool | None = None,
+                 differentiable: bool = False):
         defaults = dict(lr=lr, momentum=momentum, eta=eta, dampening=dampening, nesterov=nesterov,
                         eps=eps, weight_decay=weight_decay, adapt=adapt)
-        super().__init__(params, defaults, path=path)
+        super().__init__(params, defaults, path=path, maximize=maximize, foreach=foreach,
+                         differentiable=differentiable)
 
     @classmethod
     def _check_hparams(cls, g):

@@ -46,9 +46,11 @@ class LAMB(LayerwiseOptimizer):
 
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, max_trust: float | None = None, adapt: bool = True,
-                 path: str | None = None):
+                 path: str | None = None, *, maximize: bool = False, foreach: bool | None = None,
+                 differentiable: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_trust=max_trust, adapt=adapt)
-        super().__init__(params, defaults, path=path)
+        super().__init__(params, defaults, path=path, maximize=maximize, foreach=foreach,
+                         differentiable=differentiable)
 
     @classmethod
     def _check_hparams(cls, g):

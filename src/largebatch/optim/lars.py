@@ -107,7 +107,9 @@ class LARS(_TrustMomentum):
 
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 1e-3,
                  weight_decay: float = 0.0, nesterov: bool = False, eps: float = 0.0,
-                 trust_clip: bool = False, adapt: bool = True, path: str | None = None):
+                 trust_clip: bool = False, adapt: bool = True, path: str | None = None, *,
+                 maximize: bool = False, foreach: bool | None = None, differentiable: bool = False):
         defaults = dict(lr=lr, momentum=momentum, eta=eta, weight_decay=weight_decay,
                         nesterov=nesterov, eps=eps, trust_clip=trust_clip, adapt=adapt)
-        super().__init__(params, defaults, path=path)
+        super().__init__(params, defaults, path=path, maximize=maximize, foreach=foreach,
+                         differentiable=differentiable)

@@ -58,10 +58,12 @@ class TVLARS(_TrustMomentum):
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 1e-3,
                  lam: float = 1e-4, alpha: float = 1.0, delay: float = 0, gamma_min: float = 0.0,
                  weight_decay: float = 0.0, eps: float = 0.0, adapt: bool = True,
-                 path: str | None = None):
+                 path: str | None = None, *, maximize: bool = False, foreach: bool | None = None,
+                 differentiable: bool = False):
         defaults = dict(lr=lr, momentum=momentum, eta=eta, lam=lam, alpha=alpha, delay=delay,
                         gamma_min=gamma_min, weight_decay=weight_decay, eps=eps, adapt=adapt)
-        super().__init__(params, defaults, path=path)
+        super().__init__(params, defaults, path=path, maximize=maximize, foreach=foreach,
+                         differentiable=differentiable)
 
     @classmethod
     def _check_hparams(cls, g):
