@@ -210,6 +210,7 @@ BAD = [
     (LAMB, dict(lr=0.1, betas=(1.0, 0.999)), r"betas\[0\]"),
     (LAMB, dict(lr=0.1, betas=(0.9, -0.1)), r"betas\[1\]"),
     (LAMB, dict(lr=0.1, max_trust=0.0), "max_trust"),
+    (LAMB, dict(lr=0.1, eps=0.0), r"eps.*> 0 \(eps = 0 divides 0 by 0"),
     (TVLARS, dict(lr=0.1, lam=-1e-4), "lam"),
     (TVLARS, dict(lr=0.1, alpha=-1.0), "alpha"),
     (TVLARS, dict(lr=0.1, delay=-1), "delay"),
@@ -356,3 +357,17 @@ def test_load_state_dict_refuses_another_class_and_bad_groups():
         sd["param_groups"][0][key] = bad
         with pytest.raises(ValueError, match=rf"{key}.*loaded param group 0"):
             opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("path", ["per_tensor", "foreach", "native"])
+def test_lamb_with_exact_zero_gradients_stays_finite(path, kernel_sized):
+    """LAMB's ``r = m_hat / (sqrt(v_hat) + eps)`` is 0/0 where an element's gradients were all
+    exactly 0 if ``eps = 0`` (refused above); the smallest accepted eps gives finite weights."""
+    w = nn.Parameter(torch.randn(64, 32))
+    opt = LAMB([w], lr=0.1, eps=1e-30, path=path)
+    for _ in range(3):
+        g = torch.randn(64, 32)
+        g[:, :4] = 0.0      # dead units
+        w.grad = g
+        opt.step()
+        assert torch.isfinite(w).all() and not bool(opt.found_inf)

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .._validation import check, check_nonneg, check_unit, is_real
+from .._validation import check, check_unit, is_real
 from ._engine import LayerwiseOptimizer, select, zero_norm_safe_ratio
 
 __all__ = ["LAMB"]
@@ -31,7 +31,8 @@ class LAMB(LayerwiseOptimizer):
     Args:
         lr: learning rate ``lr_t``.
         betas: ``(b1, b2)``, each in [0, 1) (default (0.9, 0.999)).
-        eps: added to ``sqrt(v_hat)`` (default 1e-6).
+        eps: added to ``sqrt(v_hat)`` (default 1e-6), > 0: with ``eps = 0`` an element whose
+            gradients were all exactly 0 would give ``0 / 0`` (docs/algorithms.md, section 3).
         weight_decay: coupled decay added to the Adam direction ``r`` (default 0).
         max_trust: clip the trust ratio to ``[0, max_trust]`` (default None: no clip;
             ``max_trust=1`` is LAMBC).
@@ -58,7 +59,9 @@ class LAMB(LayerwiseOptimizer):
         check("betas", betas, isinstance(betas, (tuple, list)) and len(betas) == 2, "a pair (b1, b2)")
         check_unit("betas[0]", betas[0])
         check_unit("betas[1]", betas[1])
-        check_nonneg("eps", g["eps"])
+        eps = g["eps"]   # r = m_hat / (sqrt(v_hat) + eps): 0/0 where g has exact zeros if eps = 0
+        check("eps", eps, is_real(eps) and eps > 0, "a finite number > 0 (eps = 0 divides 0 by 0 where the "
+              "gradient has exact zeros; docs/algorithms.md, section 3)")
         mt = g["max_trust"]
         check("max_trust", mt, mt is None or (is_real(mt) and mt > 0), "None or a number > 0")
 
