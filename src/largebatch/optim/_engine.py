@@ -70,6 +70,7 @@ _PATH_IMPL = {"per_tensor": PerTensor, "foreach": Foreach, "compiled": _compiled
 #: parameter dtypes the optimizers accept (docs/algorithms.md, "Precision")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 _HALF = (torch.float16, torch.bfloat16)
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -81,7 +82,8 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype ``_update`` computes in for a parameter of ``dtype``: float32 for float16 /
     bfloat16, the real dtype of ``view_as_real`` for complex, the parameter's own otherwise."""
-    return state_dtype(dtype).to_real()
+    d = state_dtype(dtype)
+    return _REAL.get(d, d)   # a lookup, not dtype.to_real(): dynamo (fullgraph) cannot trace that
 
 
 def select(mask: Tensor, a: Tensor | float, b: Tensor | float, like: Tensor) -> Tensor:
@@ -326,7 +328,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             out = hook(self, state_dict)
             if out is not None:
                 state_dict = out
-        state_dict = self._checked_state_dict(state_dict)
+        state_dict, originals = self._checked_state_dict(state_dict)
         pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
         try:
@@ -337,14 +339,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             for k, v in _LATER_GROUP_KEYS.items():
                 group.setdefault(k, v)
             for p in group["params"]:
-                st = self.state.get(p)
-                if not st:
+                st, saved = self.state.get(p), originals.get(p)
+                if not st or saved is None:
                     continue
                 want = self._init_state(_state_like(p, empty=True), group)
-                for k, v in list(st.items()):
-                    if isinstance(v, Tensor) and k in want:
-                        v = v.to(device=p.device, dtype=want[k].dtype)
-                        st[k] = v.reshape(()) if want[k].dim() == 0 else v
+                for k, ref in want.items():   # from the saved value: torch.optim cast it to p's dtype
+                    v = saved[k].to(device=p.device, dtype=ref.dtype)
+                    st[k] = v.reshape(()) if ref.dim() == 0 else v.clone() if v is saved[k] else v
         for hook in post.values():
             hook(self)
 
@@ -375,6 +376,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             for key, p in zip(saved["params"], group["params"]):
                 owner[key] = (p, merged, i)
         state = dict(state_dict["state"])
+        originals: dict[Tensor, dict[str, Tensor]] = {}
         for key, st in state_dict["state"].items():
             if key not in owner or not st:
                 continue
@@ -403,7 +405,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                                      f"{'complex' if p.is_complex() else 'floating'} tensor of the parameter's "
                                      f"shape {tuple(p.shape)}")
             state[key] = st
-        return {**state_dict, "state": state}
+            originals[p] = st
+        return {**state_dict, "state": state}, originals
 
     # ------------------------------------------------------------------ algorithm hooks
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
@@ -577,10 +580,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return fin, trust, lr, w_norm, g_norm
 
     # ------------------------------------------------------------------ sharded parameters
-    def _local_sq(self, group, w, g, st, P, scale: Tensor | None = None) -> Tensor:
-        """Local sums of squares (float64, ``[..., k]``) of what the step takes norms of:
-        ``w`` (adapted groups), ``g`` (divided by ``scale`` when given), then
-        :meth:`_norm_operands`. Writes nothing."""
+    def _local_norms(self, group, w, g, st, P, scale: Tensor | None = None) -> Tensor:
+        """Local norms (``[..., k]``, in the compute dtype; ``P.norm``: free of overflow and
+        underflow) of what the step takes norms of: ``w`` (adapted groups), ``g`` (divided by
+        ``scale`` when given), then :meth:`_norm_operands`. Writes nothing."""
         if scale is not None:
             g = g.div(scale)
         xs = [w] if group["adapt"] else []
@@ -588,11 +591,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if self._n_norm_operands(group):
             dtype = (w.ts[0] if isinstance(w, TensorList) else w).dtype
             xs += self._norm_operands(group, w, g, st, P, dtype)
-        return torch.stack([P.sqnorm(x) for x in xs], dim=-1)
+        return torch.stack([P.norm(x) for x in xs], dim=-1)
 
     def _given_update(self, group, w, g, st, norms, P, scale: Tensor | None = None, ok: Tensor | None = None):
-        """:meth:`_masked_update` with the norms given (``[..., k]`` as :meth:`_local_sq`,
-        already reduced over the shards and in the compute dtype): ``_update`` reads the
+        """:meth:`_masked_update` with the norms given (``[..., k]`` as :meth:`_local_norms`,
+        already reduced over the shards and in the compute dtype; see :meth:`_local_norms`): ``_update`` reads the
         norms of its :meth:`_norm_operands` through ``P.norm`` (a :class:`Replay`)."""
         if scale is not None:
             g = g.div(scale)

@@ -35,7 +35,7 @@ Intel Xeon; memory traffic is what every CPU shares). Measured: docs/performance
 * No compiler, or ``LARGEBATCH_NO_COMPILE=1`` / ``LARGEBATCH_NO_NATIVE=1``: the ``compiled``
   path (which falls back to ``foreach``); a failed build warns once.
 * Sharded (DTensor) parameters (``_sharded.py``): the kernel's pass 1 alone gives the local
-  sums of squares (:meth:`Native.local_sq`); after the step's one all-reduce, the kernel
+  norms (:meth:`Native.local_norms`); after the step's one all-reduce, the kernel
   without pass 1 applies the update with the reduced norms (:meth:`Native.run_given`).
 """
 
@@ -157,7 +157,7 @@ def _lib():
                     if not os.path.exists(path):
                         _build(path)
             lib = ctypes.CDLL(path)
-            if lib.largebatch_native_abi() != 3:
+            if lib.largebatch_native_abi() != 4:
                 raise OSError(f"{path}: unexpected ABI version")
             lib.largebatch_native_block.restype = ctypes.c_int64
             global BLOCK
@@ -255,7 +255,7 @@ def _merge(n, idx, cols, rest, rest_cols):
 
 class Native:
     """Engine path object (``P``) for ``"native"``: :meth:`run` replaces the engine's loop
-    (:meth:`local_sq` and :meth:`run_given` for sharded parameters, ``_sharded.py``)."""
+    (:meth:`local_norms` and :meth:`run_given` for sharded parameters, ``_sharded.py``)."""
 
     @staticmethod
     def run(opt, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
@@ -275,19 +275,19 @@ class Native:
         return _merge(len(params), idx, cols, rest, rest_cols)
 
     @staticmethod
-    def local_sq(opt, group, params, grads, states, scale: Tensor | None = None) -> Tensor:
-        """``LayerwiseOptimizer._local_sq`` of every tensor, ``[n, k]`` float64 (writes nothing):
-        the kernel's pass 1 alone."""
+    def local_norms(opt, group, params, grads, states, scale: Tensor | None = None) -> Tensor:
+        """``LayerwiseOptimizer._local_norms`` of every tensor, ``[n, k]`` float64 (writes
+        nothing): the kernel's pass 1 alone."""
         split = _split(opt, params, grads, states)
         if split is None:
-            return _compiled.Compiled.local_sq(opt, group, params, grads, states, scale)
+            return _compiled.Compiled.local_norms(opt, group, params, grads, states, scale)
         lib, idx, rest = split
         parts = []
         if idx:
-            sums = _call(lib, opt, group, *_sub(params, grads, states, idx), scale, None, mode=MODE_SUMS)
-            parts.append(sums[:, _columns(opt, group)])
+            got = _call(lib, opt, group, *_sub(params, grads, states, idx), scale, None, mode=MODE_SUMS)
+            parts.append(got[:, _columns(opt, group)])
         if rest:
-            parts.append(opt._local_sq(group, *_lists(params, grads, states, rest), Foreach, scale))
+            parts.append(opt._local_norms(group, *_lists(params, grads, states, rest), Foreach, scale).double())
         if not rest or not idx:
             return parts[0]
         out = torch.empty((len(params), parts[0].shape[1]), dtype=torch.float64)
@@ -305,10 +305,9 @@ class Native:
         lib, idx, rest = split
         cols = rest_cols = None
         if idx:
-            # the kernel takes sums of squares: in double, sqrt(x * x) == x for these norms
-            sq = torch.zeros((len(idx), 3), dtype=torch.float64)
-            sq[:, _columns(opt, group)] = norms[idx].double().square()
-            cols = _call(lib, opt, group, *_sub(params, grads, states, idx), scale, ok, mode=MODE_GIVEN, sums=sq)
+            given = torch.zeros((len(idx), 3), dtype=torch.float64)
+            given[:, _columns(opt, group)] = norms[idx].double()
+            cols = _call(lib, opt, group, *_sub(params, grads, states, idx), scale, ok, mode=MODE_GIVEN, sums=given)
         if rest:
             rest_cols = opt._given_update(group, *_lists(params, grads, states, rest), norms[rest], Foreach,
                                           scale, ok)
@@ -320,7 +319,7 @@ def _sub(params, grads, states, idx):
 
 
 def _columns(opt, group) -> list[int]:
-    """Which of the kernel's sums (``||w||^2, ||g||^2, ||x||^2``) make up ``_local_sq``'s
+    """Which of the kernel's norms (``||w||, ||g||, ||x||``) make up ``_local_norms``'s
     columns: ``w`` for an adapted group, ``g``, then the norm operand (LALC's ``h``, LAMB's
     ``r``) where the class has one."""
     return ([0] if group["adapt"] else []) + [1] + ([2] if opt._n_norm_operands(group) else [])
@@ -328,8 +327,8 @@ def _columns(opt, group) -> list[int]:
 
 def _call(lib, opt, group, params, grads, states, scale, ok, mode: int = MODE_FULL, sums: Tensor | None = None):
     """One kernel call on tensors that all fit (:func:`_fits`): the step's output columns, or
-    for ``MODE_SUMS`` the sums of squares ``[n, 3]`` (``||w||^2, ||g||^2, ||x||^2``, float64);
-    ``MODE_GIVEN`` takes them from ``sums``."""
+    for ``MODE_SUMS`` the norms ``[n, 3]`` (``||w||, ||g||, ||x||``, float64); ``MODE_GIVEN``
+    takes them from ``sums``."""
     rule, dt = rule_of(type(opt)), params[0].dtype
     n = len(params)
     a = _Args()

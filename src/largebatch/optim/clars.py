@@ -62,10 +62,14 @@ class CLARS(_TrustMomentum):
         loss_scale: any further constant the loss was multiplied by, e.g. ``1/k`` for ``k``
             accumulated micro-batches (settable later as ``opt.persample.loss_scale``).
         unscale_persample: under ``torch.amp.GradScaler``, divide the per-sample norms by the
-            scaler's ``grad_scale`` inside the step, as the gradients are (default False;
-            settable later as ``opt.unscale_persample``). Then ``loss_scale`` leaves the
-            scaler's scale out (``1/k``, no ``scaler.get_scale()`` host sync). With False (the
-            tracker's contract) ``loss_scale`` includes the scaler's scale.
+            scaler's ``grad_scale`` inside the step, as the gradients are (default True;
+            settable later as ``opt.unscale_persample``): ``loss_scale`` then leaves the
+            scaler's scale out (``1/k``, no ``scaler.get_scale()`` host sync), and a scaler in a
+            loop that knows nothing of CLARS (Lightning's ``16-mixed``) needs no setting. With
+            False (the tracker's contract) ``loss_scale`` includes the scaler's scale: needed
+            where the scaler passes no scale (``scaler.unscale_(opt)``, ``amp_unscale_in_step
+            = False``).
+        maximize, foreach, differentiable: as ``torch.optim`` (see :class:`~largebatch.optim.LARS`).
         path: execution path, see :class:`~largebatch.optim._engine.LayerwiseOptimizer`.
 
     Only adapted tensors need ``n_k``, so only they are tracked (excluded tensors, by
@@ -84,6 +88,9 @@ class CLARS(_TrustMomentum):
     After an explicit ``scaler.unscale_(opt)`` (gradient clipping) the scaler passes no
     ``grad_scale``: the per-sample norms cannot be unscaled in the step, so there ``loss_scale``
     must include the scale and ``unscale_persample`` be False (``step()`` raises otherwise).
+    ``add_param_group`` rebuilds a tracker this optimizer built, over all adapted tensors. A
+    step at ``lr = 0`` without statistics (``torch.distributed.checkpoint``'s initialisation)
+    only creates state (docs/optimizers.md, "Checkpoints and copies").
     """
 
     _nesterov_only = True
@@ -127,9 +134,17 @@ class CLARS(_TrustMomentum):
             self.persample = model
         else:
             adapted = [p for g in self.param_groups if g["adapt"] for p in g["params"] if p.requires_grad]
-            if not adapted:
+            partitioned = _partitioned(self, model)
+            if not adapted and not partitioned:
                 raise ValueError("CLARS has no adapted parameter to measure (every group has adapt=False)")
-            self.persample = PerSampleGradNorms(model, params=adapted, **tracker_kwargs)
+            if partitioned:
+                # ZeroRedundancyOptimizer: each rank's CLARS holds a part of the model, but the
+                # statistics are all-reduced over the ranks, so every rank measures the same
+                # tensors: all trainable ones it has a rule for (the others get none)
+                tracker_kwargs = {"unsupported": "skip", **tracker_kwargs}
+                self.persample = PerSampleGradNorms(model, **tracker_kwargs)
+            else:
+                self.persample = PerSampleGradNorms(model, params=adapted, **tracker_kwargs)
             self._attached = (model, tracker_kwargs)
         return self.persample
 
@@ -249,3 +264,14 @@ class CLARS(_TrustMomentum):
 
     def _trust_norm(self, group, w, g_norm, st, P) -> Tensor:
         return P.stack(st["persample_norm"]).to(g_norm.dtype)
+
+
+def _partitioned(opt: CLARS, model: nn.Module) -> bool:
+    """Whether ``opt`` holds only part of ``model``'s trainable parameters in a multi-process run
+    (``ZeroRedundancyOptimizer`` gives each rank's optimizer one partition)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    mine = {id(p) for g in opt.param_groups for p in g["params"]}
+    return any(id(p) not in mine for p in model.parameters() if p.requires_grad)

@@ -98,6 +98,9 @@ class LARS(_TrustMomentum):
             (default False; not APEX LARC's ``min(trust, lr_t)``).
         adapt: apply the trust ratio to this group (default True).
         path: execution path, see :class:`~largebatch.optim._engine.LayerwiseOptimizer`.
+        maximize: ascend the objective (``torch.optim``'s switch; every optimizer here).
+        foreach: ``torch.optim``'s switch: True is ``path="foreach"``, False ``"per_tensor"``.
+        differentiable: only False (True is refused, saying why).
 
     State per tensor: ``velocity`` (``v``, with the learning rate inside).
     """
