@@ -648,6 +648,8 @@ class Compiled:
     """Engine path object (``P``) for ``"compiled"``: :meth:`run` replaces the engine's loop
     (:meth:`local_norms` and :meth:`run_given` for sharded parameters, ``_sharded.py``)."""
 
+    fuses_scale = True   # the scale is a kernel input of both sharded phases (_paths.PerTensor)
+
     @staticmethod
     def run(opt, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
             states: list[dict[str, Tensor]], scale: Tensor | None = None, ok: Tensor | None = None):

@@ -531,20 +531,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         scale, ok = amp.scale(work[0]) if amp else None, amp.ok(work[0].device) if amp else None
         scale = maximized(group, scale, work[0])
         counters = _Counters(states) if ok is not None else None
-        if P is _compiled.Compiled or P is _native.Native:
-            fin, trust, lr, wn, gn = P.run(self, group, work, grads, states, scale, ok)
-        elif P is Foreach:
-            w, g = TensorList(work), TensorList(grads)
-            st = {k: TensorList(s[k] for s in states) for k in states[0]}
-            fin, trust, lr, wn, gn = self._masked_update(group, w, g, st, P, scale, ok)
-        else:
-            rows = [
-                self._masked_update(group, w, g, st, P, scale, ok)
-                for w, g, st in zip(work, grads, states)
-            ]
-            fin, trust, lr, wn, gn = (
-                None if col[0] is None else torch.stack(col) for col in zip(*rows)
-            )
+        fin, trust, lr, wn, gn = P.run(self, group, work, grads, states, scale, ok)
         if counters is not None:
             counters.restore_unless(ok)
         if targets is not None:  # float16 / bfloat16: the float32 result, rounded

@@ -143,8 +143,36 @@ def norms(ts: list[Tensor]) -> Tensor:
     return torch.where(bad, _scaled_norms(ts), n)
 
 
+def _stacked(rows) -> tuple:
+    """Per-tensor output rows ``(fin, trust, lr, w_norm, g_norm)`` as columns (``None`` stays)."""
+    return tuple(None if col[0] is None else torch.stack(col) for col in zip(*rows))
+
+
 class PerTensor:
-    """Reference path: ``_update`` sees one tensor at a time; per-tensor scalars are 0-d."""
+    """Reference path: ``_update`` sees one tensor at a time; per-tensor scalars are 0-d.
+
+    Every path object offers the same three entry points, used by the engine and the sharded
+    flow alike: ``run`` (one step of a bucket; returns ``fin, trust, lr, w_norm, g_norm`` in
+    ``params`` order), ``local_norms`` (``[n, k]``, sharded parameters' phase 1) and
+    ``run_given`` (the step with the reduced norms). ``fuses_scale``: whether a GradScaler's
+    scale is applied inside both sharded phases (kernels) or divided out once beforehand."""
+
+    fuses_scale = False
+
+    @staticmethod
+    def run(opt, group, params, grads, states, scale=None, ok=None):
+        return _stacked([opt._masked_update(group, w, g, st, PerTensor, scale, ok)
+                         for w, g, st in zip(params, grads, states)])
+
+    @staticmethod
+    def local_norms(opt, group, params, grads, states, scale=None) -> Tensor:
+        return torch.stack([opt._local_norms(group, w, g, st, PerTensor, scale)
+                            for w, g, st in zip(params, grads, states)])
+
+    @staticmethod
+    def run_given(opt, group, params, grads, states, norms: Tensor, scale=None, ok=None):
+        return _stacked([opt._given_update(group, w, g, st, norms[i], PerTensor, scale, ok)
+                         for i, (w, g, st) in enumerate(zip(params, grads, states))])
 
     @staticmethod
     def norm(x: Tensor) -> Tensor:
@@ -164,9 +192,28 @@ class PerTensor:
 
 
 
+def _lists(params, grads, states):
+    return TensorList(params), TensorList(grads), {k: TensorList(s[k] for s in states) for k in states[0]}
+
+
 class Foreach:
     """Multi-tensor path: ``_update`` sees a :class:`TensorList`; per-tensor scalars are
-    1-D vectors while computed and a ``TensorList`` of 0-d tensors when applied."""
+    1-D vectors while computed and a ``TensorList`` of 0-d tensors when applied. Entry points
+    as :class:`PerTensor`'s."""
+
+    fuses_scale = False
+
+    @staticmethod
+    def run(opt, group, params, grads, states, scale=None, ok=None):
+        return opt._masked_update(group, *_lists(params, grads, states), Foreach, scale, ok)
+
+    @staticmethod
+    def local_norms(opt, group, params, grads, states, scale=None) -> Tensor:
+        return opt._local_norms(group, *_lists(params, grads, states), Foreach, scale)
+
+    @staticmethod
+    def run_given(opt, group, params, grads, states, norms: Tensor, scale=None, ok=None):
+        return opt._given_update(group, *_lists(params, grads, states), norms, Foreach, scale, ok)
 
     @staticmethod
     def norm(x: TensorList) -> Tensor:

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._paths import Foreach, PerTensor, TensorList
+from ._paths import PerTensor
 
 __all__ = ["dtensor_type", "run", "global_sq_norms"]
 
@@ -122,9 +122,7 @@ def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]], amp=None) -> 
     """One step for the DTensor buckets ``jobs`` (``(group, params, P)``, ``P`` the path
     object); returns each bucket's ``fin`` (gradient finite, per tensor). ``amp``: the
     GradScaler's inputs (``_engine._AmpInputs``) or ``None``."""
-    from ._compiled import Compiled
     from ._engine import _Counters, _working_tensors, maximized
-    from ._native import Native
 
     DT = dtensor_type()
     cache: dict = {}
@@ -135,16 +133,9 @@ def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]], amp=None) -> 
         work, grads, states, targets = _working_tensors(
             [p.to_local() for p in params], [_local_grad(p, DT) for p in params], states)
         scale = maximized(group, amp.scale(work[0]) if amp is not None else None, work[0])
-        if scale is not None and P is not Compiled and P is not Native:  # eager: unscale once for both phases
+        if scale is not None and not P.fuses_scale:  # eager: unscale once for both phases
             grads, scale = list(torch._foreach_div(grads, scale)), None
-        if P is Compiled or P is Native:  # kernels: the scale is an input of both phases
-            local = P.local_norms(opt, group, work, grads, states, scale)
-        elif P is Foreach:
-            local = opt._local_norms(group, TensorList(work), TensorList(grads),
-                                     {k: TensorList(s[k] for s in states) for k in states[0]}, Foreach)
-        else:
-            local = torch.stack([opt._local_norms(group, w, g, st, PerTensor)
-                                 for w, g, st in zip(work, grads, states)])
+        local = P.local_norms(opt, group, work, grads, states, scale)
         prepared.append((group, params, P, work, grads, states, targets, local.shape, scale))
         sqs.append(_bands(local, work[0].dtype))
 
@@ -166,16 +157,7 @@ def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]], amp=None) -> 
         nrm = nrm.reshape(shape).to(work[0].dtype)  # the compute dtype
         ok = amp.ok(nrm.device) if amp is not None else None
         counters = _Counters(states) if ok is not None else None
-        if P is Compiled or P is Native:
-            cols = P.run_given(opt, group, work, grads, states, nrm, scale, ok)
-        elif P is Foreach:
-            cols = opt._given_update(group, TensorList(work), TensorList(grads),
-                                     {k: TensorList(s[k] for s in states) for k in states[0]}, nrm, Foreach,
-                                     None, ok)
-        else:
-            rows = [opt._given_update(group, w, g, st, nrm[i], PerTensor, None, ok)
-                    for i, (w, g, st) in enumerate(zip(work, grads, states))]
-            cols = tuple(None if col[0] is None else torch.stack(col) for col in zip(*rows))
+        cols = P.run_given(opt, group, work, grads, states, nrm, scale, ok)
         if counters is not None:
             counters.restore_unless(ok)
         fin, trust, lr, wn, gn = cols
