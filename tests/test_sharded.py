@@ -312,14 +312,20 @@ EXTREME = [(torch.float32, 1.0), (torch.float32, 1e20), (torch.float32, 1e-30), 
 
 
 def _model3(dtype):
+    """No convolution bias: before a BatchNorm its true gradient is 0 and what backward gives is
+    rounding noise, which depends on the order of the sums (one process vs. the ranks' halves);
+    LAMB's Adam direction and LARS's trust ratio normalize that noise into steps of normal
+    size, so in float32 those steps differ from one process by 1e-3 relative on every path
+    (measured: 4e-3 to 1e-2 on the bias alone), whatever the optimizer does with the norms."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 7),
+    return nn.Sequential(nn.Conv2d(3, 5, 3, bias=False), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 7),
                          nn.ReLU(), nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 1)).to(dtype)
 
 
 def _run3(name, path, dtype, factor, rank=0, world=1, mesh=None):
     """3 steps on the batch halves (one process: both halves as two forwards), gradients
-    multiplied by ``factor``; returns the full weights and found_inf per step."""
+    multiplied by ``factor`` (then 1 step: the excluded tensors take plain steps of that size,
+    after which the model itself overflows); returns the full weights and found_inf per step."""
     model = _model3(dtype)
     if mesh is not None:
         from torch.distributed.fsdp import fully_shard
@@ -328,7 +334,7 @@ def _run3(name, path, dtype, factor, rank=0, world=1, mesh=None):
         fully_shard(model, mesh=mesh)
     opt = _optimizer(name, model, path)
     found = []
-    for t in range(3):
+    for t in range(3 if factor == 1 else 1):
         x, y = (v.to(dtype) for v in _batch("fsdp", t))
         opt.zero_grad()
         h = B // 2
@@ -375,10 +381,10 @@ def test_float32_and_extreme_magnitudes_equal_one_process(extreme_ranks, name, p
     if key not in extreme_ranks[0]:
         pytest.skip("compiled: LARS and LAMB cover the kernels at extreme magnitudes (compiles cost seconds)")
     ref, found = _run3(name, "per_tensor", dtype, factor)
-    assert found == [False] * 3
+    assert not any(found)
     tol = dict(rtol=1e-10, atol=0) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
     for r, res in enumerate(extreme_ranks):
         got, found = res[key]
-        assert found == [False] * 3, f"rank {r}"
+        assert not any(found), f"rank {r}"
         for k, w in ref.items():
             torch.testing.assert_close(got[k], w, **tol, msg=lambda m: f"rank {r} {k}: {m}")
