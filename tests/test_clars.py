@@ -351,7 +351,8 @@ def test_skipped_step_drops_its_persample_statistics(flow):
     a = Net()
     b = copy.deepcopy(a)
     data = batches(3, 8, seed=4)
-    opt = CLARS(param_groups(a, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=a)
+    # loss_scale includes the scaler's scale below (the tracker's contract): unscale_persample=False
+    opt = CLARS(param_groups(a, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=a, unscale_persample=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if flow == "grad_scaler" else None
     counts = []
     for t, (x, y) in enumerate(data):

@@ -180,8 +180,10 @@ def test_a_group_of_another_class_is_refused_before_anything_is_loaded(name):
     """An empty state (the other optimizer never stepped) whose groups lack this class's
     hyper-parameters: refused at load time, not with a KeyError at the next step."""
     model, opt = setup(name, 0, "foreach")
+    never_stepped = "LAMB" if name != "LAMB" else "LARS"   # e.g. a LAMB that never stepped into LARS
     for other in (torch.optim.SGD(param_groups(model), lr=0.1),
-                  torch.optim.Adam(param_groups(model), lr=0.1)):
+                  torch.optim.Adam(param_groups(model), lr=0.1),
+                  make_generic(never_stepped, param_groups(model), model)):
         before = copy.deepcopy(opt.param_groups[0])
         with pytest.raises(ValueError, match="lacks .* another optimizer class"):
             opt.load_state_dict(other.state_dict())
