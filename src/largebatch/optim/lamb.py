@@ -77,30 +77,41 @@ class LAMB(LayerwiseOptimizer):
     def _norm_operands(self, group, w, g, st, P, dtype):
         # r of _update below for a finite g, out of place (sharded parameters: ||r|| is reduced
         # with ||w|| and ||g|| in the step's one collective, before the update)
-        (b1, b2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
+        (b1, b2) = group["betas"]
         m = st["exp_avg"].mul(b1).add_(g, alpha=1 - b1)
         v = st["exp_avg_sq"].mul(b2).addcmul_(g, g, value=1 - b2)
-        t = (P.stack(st["step"]) + 1).to(dtype)
-        bc1, bc2 = (-torch.expm1(t * _log(b)) for b in (b1, b2))
-        r = v.sqrt_().mul_(P.coef(torch.rsqrt(bc2))).add_(eps)
+        return [self._direction(group, w, m, v.sqrt_(), self._count(st, P, dtype, pending=True), P)]
+
+    @staticmethod
+    def _count(st, P, dtype, pending: bool):
+        """``n``, the update number of the bias corrections: ``step + 1`` while this step's
+        update is still to be counted (``pending``), else ``step``; at least 1 (a tensor never
+        updated has ``m = v = 0``)."""
+        n = P.stack(st["step"])
+        return (n + 1 if pending else n.clamp(min=1)).to(dtype)
+
+    @staticmethod
+    def _direction(group, w, m, sqrt_v, n, P):
+        """``r = (m / (1 - b1^n)) / (sqrt(v) / sqrt(1 - b2^n) + eps) + wd * w`` (docs/algorithms.md,
+        section 3), written into ``sqrt_v`` (a temporary); ``1 - b^n = -expm1(n log b)``, without
+        cancellation. The one spelling of LAMB's direction: the update and the sharded norms."""
+        (b1, b2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
+        bc1, bc2 = (-torch.expm1(n * _log(b)) for b in (b1, b2))
+        r = sqrt_v.mul_(P.coef(torch.rsqrt(bc2))).add_(eps)
         r.reciprocal_().mul_(m).mul_(P.coef(1 / bc1))
         if wd != 0:
             r.add_(w, alpha=wd)
-        return [r]
+        return r
 
     def _update(self, group, w, g, st, w_norm, g_norm, fin, P):
-        (b1, b2), eps, wd, lr = group["betas"], group["eps"], group["weight_decay"], group["lr"]
+        (b1, b2), lr = group["betas"], group["lr"]
         m, v = st["exp_avg"], st["exp_avg_sq"]
         # g is zero where the gradient is non-finite: only the decays need masking.
         m.mul_(P.coef(select(fin, b1, 1.0, g_norm))).add_(g, alpha=1 - b1)
         v.mul_(P.coef(select(fin, b2, 1.0, g_norm))).addcmul_(g, g, value=1 - b2)
         st["step"].add_(P.coef(fin.to(torch.int64)))
-        t = P.stack(st["step"]).clamp(min=1).to(g_norm.dtype)  # a never-updated tensor has m = v = 0
-        bc1, bc2 = (-torch.expm1(t * _log(b)) for b in (b1, b2))  # 1 - b^t without cancellation
-        r = v.sqrt().mul_(P.coef(torch.rsqrt(bc2))).add_(eps)   # the one full-size temporary
-        r.reciprocal_().mul_(m).mul_(P.coef(1 / bc1))
-        if wd != 0:
-            r.add_(w, alpha=wd)
+        # the one full-size temporary: sqrt(v), turned into r in place
+        r = self._direction(group, w, m, v.sqrt(), self._count(st, P, g_norm.dtype, pending=False), P)
         if group["adapt"]:
             trust = zero_norm_safe_ratio(w_norm, P.norm(r))
             if group["max_trust"] is not None:
