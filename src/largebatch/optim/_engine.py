@@ -448,6 +448,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         ``_update`` runs (``_sharded.py``); ``dtype`` is the compute dtype."""
         return []
 
+    def _native_spec(self, group: dict[str, Any], states: list[dict[str, Tensor]], dtype: torch.dtype):
+        """For a class that declares ``_native_rule``: the kernel's arguments for one bucket
+        (``_native.NativeSpec``: the rule's hyper-parameters, per-tensor inputs, the state keys
+        it reads), declared once by the class that owns the rule (``_native.py`` sets only what
+        every rule shares: ``lr``, ``weight_decay``, ``eps``, ``adapt``, the tensors)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no native arguments")
+
     def lr_multiplier(self, group: dict[str, Any], t: int) -> float:
         """The factor this optimizer applies to ``group["lr"]`` at optimizer step ``t``,
         before any trust ratio: 1 here; TVLARS: ``phi(t)``. For logs and plots."""

@@ -24,8 +24,10 @@ Intel Xeon; memory traffic is what every CPU shares). Measured: docs/performance
   ``tests/test_fast_paths.py``).
 * The rule is the one of the class that declares ``_native_rule`` in its own body
   (``"lars"``, ``"lalc"``, ``"lamb"``): a subclass, which may change ``_update``, does not
-  inherit it and takes the ``compiled`` path. Per-step inputs come through the class's own
-  hooks: ``_lr_factor`` (TVLARS's ``phi(t)``) and ``_trust_norm`` (CLARS's ``n_k``).
+  inherit it and takes the ``compiled`` path. The class declares its kernel arguments once,
+  in ``_native_spec`` (a :class:`NativeSpec`: its hyper-parameters, per-tensor inputs such as
+  TVLARS's ``phi(t)`` and CLARS's ``n_k``, the state keys the kernel reads, and what follows
+  the kernel, TVLARS's step counter); this module only moves them into ``struct Args``.
 * Tensors that are not dense (contiguous or channels-last) with their gradient and state in
   the same layout take the ``foreach`` path in one batch. An optimizer whose parameters hold
   fewer than ``_compiled.MIN_TOTAL`` elements in all takes ``foreach`` (small models never
@@ -45,7 +47,6 @@ import ctypes
 import functools
 import hashlib
 import itertools
-import math
 import os
 import shutil
 import subprocess
@@ -58,9 +59,9 @@ from torch import Tensor
 
 from . import _compiled
 from ._compiled import _lists
-from ._paths import Foreach, TensorList
+from ._paths import Foreach
 
-__all__ = ["Native", "available", "rule_of", "library_path"]
+__all__ = ["Native", "NativeSpec", "available", "rule_of", "library_path"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17",
@@ -89,6 +90,20 @@ def applies(device: torch.device) -> bool:
     """Whether a class with a rule defaults to the native path on ``device``: a CPU, the path
     available, and not inside an outer ``torch.compile`` (which then traces the step itself)."""
     return not torch.compiler.is_compiling() and device.type == "cpu" and available()
+
+
+class NativeSpec:
+    """What a class with a native rule hands its kernel (``LayerwiseOptimizer._native_spec``):
+    ``scalars`` (fields of ``struct Args``: ``mu``, ``eta``, ``b1``, ... and ``lr`` where the
+    class folds a factor into it), ``inputs`` (per-tensor 1-D tensors: ``lrf``, ``tn``),
+    ``state`` (the state keys read as ``s0``, ``s1``, ``count``; ``None`` for none) and
+    ``after`` (called after the kernel updated: TVLARS's step counter)."""
+
+    __slots__ = ("scalars", "inputs", "state", "after")
+
+    def __init__(self, scalars: dict[str, Any], inputs: dict[str, Tensor] | None = None,
+                 state: tuple[str | None, ...] = (), after=None):
+        self.scalars, self.inputs, self.state, self.after = scalars, inputs or {}, state, after
 
 
 class _Args(ctypes.Structure):
@@ -345,45 +360,16 @@ def _call(lib, opt, group, params, grads, states, scale, ok, mode: int = MODE_FU
     a.lr = float(lr)                         # a 0-d tensor on the CPU: read, no device sync
     a.wd, a.eps = float(group["weight_decay"]), float(group["eps"])
     a.adapt = bool(group["adapt"])
-    after = []
-
-    def state_ptrs(*keys):
-        for field, key in zip(("s0", "s1", "count"), keys):
-            if key is not None:
-                arrays[field] = [st[key].data_ptr() for st in states]
-
-    if rule == "lars":
-        a.mu, a.eta = float(group["momentum"]), float(group["eta"])
-        a.nesterov = bool(type(opt)._nesterov_only or group["nesterov"])
-        a.clip = bool(group.get("trust_clip"))
-        st = {k: TensorList(s[k] for s in states) for k in states[0]}
-        f = opt._lr_factor(group, st, Foreach, dt)
-        if isinstance(f, Tensor):            # TVLARS: phi(t) per tensor, in the compute dtype
-            keep.append(f.to(dt).contiguous())
-            a.lrf = keep[-1].data_ptr()
-        else:
-            a.lr = a.lr * f
-        from .lars import _TrustMomentum
-        if a.adapt and type(opt)._trust_norm is not _TrustMomentum._trust_norm:   # CLARS: n_k
-            keep.append(opt._trust_norm(group, None, torch.empty((), dtype=dt), st, Foreach).to(dt).contiguous())
-            a.tn = keep[-1].data_ptr()
-        if a.mu != 0:
-            state_ptrs("velocity")
-        if "optimizer_steps" in st:          # TVLARS: t counts every step (tvlars.py)
-            after.append(st["optimizer_steps"].ts)
-    elif rule == "lalc":
-        a.mu, a.eta, a.damp = float(group["momentum"]), float(group["eta"]), float(group["dampening"])
-        a.nesterov = bool(group["nesterov"])
-        if a.mu != 0:
-            state_ptrs("momentum_buffer", None, "step")
-    elif rule == "lamb":
-        a.b1, a.b2 = (float(b) for b in group["betas"])
-        a.log_b1, a.log_b2 = (math.log(b) if b > 0 else -math.inf for b in (a.b1, a.b2))
-        mt = group["max_trust"]
-        a.has_max_trust, a.max_trust = mt is not None, float(mt) if mt is not None else 0.0
-        state_ptrs("exp_avg", "exp_avg_sq", "step")
-    else:
-        raise AssertionError(f"unknown native rule {rule!r}")
+    # the class's own arguments (its rule's hyper-parameters, per-tensor inputs, state keys)
+    spec = opt._native_spec(group, states, dt)
+    for field, value in spec.scalars.items():
+        setattr(a, field, value)
+    for field, t in spec.inputs.items():       # per-tensor factors (TVLARS's phi(t), CLARS's n_k)
+        keep.append(t.to(dt).contiguous())
+        setattr(a, field, keep[-1].data_ptr())
+    for field, key in zip(("s0", "s1", "count"), spec.state):
+        if key is not None:
+            arrays[field] = [st[key].data_ptr() for st in states]
     table = torch.tensor(list(itertools.chain.from_iterable(arrays.values())), dtype=torch.int64)
     for j, field in enumerate(arrays):
         setattr(a, field, table.data_ptr() + 8 * n * j)
@@ -403,6 +389,6 @@ def _call(lib, opt, group, params, grads, states, scale, ok, mode: int = MODE_FU
     getattr(lib, f"largebatch_{rule}_{DTYPES[dt]}")(ctypes.byref(a))
     if mode == MODE_SUMS:
         return sums
-    for counters in after:
-        torch._foreach_add_(counters, 1)
+    if spec.after is not None:
+        spec.after()
     return out[:, 0] != 0, out[:, 1], out[:, 2], out[:, 3] if a.adapt else None, out[:, 4]

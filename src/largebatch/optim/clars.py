@@ -262,6 +262,10 @@ class CLARS(_TrustMomentum):
             return {}
         return {"persample_norm": [self._n_k[p] for p in params]}
 
+    def _native_trust_norm(self, group, st, dtype):
+        from ._paths import Foreach
+        return self._trust_norm(group, None, torch.empty((), dtype=dtype), st, Foreach)
+
     def _trust_norm(self, group, w, g_norm, st, P) -> Tensor:
         return P.stack(st["persample_norm"]).to(g_norm.dtype)
 

@@ -67,6 +67,12 @@ class LALC(LayerwiseOptimizer):
         return {"step": torch.zeros((), dtype=torch.int64, device=p.device),
                 "momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
+    def _native_spec(self, group, states, dtype):
+        from ._native import NativeSpec
+        scalars = dict(mu=float(group["momentum"]), eta=float(group["eta"]), damp=float(group["dampening"]),
+                       nesterov=bool(group["nesterov"]))
+        return NativeSpec(scalars, state=("momentum_buffer", None, "step") if scalars["mu"] != 0 else ())
+
     @classmethod
     def _n_norm_operands(cls, group):
         return 1 if group["adapt"] else 0

@@ -70,6 +70,14 @@ class LAMB(LayerwiseOptimizer):
         return {"step": torch.zeros((), dtype=torch.int64, device=p.device),
                 "exp_avg": z(), "exp_avg_sq": z()}
 
+    def _native_spec(self, group, states, dtype):
+        from ._native import NativeSpec
+        b1, b2 = (float(b) for b in group["betas"])
+        mt = group["max_trust"]
+        scalars = dict(b1=b1, b2=b2, log_b1=_log(b1), log_b2=_log(b2), has_max_trust=mt is not None,
+                       max_trust=float(mt) if mt is not None else 0.0)
+        return NativeSpec(scalars, state=("exp_avg", "exp_avg_sq", "step"))
+
     @classmethod
     def _n_norm_operands(cls, group):
         return 1 if group["adapt"] else 0

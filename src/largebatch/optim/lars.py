@@ -48,6 +48,30 @@ class _TrustMomentum(LayerwiseOptimizer):
             st["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
 
+    def _native_spec(self, group, states, dtype):
+        from ._native import NativeSpec
+        from ._paths import Foreach, TensorList
+
+        st = {k: TensorList(s[k] for s in states) for k in states[0]}
+        scalars = dict(mu=float(group["momentum"]), eta=float(group["eta"]),
+                       nesterov=bool(self._nesterov_only or group["nesterov"]), clip=bool(group.get("trust_clip")))
+        inputs = {}
+        f = self._lr_factor(group, st, Foreach, dtype)
+        if isinstance(f, Tensor):            # TVLARS: phi(t) per tensor, in the compute dtype
+            inputs["lrf"] = f
+        else:
+            scalars["lr"] = float(group["lr"]) * f
+        if group["adapt"]:
+            tn = self._native_trust_norm(group, st, dtype)
+            if tn is not None:
+                inputs["tn"] = tn
+        return NativeSpec(scalars, inputs, ("velocity",) if scalars["mu"] != 0 else ())
+
+    def _native_trust_norm(self, group, st, dtype) -> Tensor | None:
+        """The norm in the trust ratio's denominator when it is not ``||g||`` (CLARS's
+        ``n_k``), one per tensor, for the native kernel; ``None``: ``||g||``."""
+        return None
+
     def _lr_factor(self, group, st, P, dtype: torch.dtype) -> Tensor | float:
         """``f_t``, the factor of ``lr_t`` before the trust ratio, in ``dtype`` (the compute
         dtype) when a tensor (reads the state, never writes it)."""

@@ -84,5 +84,11 @@ class TVLARS(_TrustMomentum):
         st["optimizer_steps"].add_(1)  # t counts optimizer steps, skipped ones included
         return out
 
+    def _native_spec(self, group, states, dtype):
+        spec = super()._native_spec(group, states, dtype)
+        counters = [st["optimizer_steps"] for st in states]
+        spec.after = lambda: torch._foreach_add_(counters, 1)   # as _update: every step counts
+        return spec
+
     def lr_multiplier(self, group, t):
         return phi(float(t), group["lam"], group["alpha"], group["delay"], group["gamma_min"])
