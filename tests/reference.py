@@ -14,7 +14,12 @@ import torch
 
 
 def _norm(x):
-    return float(torch.linalg.vector_norm(x))
+    """The L2 norm, scaled by the largest magnitude first: exact for finite float64 data of any
+    magnitude (a plain sum of squares overflows beyond 1e154 and underflows below 1e-154)."""
+    m = float(x.abs().max()) if x.numel() else 0.0
+    if m == 0 or not math.isfinite(m):
+        return float(torch.linalg.vector_norm(x))
+    return m * float(torch.linalg.vector_norm(x / m))
 
 
 def _lars_trust(w, g, adapt, wd, eta, eps):

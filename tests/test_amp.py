@@ -255,10 +255,38 @@ def test_unscale_then_clip_then_step(name, path, spy):
                 run(name, path, scaler=scaler_for(), unscale=True, clip=True, bad=float("inf")))
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name", NAMES)
+def test_unscaling_outside_the_step_when_switched_off(name, path, spy):
+    """``opt.amp_unscale_in_step = False`` (Lightning's ``16-mixed`` with ``gradient_clip_val``
+    refuses optimizers whose ``_step_supports_amp_scaling`` is set): the scaler's standard path,
+    ``scaler.unscale_`` + clipping + ``scaler.step``, equals the unscaled clipped run, and a
+    step with an inf is skipped by the scaler itself."""
+    def off(t, when, model, opt):
+        if when == "before":
+            opt.amp_unscale_in_step = False
+
+    got = run(name, path, scaler=scaler_for(), unscale=True, clip=True, hook=off)
+    assert not getattr(got[1], "_step_supports_amp_scaling", False)   # what Lightning reads
+    assert_same(run(name, path, clip=True), got)
+    assert_same(run(name, path, clip=True, skip=(INF_STEP,)),
+                run(name, path, scaler=scaler_for(), unscale=True, clip=True, bad=float("inf"), hook=off))
+    with pytest.raises(ValueError, match="amp_unscale_in_step"):
+        got[1].amp_unscale_in_step = "no"
+
+
 # ---------------------------------------------------------------------------- CLARS specifics
+def test_clars_unscales_persample_norms_by_default():
+    """Under a GradScaler in a loop that knows nothing of CLARS (Lightning's ``16-mixed``), the
+    per-sample norms are divided by the scale the scaler sets, as the gradients are: the
+    default is ``unscale_persample=True``."""
+    model = make_model(torch.float32)
+    assert CLARS(param_groups(model), lr=0.1, model=model).unscale_persample is True
+
+
 def test_clars_tracker_contract_without_unscale_persample():
-    """``unscale_persample=False`` (default): ``loss_scale`` includes the scaler's scale, as
-    before the protocol (``PerSampleGradNorms``' contract)."""
+    """``unscale_persample=False``: ``loss_scale`` includes the scaler's scale, as before the
+    protocol (``PerSampleGradNorms``' contract)."""
     ref = run("CLARS", "foreach")
     assert_same(ref, run("CLARS", "foreach", scaler=scaler_for(), unscale_persample=False))
 

@@ -249,6 +249,76 @@ def _ddp_worker(rank, world, port, result_dir, data, init):
         dist.destroy_process_group()
 
 
+def _zero_worker(rank, world, port, result_dir, data, init):
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from forked import init_gloo
+
+    init_gloo(rank, world, port)
+    try:
+        model = Net()
+        model.load_state_dict(init)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = ZeroRedundancyOptimizer(param_groups(model, weight_decay=WD), optimizer_class=CLARS, lr=LR,
+                                      momentum=MU, eta=ETA, model=ddp)
+        mine = {id(p) for g in opt.optim.param_groups for p in g["params"]}
+        for x, y in data:
+            opt.zero_grad()
+            xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+            F.cross_entropy(ddp(xs), ys).backward()
+            opt.step()
+        torch.save({"w": model.state_dict(), "partial": len(mine) < len(list(model.parameters()))},
+                   os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero_redundancy_optimizer_equals_single_process(tmp_path):
+    """Under ZeroRedundancyOptimizer each rank's CLARS holds a part of the model: every rank still
+    all-reduces the statistics of the same tensors (before: of its own partition, so the ranks'
+    collectives had different sizes), and the result is one process's."""
+    import torch.multiprocessing as mp
+
+    from forked import free_port
+
+    model = Net()
+    init = copy.deepcopy(model.state_dict())
+    data = batches(3, 8, seed=3)
+    mp.start_processes(_zero_worker, args=(2, free_port(), str(tmp_path), data, init), nprocs=2, join=True,
+                       start_method="fork")
+    single = CLARS(param_groups(model, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=model)
+    for x, y in data:
+        single.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        single.step()
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert got["partial"]
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(got["w"][k], v, rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_step_traces_with_fullgraph():
+    """``torch.compile(opt.step, fullgraph=True)`` traces CLARS's step in one graph (dynamo
+    cannot trace ``dtype.to_real()``, which the compute dtype used to call); ``backend="eager"``:
+    the trace is what is tested, not inductor."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = CLARS(param_groups(model, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=model, path="foreach")
+    ref = copy.deepcopy((model, opt))
+    step = torch.compile(opt.step, fullgraph=True, backend="eager")
+    for x, y in batches(2, 6):
+        for m, o, s in ((model, opt, step), (*ref, ref[1].step)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            s()
+    for a, b in zip(model.parameters(), ref[0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_two_process_ddp_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
 
@@ -281,7 +351,8 @@ def test_skipped_step_drops_its_persample_statistics(flow):
     a = Net()
     b = copy.deepcopy(a)
     data = batches(3, 8, seed=4)
-    opt = CLARS(param_groups(a, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=a)
+    # loss_scale includes the scaler's scale below (the tracker's contract): unscale_persample=False
+    opt = CLARS(param_groups(a, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=a, unscale_persample=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if flow == "grad_scaler" else None
     counts = []
     for t, (x, y) in enumerate(data):

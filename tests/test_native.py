@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+from cases import make
 from largebatch.optim import LALC, LAMB, LARS, TVLARS, _native
 from largebatch.optim._engine import HyperparameterError
 from test_optim_reference import CASES, LR
@@ -415,3 +416,27 @@ def test_random_configurations_match_per_tensor_in_float64(seed, kernel_sized):
     for sa, sb in zip(got[2], ref[2]):
         for key in ("w_norm", "g_norm", "trust", "lr"):
             torch.testing.assert_close(sa[key], sb[key], rtol=1e-12, atol=1e-14, equal_nan=True, msg=key)
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 0.0])
+@pytest.mark.parametrize("name", ["LARS", "LAMB", "LALC"])
+def test_scaled_norms_on_a_tensor_split_among_threads(name, scale, kernel_sized):
+    """float64 sums of squares that over- or underflow (or are exactly 0) are redone scaled by
+    one thread while the others wait (_native.cpp, norms_of): a tensor large enough to be split
+    between 2 threads gives the per-tensor path's result, no tensor skipped."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = {}
+        for path in ("native", "per_tensor"):
+            gen = torch.Generator().manual_seed(0)
+            w = nn.Parameter(torch.randn(256, 160, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+            opt = make(name, [w], path=path)
+            for _ in range(2):
+                w.grad = scale * torch.randn(256, 160, generator=gen, dtype=torch.float64)
+                opt.step()
+                assert not bool(opt.found_inf)
+            out[path] = w.detach()
+        torch.testing.assert_close(out["native"], out["per_tensor"], rtol=1e-12, atol=1e-13)
+    finally:
+        torch.set_num_threads(n)

@@ -93,7 +93,7 @@ processes, or machines with their own cache files, could choose differently): se
   ``f64`` without measuring. :func:`kernel_choices` lists the choices of the process.
 
 Sharded (DTensor) parameters (``_sharded.py``) use two kernels per class around the step's
-one collective: ``probe`` (the local sums of squares, for classes with norm operands: LAMB,
+one collective: ``probe`` (the local norms, for classes with norm operands: LAMB,
 LALC; the LARS family takes two ``_foreach_norm`` calls instead) and ``given`` (the update
 with the reduced norms), on the local shards.
 
@@ -184,11 +184,12 @@ class _KernelPath(PerTensor):
 
     @staticmethod
     def norm(x: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(x, dtype=torch.float64).to(x.dtype)
-
-    @staticmethod
-    def sqnorm(x: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(x, dtype=torch.float64).square()
+        # float32 squares summed in float64 neither overflow nor underflow; float64 data takes
+        # the scaled recomputation where its plain norm is not safe (_paths.norms)
+        n = torch.linalg.vector_norm(x, dtype=torch.float64)
+        if x.dtype == torch.float64:
+            return _safe(x, n)
+        return n.to(x.dtype)
 
 
 #: elements per float32 partial sum of :class:`_KernelPathF32` (inductor sums a reduction of
@@ -224,13 +225,16 @@ class _KernelPathF32(_KernelPath):
     def norm(x: Tensor) -> Tensor:
         if x.dtype != torch.float32 or x.numel() < 2 * CHUNK:
             return _KernelPath.norm(x)
-        return _chunked_sumsq(x).sqrt().to(x.dtype)
+        return _safe(x, _chunked_sumsq(x).sqrt()).to(x.dtype)   # float32 chunk sums can overflow
 
-    @staticmethod
-    def sqnorm(x: Tensor) -> Tensor:
-        if x.dtype != torch.float32 or x.numel() < 2 * CHUNK:
-            return _KernelPath.sqnorm(x)
-        return _chunked_sumsq(x)
+
+def _safe(x: Tensor, n: Tensor) -> Tensor:
+    """``n`` (a float64 norm of ``x``), or where it is not a safe normal number the scaled
+    recomputation of ``_paths.norms`` (a ``torch.where`` inside the kernel)."""
+    from ._paths import _SAFE_LOW, _scaled_norms
+
+    bad = ~(n >= _SAFE_LOW[x.dtype]) | (n == float("inf"))
+    return torch.where(bad, _scaled_norms([x])[0].to(n.dtype), n)
 
 
 # ------------------------------------------------------------------------ kernel variants
@@ -509,7 +513,7 @@ def _kernel_template(P):
 
 def _probe_template(P):
     def kernel(opt, hp, w, g, st, scale):
-        return (opt._local_sq(hp, w, g, st, P, scale),)
+        return (opt._local_norms(hp, w, g, st, P, scale),)
     return kernel
 
 
@@ -642,7 +646,9 @@ def _compile_errors() -> tuple[type, ...]:
 
 class Compiled:
     """Engine path object (``P``) for ``"compiled"``: :meth:`run` replaces the engine's loop
-    (:meth:`local_sq` and :meth:`run_given` for sharded parameters, ``_sharded.py``)."""
+    (:meth:`local_norms` and :meth:`run_given` for sharded parameters, ``_sharded.py``)."""
+
+    fuses_scale = True   # the scale is a kernel input of both sharded phases (_paths.PerTensor)
 
     @staticmethod
     def run(opt, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
@@ -654,12 +660,12 @@ class Compiled:
             group, *_lists(params, grads, states, idx), Foreach, scale, ok), tail=(scale, ok))
 
     @staticmethod
-    def local_sq(opt, group, params, grads, states, scale: Tensor | None = None) -> Tensor:
-        """``LayerwiseOptimizer._local_sq`` of every tensor, ``[n, k]`` (writes nothing).
-        Without norm operands (the LARS family) the sums are two ``_foreach_norm`` calls."""
+    def local_norms(opt, group, params, grads, states, scale: Tensor | None = None) -> Tensor:
+        """``LayerwiseOptimizer._local_norms`` of every tensor, ``[n, k]`` (writes nothing).
+        Without norm operands (the LARS family) the norms are two ``_foreach_norm`` calls."""
         if not opt._n_norm_operands(group):
-            return opt._local_sq(group, *_lists(params, grads, states, range(len(params))), Foreach, scale)
-        return _run_split(opt, group, params, grads, states, "probe", lambda idx: (opt._local_sq(
+            return opt._local_norms(group, *_lists(params, grads, states, range(len(params))), Foreach, scale)
+        return _run_split(opt, group, params, grads, states, "probe", lambda idx: (opt._local_norms(
             group, *_lists(params, grads, states, idx), Foreach, scale),), tail=(scale,))[0]
 
     @staticmethod

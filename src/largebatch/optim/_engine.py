@@ -70,6 +70,7 @@ _PATH_IMPL = {"per_tensor": PerTensor, "foreach": Foreach, "compiled": _compiled
 #: parameter dtypes the optimizers accept (docs/algorithms.md, "Precision")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 _HALF = (torch.float16, torch.bfloat16)
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -81,7 +82,8 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype ``_update`` computes in for a parameter of ``dtype``: float32 for float16 /
     bfloat16, the real dtype of ``view_as_real`` for complex, the parameter's own otherwise."""
-    return state_dtype(dtype).to_real()
+    d = state_dtype(dtype)
+    return _REAL.get(d, d)   # a lookup, not dtype.to_real(): dynamo (fullgraph) cannot trace that
 
 
 def select(mask: Tensor, a: Tensor | float, b: Tensor | float, like: Tensor) -> Tensor:
@@ -154,7 +156,22 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     #: ``grad_scale`` and ``found_inf`` on the optimizer instead of unscaling and syncing.
     _step_supports_amp_scaling: ClassVar[bool] = True
 
-    def __init__(self, params, defaults: dict[str, Any], path: str | None = None):
+    def __init__(self, params, defaults: dict[str, Any], path: str | None = None, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False):
+        check("maximize", maximize, isinstance(maximize, bool), "True or False")
+        check("foreach", foreach, foreach is None or isinstance(foreach, bool), "None, True or False")
+        if differentiable:
+            raise HyperparameterError(
+                "differentiable", "differentiable=True is not supported: the step updates weights and state in "
+                "place under torch.no_grad() (as torch.optim's default), and its trust ratio is a torch.where on "
+                "norms whose zero-norm branches have no useful derivative; differentiate through a functional "
+                "update of your own instead")
+        if foreach is not None:   # torch.optim's switch, mapped onto the execution paths
+            want = "foreach" if foreach else "per_tensor"
+            if path is not None and path != want:
+                raise HyperparameterError("foreach", f"foreach={foreach} contradicts path={path!r}: pass one of them "
+                                          f"(foreach={foreach} means path={want!r})")
+            path = want
         if path is not None and path not in PATHS:
             raise HyperparameterError("path", f"invalid path={path!r}: expected None or one of {PATHS}")
         if path == "compiled" and not self.is_compilable():
@@ -174,9 +191,25 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         #: (non-finite gradient) or all of them (``found_inf`` given by a GradScaler) untouched
         self.last_found_inf: Tensor | None = None
         self._amp_found_inf: Tensor | None = None
-        defaults = {"adapt": True, **defaults}
+        defaults = {"adapt": True, **defaults, "maximize": maximize}
         self._validate_group(defaults, where="")
         super().__init__(params, defaults)
+
+    @property
+    def amp_unscale_in_step(self) -> bool:
+        """Whether a ``torch.amp.GradScaler`` hands this optimizer its scale and lets ``step()``
+        unscale the gradients (True, the default: no unscale pass, no host sync; module
+        docstring, "Mixed precision"). Set it to False for code that unscales explicitly and
+        refuses optimizers that unscale themselves, e.g. Lightning's ``precision="16-mixed"``
+        with ``gradient_clip_val``: the scaler then unscales ``.grad`` in place
+        (``scaler.unscale_``) and skips ``step()`` on an inf itself, as for ``torch.optim.SGD``
+        (docs/optimizers.md, "Mixed precision")."""
+        return bool(self._step_supports_amp_scaling)
+
+    @amp_unscale_in_step.setter
+    def amp_unscale_in_step(self, value: bool) -> None:
+        check("amp_unscale_in_step", value, isinstance(value, bool), "True or False")
+        self._step_supports_amp_scaling = value
 
     @property
     def found_inf(self) -> Tensor | None:
@@ -214,19 +247,19 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             check_nonneg(f"lr{where}", lr)
         check_nonneg(f"weight_decay{where}", group["weight_decay"])
         check(f"adapt{where}", group["adapt"], isinstance(group["adapt"], bool), "True or False")
+        check(f"maximize{where}", group.get("maximize", False), isinstance(group.get("maximize", False), bool),
+              "True or False")
         try:
             self._check_hparams(group)
         except HyperparameterError as e:
             raise HyperparameterError(e.arg, f"{e}{where}") from None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        known = set(self.defaults) | self._extra_group_keys
-        unknown = sorted(set(param_group) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown param-group key(s) {unknown} for {type(self).__name__}; "
-                f"accepted keys: {sorted(known - {'params'})}"
-            )
+        """``torch.optim.Optimizer.add_param_group``, then this class's checks. Keys this class
+        does not know are kept, as ``torch.optim`` keeps them (timm's ``lr_scale``, a ``model``
+        from ``ZeroRedundancyOptimizer``); one that looks like a misspelling of a known key
+        (``difflib``) warns."""
+        _warn_misspelled(param_group, set(self.defaults) | self._extra_group_keys, type(self).__name__)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         bad = sorted({str(p.dtype) for p in group["params"] if p.dtype not in SUPPORTED_DTYPES})
@@ -235,43 +268,145 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"{type(self).__name__}: parameters of dtype {', '.join(bad)} are not supported; accepted: "
                 f"{', '.join(str(d) for d in SUPPORTED_DTYPES)} (docs/algorithms.md, 'Precision')")
-        self._validate_group(group, where=f" (param group {len(self.param_groups) - 1})")
+        try:
+            self._validate_group(group, where=f" (param group {len(self.param_groups) - 1})")
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._group_added(group)
+
+    def _group_added(self, group: dict[str, Any]) -> None:
+        """Called after a group is added (CLARS: measure its new adapted tensors)."""
+
+    # ------------------------------------------------------------------ copies and checkpoints
+    #: instance attributes that describe one step in flight (not copied, not pickled)
+    _transient = frozenset({"_stats", "_amp_found_inf", "grad_scale"})
+
+    def __getstate__(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.__getstate__`` (defaults, state, param groups) and this
+        object's own settings (``path``, ``track_stats``, CLARS's tracker ...), so that
+        ``copy.deepcopy``, ``pickle`` and ``torch.save(opt)`` give an optimizer that steps.
+        Hooks are left out, as by ``torch.optim``."""
+        out = super().__getstate__()
+        for k, v in self.__dict__.items():
+            if k not in out and k not in self._transient and not k.startswith("_optimizer_"):
+                out[k] = v
+        return out
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_stats", [])
+        self.__dict__.setdefault("_amp_found_inf", None)
+        for k, v in _ATTR_DEFAULTS.items():
+            self.__dict__.setdefault(k, v)
+        self.defaults.pop("differentiable", None)   # torch.optim adds it; refused at construction here
+        for g in self.param_groups:
+            for k, v in _LATER_GROUP_KEYS.items():
+                g.setdefault(k, v)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``torch.optim.Optimizer.load_state_dict``, after checking, before anything is loaded,
-        that each saved group passes this class's validation and that each tensor's state has
-        exactly the keys this class keeps (a state of another class, whose buffers mean other
-        things, is refused instead of silently changing the update).
+        """``torch.optim.Optimizer.load_state_dict`` (docs/optimizers.md, "Checkpoints"):
 
-        Each state tensor is then cast from the saved value to the dtype this class keeps
-        (docs/algorithms.md, "Precision"), on the parameter's device: ``torch.optim`` casts
-        floating state to the parameter dtype (float32 state of a float16 parameter would
-        become float16) and leaves ``"step"`` as saved. Checkpoints with float32 step counters
-        (written before the counters became int64) load with exact int64 counters."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved = state_dict.get("state", {})
-        for i, group in enumerate(state_dict.get("param_groups", [])):
-            self._validate_group({**self.defaults, **group}, where=f" (loaded param group {i})")
-            for idx in group.get("params", []):
-                st = saved.get(idx)
-                if not st or not 0 <= idx < len(params):
+        * the load-state-dict pre-hooks run first, each on the (shallow-copied) dict the previous
+          one returned, then everything below is checked on their result, and the post-hooks
+          run last, as in ``torch.optim``;
+        * the saved state may be keyed by anything (``torch.optim`` maps the saved groups'
+          ``params`` entries to this optimizer's parameters in order: integer ids, or the
+          parameter names ``torch.distributed.checkpoint.set_optimizer_state_dict`` passes);
+        * before anything is loaded: each saved group passes this class's validation and has
+          this class's hyper-parameters (a group of another class, e.g. ``torch.optim.SGD``'s
+          or LAMB's saved into LARS, is refused); each tensor's state has exactly the keys
+          this class keeps; full-size state has the parameter's shape and a floating (or, for
+          a complex parameter, complex) dtype; counters are one-element tensors or Python
+          numbers (``torch.optim``'s tests and old checkpoints store ``step`` as a number);
+        * each state tensor is then cast to the dtype this class keeps (docs/algorithms.md,
+          "Precision"), on the parameter's device: ``torch.optim`` casts floating state to the
+          parameter dtype (float32 state of a float16 parameter would become float16);
+          counters become exact int64 0-d tensors."""
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        state_dict, originals = self._checked_state_dict(state_dict)
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
+        for group in self.param_groups:
+            for k, v in _LATER_GROUP_KEYS.items():
+                group.setdefault(k, v)
+            for p in group["params"]:
+                st, saved = self.state.get(p), originals.get(p)
+                if not st or saved is None:
                     continue
-                keep = set(self._init_state(_state_like(params[idx], empty=True), {**self.defaults, **group}))
-                if set(st) != keep:
-                    raise ValueError(
-                        f"state_dict: parameter {idx} has state {sorted(st)}, but {type(self).__name__} with these "
-                        f"hyper-parameters keeps {sorted(keep)}; was it saved by another optimizer class?")
-        super().load_state_dict(state_dict)
-        ids = [idx for g in state_dict["param_groups"] for idx in g["params"]]
-        mine = [(p, g) for g in self.param_groups for p in g["params"]]
-        for idx, (p, group) in zip(ids, mine):
-            st = saved.get(idx)
-            if not st:
+                want = self._init_state(_state_like(p, empty=True), group)
+                for k, ref in want.items():   # from the saved value: torch.optim cast it to p's dtype
+                    v = saved[k].to(device=p.device, dtype=ref.dtype)
+                    st[k] = v.reshape(()) if ref.dim() == 0 else v.clone() if v is saved[k] else v
+        for hook in post.values():
+            hook(self)
+
+    def _checked_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` checked against this optimizer (see :meth:`load_state_dict`), with
+        counters given as numbers made tensors; raises ``ValueError`` naming what differs."""
+        name = type(self).__name__
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict: no {key!r} entry; expected the dict of an optimizer's state_dict()")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict: {len(saved_groups)} param group(s), but this {name} has "
+                             f"{len(self.param_groups)}")
+        required = set(self.defaults) - set(_LATER_GROUP_KEYS)
+        owner: dict[Any, tuple[Tensor, dict[str, Any], int]] = {}
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict: param group {i} has {len(saved['params'])} parameters, "
+                                 f"this {name}'s has {len(group['params'])}")
+            missing = sorted(required - set(saved))
+            if missing:
+                raise ValueError(
+                    f"state_dict: param group {i} lacks {missing}, hyper-parameters of {name}; was it saved by "
+                    "another optimizer class?")
+            merged = {**self.defaults, **saved}
+            self._validate_group(merged, where=f" (loaded param group {i})")
+            for key, p in zip(saved["params"], group["params"]):
+                owner[key] = (p, merged, i)
+        state = dict(state_dict["state"])
+        originals: dict[Tensor, dict[str, Tensor]] = {}
+        for key, st in state_dict["state"].items():
+            if key not in owner or not st:
                 continue
+            p, group, i = owner[key]
+            where = f"state_dict: parameter {key!r} (param group {i})"
             want = self._init_state(_state_like(p, empty=True), group)
-            for k, v in st.items():
-                if isinstance(v, Tensor) and k in want:
-                    self.state[p][k] = v.to(device=p.device, dtype=want[k].dtype)
+            if not isinstance(st, dict) or set(st) != set(want):
+                got = sorted(st) if isinstance(st, dict) else type(st).__name__
+                raise ValueError(f"{where} has state {got}, but {name} with these hyper-parameters keeps "
+                                 f"{sorted(want)}; was it saved by another optimizer class?")
+            st = dict(st)
+            for k, ref in want.items():
+                v = st[k]
+                if ref.dim() == 0:   # a counter: a one-element tensor or a number
+                    if isinstance(v, Tensor) and v.numel() == 1 and not v.is_complex():
+                        continue
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf"):
+                        st[k] = torch.tensor(int(round(v)), dtype=torch.int64)
+                        continue
+                    raise ValueError(f"{where}: state {k!r} is {_describe(v)}; expected a number or a one-element "
+                                     "tensor")
+                ok = (isinstance(v, Tensor) and tuple(v.shape) == tuple(p.shape)
+                      and (v.is_complex() if p.is_complex() else v.is_floating_point()))
+                if not ok:
+                    raise ValueError(f"{where}: state {k!r} is {_describe(v)}; expected a "
+                                     f"{'complex' if p.is_complex() else 'floating'} tensor of the parameter's "
+                                     f"shape {tuple(p.shape)}")
+            state[key] = st
+            originals[p] = st
+        return {**state_dict, "state": state}, originals
 
     # ------------------------------------------------------------------ algorithm hooks
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
@@ -312,6 +447,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         engine reduces their norms with ``||w||`` and ``||g||`` in one collective before
         ``_update`` runs (``_sharded.py``); ``dtype`` is the compute dtype."""
         return []
+
+    def _native_spec(self, group: dict[str, Any], states: list[dict[str, Tensor]], dtype: torch.dtype):
+        """For a class that declares ``_native_rule``: the kernel's arguments for one bucket
+        (``_native.NativeSpec``: the rule's hyper-parameters, per-tensor inputs, the state keys
+        it reads), declared once by the class that owns the rule (``_native.py`` sets only what
+        every rule shares: ``lr``, ``weight_decay``, ``eps``, ``adapt``, the tensors)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no native arguments")
 
     def lr_multiplier(self, group: dict[str, Any], t: int) -> float:
         """The factor this optimizer applies to ``group["lr"]`` at optimizer step ``t``,
@@ -394,21 +536,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         work, grads, states, targets = _working_tensors(params, [p.grad for p in params],
                                                         self._states(group, params))
         scale, ok = amp.scale(work[0]) if amp else None, amp.ok(work[0].device) if amp else None
+        scale = maximized(group, scale, work[0])
         counters = _Counters(states) if ok is not None else None
-        if P is _compiled.Compiled or P is _native.Native:
-            fin, trust, lr, wn, gn = P.run(self, group, work, grads, states, scale, ok)
-        elif P is Foreach:
-            w, g = TensorList(work), TensorList(grads)
-            st = {k: TensorList(s[k] for s in states) for k in states[0]}
-            fin, trust, lr, wn, gn = self._masked_update(group, w, g, st, P, scale, ok)
-        else:
-            rows = [
-                self._masked_update(group, w, g, st, P, scale, ok)
-                for w, g, st in zip(work, grads, states)
-            ]
-            fin, trust, lr, wn, gn = (
-                None if col[0] is None else torch.stack(col) for col in zip(*rows)
-            )
+        fin, trust, lr, wn, gn = P.run(self, group, work, grads, states, scale, ok)
         if counters is not None:
             counters.restore_unless(ok)
         if targets is not None:  # float16 / bfloat16: the float32 result, rounded
@@ -444,10 +574,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return fin, trust, lr, w_norm, g_norm
 
     # ------------------------------------------------------------------ sharded parameters
-    def _local_sq(self, group, w, g, st, P, scale: Tensor | None = None) -> Tensor:
-        """Local sums of squares (float64, ``[..., k]``) of what the step takes norms of:
-        ``w`` (adapted groups), ``g`` (divided by ``scale`` when given), then
-        :meth:`_norm_operands`. Writes nothing."""
+    def _local_norms(self, group, w, g, st, P, scale: Tensor | None = None) -> Tensor:
+        """Local norms (``[..., k]``, in the compute dtype; ``P.norm``: free of overflow and
+        underflow) of what the step takes norms of: ``w`` (adapted groups), ``g`` (divided by
+        ``scale`` when given), then :meth:`_norm_operands`. Writes nothing."""
         if scale is not None:
             g = g.div(scale)
         xs = [w] if group["adapt"] else []
@@ -455,11 +585,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if self._n_norm_operands(group):
             dtype = (w.ts[0] if isinstance(w, TensorList) else w).dtype
             xs += self._norm_operands(group, w, g, st, P, dtype)
-        return torch.stack([P.sqnorm(x) for x in xs], dim=-1)
+        return torch.stack([P.norm(x) for x in xs], dim=-1)
 
     def _given_update(self, group, w, g, st, norms, P, scale: Tensor | None = None, ok: Tensor | None = None):
-        """:meth:`_masked_update` with the norms given (``[..., k]`` as :meth:`_local_sq`,
-        already reduced over the shards and in the compute dtype): ``_update`` reads the
+        """:meth:`_masked_update` with the norms given (``[..., k]`` as :meth:`_local_norms`,
+        already reduced over the shards and in the compute dtype; see :meth:`_local_norms`): ``_update`` reads the
         norms of its :meth:`_norm_operands` through ``P.norm`` (a :class:`Replay`)."""
         if scale is not None:
             g = g.div(scale)
@@ -494,6 +624,31 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             dev = parts[0].device
             out[k] = torch.cat([t.to(dev) for t in parts])
         return out
+
+
+#: group keys added after the first releases: filled with these values in older checkpoints
+_LATER_GROUP_KEYS = {"maximize": False}
+#: instance attributes of ``LayerwiseOptimizer`` added later (pickles of older objects)
+_ATTR_DEFAULTS = {"path": None, "track_stats": False, "last_found_inf": None}
+
+
+def _warn_misspelled(group: dict[str, Any], known: set[str], name: str) -> None:
+    """Warn for a group key close to a known one (``difflib``): ``momentun=0.9`` would be kept
+    and ignored, as by ``torch.optim``; other unknown keys are kept silently."""
+    import difflib
+    import warnings
+
+    for key in sorted(set(group) - known, key=str):
+        close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.8)
+        if close:
+            warnings.warn(f"{name}: param-group key {key!r} is not a hyper-parameter of {name} and is kept but "
+                          f"unused; did you mean {close[0]!r}?", UserWarning, stacklevel=4)
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    return f"{type(v).__name__} {v!r}"[:80]
 
 
 class _AmpInputs:
@@ -547,6 +702,15 @@ class _Counters:
         for vs, old in self._saved:
             new = torch.where(ok.to(old.device), torch.stack(vs), old)
             torch._foreach_copy_(vs, list(new.unbind()))
+
+
+def maximized(group: dict[str, Any], scale: Tensor | None, like: Tensor) -> Tensor | None:
+    """The divisor of this step's gradients: a GradScaler's ``scale`` (or none), negated for a
+    group with ``maximize=True`` (``torch.optim``'s switch: ascend the objective). Dividing by
+    ``-1`` is exact, and every path already divides by ``scale`` where it reads ``g``."""
+    if not group.get("maximize", False):
+        return scale
+    return -scale if scale is not None else torch.full((), -1.0, dtype=like.dtype, device=like.device)
 
 
 def zero_norm_safe_ratio(num: Tensor, den: Tensor, scale: float = 1.0, eps: float = 0.0) -> Tensor:

@@ -3,6 +3,7 @@
 // (docs/algorithms.md) in C++, built on first use with -O3 -march=native -fopenmp.
 //
 // Per tensor, inside one OpenMP region: pass 1 reads the tensor once for its sums of squares
+// (in double; float64 sums that over- or underflow are redone scaled, see norms_of)
 // (||w||^2, ||g||^2 and, for LALC / LAMB, ||h||^2 / ||r||^2 of the update direction, computed
 // and dropped), the threads meet at one barrier, every thread computes the tensor's scalars
 // (trust ratio, layer learning rate) from the same sums, and pass 2 applies the update to the
@@ -54,8 +55,8 @@ struct Args {
     const int64_t* block_offset;  // per tensor: its first block in scratch
     double* scratch;          // 3 sums per block of BLOCK elements, tensor after tensor
     // sharded parameters (_sharded.py), around the step's one all-reduce: MODE_SUMS writes each
-    // tensor's local sums of squares to sums (n x 3) and updates nothing; MODE_GIVEN takes the
-    // reduced sums from sums instead of pass 1
+    // tensor's local norms to sums (n x 3) and updates nothing; MODE_GIVEN takes the reduced
+    // norms from sums instead of pass 1
     int64_t mode;
     double* sums;
 };
@@ -79,30 +80,31 @@ inline void branch(bool b, F&& f) {
 // Sums of squares of one block [b, be) (at most BLOCK elements) of w, of the unscaled gradient
 // and of the rule's x (the update direction of LALC / LAMB; 0 for the LARS family), x spelled
 // by the rule as a function of (i, unscaled g[i]) with its flags resolved (Rule::with_x).
-// LANES accumulators in the dtype, each summing every LANES-th element, then added in double
-// in lane order: the order is fixed by this source, not by the vector width the compiler
-// picks, so every CPU (AVX2, AVX-512, NEON or none) gets the same bits.
+// LANES accumulators in double (float32 squares in double neither overflow nor underflow;
+// float64 ones are checked in norms_of), each summing every LANES-th element, then added in
+// lane order: the order is fixed by this source, not by the vector width the compiler picks,
+// so every CPU (AVX2, AVX-512, NEON or none) gets the same bits.
 template <class T, bool HS, class XF>
 inline void block_sums(const T* w, const T* g, T sc, const XF& xf, int64_t b, int64_t be, double* out) {
-    T aw[LANES] = {}, ag[LANES] = {}, ax[LANES] = {};
+    double aw[LANES] = {}, ag[LANES] = {}, ax[LANES] = {};
     const int64_t full = b + (be - b) / LANES * LANES;
     for (int64_t i = b; i < full; i += LANES) {
 #pragma omp simd
         for (int64_t j = 0; j < LANES; ++j) {
             const T gi = HS ? g[i + j] / sc : g[i + j];
-            const T xi = xf(i + j, gi);
-            aw[j] += w[i + j] * w[i + j];
-            ag[j] += gi * gi;
-            ax[j] += xi * xi;
+            const double wd = w[i + j], gd = gi, xd = xf(i + j, gi);
+            aw[j] += wd * wd;
+            ag[j] += gd * gd;
+            ax[j] += xd * xd;
         }
     }
     for (int64_t i = full; i < be; ++i) {
         const int64_t j = i - full;
         const T gi = HS ? g[i] / sc : g[i];
-        const T xi = xf(i, gi);
-        aw[j] += w[i] * w[i];
-        ag[j] += gi * gi;
-        ax[j] += xi * xi;
+        const double wd = w[i], gd = gi, xd = xf(i, gi);
+        aw[j] += wd * wd;
+        ag[j] += gd * gd;
+        ax[j] += xd * xd;
     }
     double sw = 0, sg = 0, sx = 0;
     for (int64_t j = 0; j < LANES; ++j) {
@@ -137,23 +139,99 @@ inline void total(const double* blocks, int64_t nblocks, double s[3]) {
         for (int j = 0; j < 3; ++j) s[j] += blocks[3 * k + j];
 }
 
-// One tensor's step, pass 1 (sums), scalars, pass 2 (update), over this thread's slice
+// The norms ||w||, ||g||, ||x|| of a float64 tensor whose sums of squares over- or underflowed,
+// scaled as BLAS nrm2 does: max |v| first, then the sum of (v / 2^e)^2 (exact scaling), in one
+// thread over the whole tensor (rare: data beyond 1e154 or below 1e-130, or all zeros).
+template <class T, class Rule>
+void rescue(const Rule& R, int64_t t, bool skipped, double* out) {
+    const Args& a = R.a;
+    const T* w = static_cast<const T*>(a.w[t]);
+    const T* g = static_cast<const T*>(a.g[t]);
+    const int64_t N = a.numel[t];
+    const T sc = R.scale;
+    branch(R.has_scale, [&](auto HS) {
+        R.with_x(t, skipped, [&](auto xf) {
+            double m[3] = {0, 0, 0};
+            bool nan[3] = {false, false, false};
+            auto vals = [&](int64_t i, double v[3]) {
+                const T gi = decltype(HS)::value ? g[i] / sc : g[i];
+                v[0] = w[i];
+                v[1] = gi;
+                v[2] = xf(i, gi);
+            };
+            for (int64_t i = 0; i < N; ++i) {
+                double v[3];
+                vals(i, v);
+                for (int j = 0; j < 3; ++j) {
+                    const double av = std::fabs(v[j]);
+                    if (std::isnan(av)) nan[j] = true;
+                    else if (av > m[j]) m[j] = av;
+                }
+            }
+            int ex[3];
+            double down[3], acc[3] = {0, 0, 0};
+            for (int j = 0; j < 3; ++j) {
+                std::frexp(m[j], &ex[j]);
+                ex[j] = ex[j] < -1021 ? -1021 : (ex[j] > 1021 ? 1021 : ex[j]);
+                down[j] = std::ldexp(1.0, -ex[j]);
+            }
+            if (std::isfinite(m[0]) && std::isfinite(m[1]) && std::isfinite(m[2])) {
+                for (int64_t i = 0; i < N; ++i) {
+                    double v[3];
+                    vals(i, v);
+                    for (int j = 0; j < 3; ++j) acc[j] += (v[j] * down[j]) * (v[j] * down[j]);
+                }
+            }
+            for (int j = 0; j < 3; ++j)
+                out[j] = nan[j] ? NAN : (std::isfinite(m[j]) ? std::ldexp(std::sqrt(acc[j]), ex[j]) : m[j]);
+        });
+    });
+}
+
+// The three norms of tensor t into s: pass 1 over this thread's slice [s0, e0) into the block
+// sums, the tensor's sums, their square roots. A float64 sum that overflowed, or is below 2^-260
+// (squares may have underflowed; exact zeros too), is redone by rescue(), by one thread while the
+// others wait (every thread sees the same sums, so all take the same branch and barriers).
+template <class T, class Rule>
+void norms_of(const Rule& R, int64_t t, int64_t s0, int64_t e0, bool shared, bool writer, bool skipped,
+              double s[3]) {
+    const Args& a = R.a;
+    double* blocks = a.scratch + 3 * a.block_offset[t];
+    const int64_t nb = (a.numel[t] + BLOCK - 1) / BLOCK;
+    sums<T>(R, t, s0, e0, skipped, blocks);
+    if (shared) {
+#pragma omp barrier
+    }
+    total(blocks, nb, s);
+    bool redo = false;
+    if (std::is_same<T, double>::value)
+        for (int j = 0; j < (Rule::kHasX ? 3 : 2); ++j) redo = redo || s[j] == INFINITY || s[j] < 0x1p-260;
+    if (!redo) {
+        for (int j = 0; j < 3; ++j) s[j] = std::sqrt(s[j]);
+        return;
+    }
+    if (!shared) {   // one thread has the whole tensor (which may be empty: no block to write)
+        rescue<T>(R, t, skipped, s);
+        return;
+    }
+    // a shared tensor has at least SPLIT elements, so at least one block of 3 slots
+#pragma omp barrier
+    if (writer) rescue<T>(R, t, skipped, blocks);   // every thread has read the block sums
+#pragma omp barrier
+    for (int j = 0; j < 3; ++j) s[j] = blocks[j];
+}
+
+// One tensor's step, pass 1 (norms), scalars, pass 2 (update), over this thread's slice
 // [s0, e0): with `shared` the slice is one of several and the threads meet at barriers, else it
 // is the whole tensor (no barrier); `writer` writes the outputs and counters.
 template <class T, class Rule>
 void tensor_step(Rule& R, int64_t t, int64_t s0, int64_t e0, bool shared, bool writer) {
     const Args& a = R.a;
-    double* blocks = a.scratch + 3 * a.block_offset[t];
-    const int64_t nb = (a.numel[t] + BLOCK - 1) / BLOCK;
-    double s[3];
+    double s[3];   // ||w||, ||g||, ||x||
     if (a.mode == MODE_GIVEN) {
         for (int j = 0; j < 3; ++j) s[j] = a.sums[3 * t + j];
     } else {
-        sums<T>(R, t, s0, e0, false, blocks);
-        if (shared) {
-#pragma omp barrier
-        }
-        total(blocks, nb, s);
+        norms_of<T>(R, t, s0, e0, shared, writer, false, s);
     }
     if (a.mode == MODE_SUMS) {
         if (writer)
@@ -165,11 +243,7 @@ void tensor_step(Rule& R, int64_t t, int64_t s0, int64_t e0, bool shared, bool w
         if (shared) {                                        // tensor (rare; all threads alike)
 #pragma omp barrier
         }
-        sums<T>(R, t, s0, e0, true, blocks);
-        if (shared) {
-#pragma omp barrier
-        }
-        total(blocks, nb, s);
+        norms_of<T>(R, t, s0, e0, shared, writer, true, s);
         R.skipped(c, s);
     }
     if (c.fin) R.apply(t, s0, e0, c);
@@ -255,14 +329,14 @@ template <class T>
 struct Lars : Base<T> {
     using Base<T>::Base;
     using Base<T>::a;
-    static constexpr bool kSkipNorm = false, kCounts = false;
+    static constexpr bool kSkipNorm = false, kCounts = false, kHasX = false;
     struct Scalars { bool fin; T trust, lrk, wn, gn; };
 
     template <class F>
     void with_x(int64_t, bool, F&& f) const { f([](int64_t, T) LB_INLINE { return T(0); }); }
 
     Scalars scalars(int64_t t, const double s[3]) const {
-        const T wn = static_cast<T>(std::sqrt(s[0])), gn = static_cast<T>(std::sqrt(s[1]));
+        const T wn = static_cast<T>(s[0]), gn = static_cast<T>(s[1]);
         Scalars c;
         c.fin = finite(gn) && this->ok;
         c.wn = wn;
@@ -309,7 +383,7 @@ struct Lars : Base<T> {
 template <class T>
 struct Lalc : Base<T> {
     using Base<T>::a;
-    static constexpr bool kSkipNorm = true, kCounts = true;
+    static constexpr bool kSkipNorm = true, kCounts = true, kHasX = true;
     struct Scalars { bool fin; T trust, lrk, wn, gn, cd; };
     explicit Lalc(const Args& args) : Base<T>(args) {}
 
@@ -347,11 +421,11 @@ struct Lalc : Base<T> {
 
     Scalars scalars(int64_t t, const double s[3]) const {
         Scalars c;
-        c.wn = static_cast<T>(std::sqrt(s[0]));
-        c.gn = static_cast<T>(std::sqrt(s[1]));
+        c.wn = static_cast<T>(s[0]);
+        c.gn = static_cast<T>(s[1]);
         c.fin = finite(c.gn) && this->ok;
         c.cd = coef_d(t);
-        set_lr(c, static_cast<T>(std::sqrt(s[2])));
+        set_lr(c, static_cast<T>(s[2]));
         return c;
     }
     // lr_k = min(lr, eta ||w|| / (||h|| + eps)) where ||w|| ||h|| > 0, else lr
@@ -365,7 +439,7 @@ struct Lalc : Base<T> {
         c.lrk = lrk;
         c.trust = lr > 0 ? lrk / lr : T(1);
     }
-    void skipped(Scalars& c, const double s[3]) const { set_lr(c, static_cast<T>(std::sqrt(s[2]))); }
+    void skipped(Scalars& c, const double s[3]) const { set_lr(c, static_cast<T>(s[2])); }
     void write(int64_t t, const Scalars& c) const {
         this->out5(t, c.fin, c.trust, c.lrk, c.wn, c.gn);
         if (c.fin && a.mu != 0) *a.count[t] += 1;
@@ -397,7 +471,7 @@ struct Lalc : Base<T> {
 template <class T>
 struct Lamb : Base<T> {
     using Base<T>::a;
-    static constexpr bool kSkipNorm = true, kCounts = true;
+    static constexpr bool kSkipNorm = true, kCounts = true, kHasX = true;
     struct Corr { T rs2, ib1; };                 // rsqrt(1 - b2^n), 1 / (1 - b1^n)
     struct Scalars { bool fin; T trust, lrk, wn, gn; Corr k; };
     const T b1, b2, c1, c2, eps, wd;
@@ -446,11 +520,11 @@ struct Lamb : Base<T> {
 
     Scalars scalars(int64_t t, const double s[3]) const {
         Scalars c;
-        c.wn = static_cast<T>(std::sqrt(s[0]));
-        c.gn = static_cast<T>(std::sqrt(s[1]));
+        c.wn = static_cast<T>(s[0]);
+        c.gn = static_cast<T>(s[1]);
         c.fin = finite(c.gn) && this->ok;
         c.k = corr_of(t, false);
-        set_lr(c, static_cast<T>(std::sqrt(s[2])));
+        set_lr(c, static_cast<T>(s[2]));
         return c;
     }
     void set_lr(Scalars& c, T rn) const {
@@ -462,7 +536,7 @@ struct Lamb : Base<T> {
         c.trust = trust;
         c.lrk = static_cast<T>(a.lr) * trust;
     }
-    void skipped(Scalars& c, const double s[3]) const { set_lr(c, static_cast<T>(std::sqrt(s[2]))); }
+    void skipped(Scalars& c, const double s[3]) const { set_lr(c, static_cast<T>(s[2])); }
     void write(int64_t t, const Scalars& c) const {
         this->out5(t, c.fin, c.trust, c.lrk, c.wn, c.gn);
         if (c.fin) *a.count[t] += 1;
@@ -501,7 +575,7 @@ struct Lamb : Base<T> {
 }  // namespace
 
 extern "C" {
-int largebatch_native_abi() { return 3; }
+int largebatch_native_abi() { return 4; }
 int64_t largebatch_native_block() { return BLOCK; }
 void largebatch_lars_f32(const Args* a) { Lars<float> r(*a); run<float>(r); }
 void largebatch_lars_f64(const Args* a) { Lars<double> r(*a); run<double>(r); }

@@ -24,8 +24,10 @@ Intel Xeon; memory traffic is what every CPU shares). Measured: docs/performance
   ``tests/test_fast_paths.py``).
 * The rule is the one of the class that declares ``_native_rule`` in its own body
   (``"lars"``, ``"lalc"``, ``"lamb"``): a subclass, which may change ``_update``, does not
-  inherit it and takes the ``compiled`` path. Per-step inputs come through the class's own
-  hooks: ``_lr_factor`` (TVLARS's ``phi(t)``) and ``_trust_norm`` (CLARS's ``n_k``).
+  inherit it and takes the ``compiled`` path. The class declares its kernel arguments once,
+  in ``_native_spec`` (a :class:`NativeSpec`: its hyper-parameters, per-tensor inputs such as
+  TVLARS's ``phi(t)`` and CLARS's ``n_k``, the state keys the kernel reads, and what follows
+  the kernel, TVLARS's step counter); this module only moves them into ``struct Args``.
 * Tensors that are not dense (contiguous or channels-last) with their gradient and state in
   the same layout take the ``foreach`` path in one batch. An optimizer whose parameters hold
   fewer than ``_compiled.MIN_TOTAL`` elements in all takes ``foreach`` (small models never
@@ -35,7 +37,7 @@ Intel Xeon; memory traffic is what every CPU shares). Measured: docs/performance
 * No compiler, or ``LARGEBATCH_NO_COMPILE=1`` / ``LARGEBATCH_NO_NATIVE=1``: the ``compiled``
   path (which falls back to ``foreach``); a failed build warns once.
 * Sharded (DTensor) parameters (``_sharded.py``): the kernel's pass 1 alone gives the local
-  sums of squares (:meth:`Native.local_sq`); after the step's one all-reduce, the kernel
+  norms (:meth:`Native.local_norms`); after the step's one all-reduce, the kernel
   without pass 1 applies the update with the reduced norms (:meth:`Native.run_given`).
 """
 
@@ -45,7 +47,6 @@ import ctypes
 import functools
 import hashlib
 import itertools
-import math
 import os
 import shutil
 import subprocess
@@ -58,9 +59,9 @@ from torch import Tensor
 
 from . import _compiled
 from ._compiled import _lists
-from ._paths import Foreach, TensorList
+from ._paths import Foreach
 
-__all__ = ["Native", "available", "rule_of", "library_path"]
+__all__ = ["Native", "NativeSpec", "available", "rule_of", "library_path"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17",
@@ -89,6 +90,20 @@ def applies(device: torch.device) -> bool:
     """Whether a class with a rule defaults to the native path on ``device``: a CPU, the path
     available, and not inside an outer ``torch.compile`` (which then traces the step itself)."""
     return not torch.compiler.is_compiling() and device.type == "cpu" and available()
+
+
+class NativeSpec:
+    """What a class with a native rule hands its kernel (``LayerwiseOptimizer._native_spec``):
+    ``scalars`` (fields of ``struct Args``: ``mu``, ``eta``, ``b1``, ... and ``lr`` where the
+    class folds a factor into it), ``inputs`` (per-tensor 1-D tensors: ``lrf``, ``tn``),
+    ``state`` (the state keys read as ``s0``, ``s1``, ``count``; ``None`` for none) and
+    ``after`` (called after the kernel updated: TVLARS's step counter)."""
+
+    __slots__ = ("scalars", "inputs", "state", "after")
+
+    def __init__(self, scalars: dict[str, Any], inputs: dict[str, Tensor] | None = None,
+                 state: tuple[str | None, ...] = (), after=None):
+        self.scalars, self.inputs, self.state, self.after = scalars, inputs or {}, state, after
 
 
 class _Args(ctypes.Structure):
@@ -157,7 +172,7 @@ def _lib():
                     if not os.path.exists(path):
                         _build(path)
             lib = ctypes.CDLL(path)
-            if lib.largebatch_native_abi() != 3:
+            if lib.largebatch_native_abi() != 4:
                 raise OSError(f"{path}: unexpected ABI version")
             lib.largebatch_native_block.restype = ctypes.c_int64
             global BLOCK
@@ -191,6 +206,30 @@ def _fits(p: Tensor, g: Tensor, st: dict[str, Tensor]) -> bool:
     return g.stride() == s and all(v.dim() == 0 or v.stride() == s for v in st.values())
 
 
+#: 0-d state the kernel reads as an int64 counter (``Args::count``)
+_COUNTERS = ("step",)
+
+
+def _check_meta(opt, p: Tensor, g: Tensor, st: dict[str, Tensor]) -> None:
+    """Refuse, before the kernel reads raw memory, a gradient or state tensor that does not
+    match its parameter (metadata only: no read of a value, no sync): full-size state and the
+    gradient have the parameter's shape, dtype and device; counters are one-element int64
+    tensors. A state of another shape would make the kernel read and write out of bounds."""
+    for k, v in (("grad", g), *st.items()):
+        if isinstance(v, Tensor) and v.dim() == 0 and k != "grad":
+            ok = v.device == p.device and (k not in _COUNTERS or v.dtype == torch.int64)
+            want = "a 0-d int64 tensor" if k in _COUNTERS else "a 0-d tensor"
+        else:
+            ok = isinstance(v, Tensor) and v.shape == p.shape and v.dtype == p.dtype and v.device == p.device
+            want = f"a {p.dtype} tensor of shape {tuple(p.shape)} on {p.device}"
+        if not ok:
+            got = (f"a {v.dtype} tensor of shape {tuple(v.shape)} on {v.device}" if isinstance(v, Tensor)
+                   else f"a {type(v).__name__}")
+            index = next((j for j, q in enumerate(q for grp in opt.param_groups for q in grp["params"]) if q is p), "?")
+            raise ValueError(f"{type(opt).__name__}: parameter {index}: {'its gradient' if k == 'grad' else f'state {k!r}'} "
+                             f"is {got}, expected {want} (was the state loaded from another model or changed by hand?)")
+
+
 MODE_FULL, MODE_SUMS, MODE_GIVEN = 0, 1, 2   # _native.cpp, struct Args::mode
 
 
@@ -205,6 +244,8 @@ def _split(opt, params, grads, states):
     # takes foreach; a large one runs every bucket here, its biases and norm layers too
     if sum(p.numel() for g in opt.param_groups for p in g["params"]) < _compiled.MIN_TOTAL:
         return None, [], list(range(n))
+    for i in range(n):
+        _check_meta(opt, params[i], grads[i], states[i])
     idx = [i for i in range(n) if _fits(params[i], grads[i], states[i])]
     lib = _lib() if idx else None
     if idx and lib is None:
@@ -229,7 +270,9 @@ def _merge(n, idx, cols, rest, rest_cols):
 
 class Native:
     """Engine path object (``P``) for ``"native"``: :meth:`run` replaces the engine's loop
-    (:meth:`local_sq` and :meth:`run_given` for sharded parameters, ``_sharded.py``)."""
+    (:meth:`local_norms` and :meth:`run_given` for sharded parameters, ``_sharded.py``)."""
+
+    fuses_scale = True   # the scale is a kernel input of both sharded phases (_paths.PerTensor)
 
     @staticmethod
     def run(opt, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
@@ -249,19 +292,19 @@ class Native:
         return _merge(len(params), idx, cols, rest, rest_cols)
 
     @staticmethod
-    def local_sq(opt, group, params, grads, states, scale: Tensor | None = None) -> Tensor:
-        """``LayerwiseOptimizer._local_sq`` of every tensor, ``[n, k]`` float64 (writes nothing):
-        the kernel's pass 1 alone."""
+    def local_norms(opt, group, params, grads, states, scale: Tensor | None = None) -> Tensor:
+        """``LayerwiseOptimizer._local_norms`` of every tensor, ``[n, k]`` float64 (writes
+        nothing): the kernel's pass 1 alone."""
         split = _split(opt, params, grads, states)
         if split is None:
-            return _compiled.Compiled.local_sq(opt, group, params, grads, states, scale)
+            return _compiled.Compiled.local_norms(opt, group, params, grads, states, scale)
         lib, idx, rest = split
         parts = []
         if idx:
-            sums = _call(lib, opt, group, *_sub(params, grads, states, idx), scale, None, mode=MODE_SUMS)
-            parts.append(sums[:, _columns(opt, group)])
+            got = _call(lib, opt, group, *_sub(params, grads, states, idx), scale, None, mode=MODE_SUMS)
+            parts.append(got[:, _columns(opt, group)])
         if rest:
-            parts.append(opt._local_sq(group, *_lists(params, grads, states, rest), Foreach, scale))
+            parts.append(opt._local_norms(group, *_lists(params, grads, states, rest), Foreach, scale).double())
         if not rest or not idx:
             return parts[0]
         out = torch.empty((len(params), parts[0].shape[1]), dtype=torch.float64)
@@ -279,10 +322,9 @@ class Native:
         lib, idx, rest = split
         cols = rest_cols = None
         if idx:
-            # the kernel takes sums of squares: in double, sqrt(x * x) == x for these norms
-            sq = torch.zeros((len(idx), 3), dtype=torch.float64)
-            sq[:, _columns(opt, group)] = norms[idx].double().square()
-            cols = _call(lib, opt, group, *_sub(params, grads, states, idx), scale, ok, mode=MODE_GIVEN, sums=sq)
+            given = torch.zeros((len(idx), 3), dtype=torch.float64)
+            given[:, _columns(opt, group)] = norms[idx].double()
+            cols = _call(lib, opt, group, *_sub(params, grads, states, idx), scale, ok, mode=MODE_GIVEN, sums=given)
         if rest:
             rest_cols = opt._given_update(group, *_lists(params, grads, states, rest), norms[rest], Foreach,
                                           scale, ok)
@@ -294,7 +336,7 @@ def _sub(params, grads, states, idx):
 
 
 def _columns(opt, group) -> list[int]:
-    """Which of the kernel's sums (``||w||^2, ||g||^2, ||x||^2``) make up ``_local_sq``'s
+    """Which of the kernel's norms (``||w||, ||g||, ||x||``) make up ``_local_norms``'s
     columns: ``w`` for an adapted group, ``g``, then the norm operand (LALC's ``h``, LAMB's
     ``r``) where the class has one."""
     return ([0] if group["adapt"] else []) + [1] + ([2] if opt._n_norm_operands(group) else [])
@@ -302,8 +344,8 @@ def _columns(opt, group) -> list[int]:
 
 def _call(lib, opt, group, params, grads, states, scale, ok, mode: int = MODE_FULL, sums: Tensor | None = None):
     """One kernel call on tensors that all fit (:func:`_fits`): the step's output columns, or
-    for ``MODE_SUMS`` the sums of squares ``[n, 3]`` (``||w||^2, ||g||^2, ||x||^2``, float64);
-    ``MODE_GIVEN`` takes them from ``sums``."""
+    for ``MODE_SUMS`` the norms ``[n, 3]`` (``||w||, ||g||, ||x||``, float64); ``MODE_GIVEN``
+    takes them from ``sums``."""
     rule, dt = rule_of(type(opt)), params[0].dtype
     n = len(params)
     a = _Args()
@@ -318,45 +360,16 @@ def _call(lib, opt, group, params, grads, states, scale, ok, mode: int = MODE_FU
     a.lr = float(lr)                         # a 0-d tensor on the CPU: read, no device sync
     a.wd, a.eps = float(group["weight_decay"]), float(group["eps"])
     a.adapt = bool(group["adapt"])
-    after = []
-
-    def state_ptrs(*keys):
-        for field, key in zip(("s0", "s1", "count"), keys):
-            if key is not None:
-                arrays[field] = [st[key].data_ptr() for st in states]
-
-    if rule == "lars":
-        a.mu, a.eta = float(group["momentum"]), float(group["eta"])
-        a.nesterov = bool(type(opt)._nesterov_only or group["nesterov"])
-        a.clip = bool(group.get("trust_clip"))
-        st = {k: TensorList(s[k] for s in states) for k in states[0]}
-        f = opt._lr_factor(group, st, Foreach, dt)
-        if isinstance(f, Tensor):            # TVLARS: phi(t) per tensor, in the compute dtype
-            keep.append(f.to(dt).contiguous())
-            a.lrf = keep[-1].data_ptr()
-        else:
-            a.lr = a.lr * f
-        from .lars import _TrustMomentum
-        if a.adapt and type(opt)._trust_norm is not _TrustMomentum._trust_norm:   # CLARS: n_k
-            keep.append(opt._trust_norm(group, None, torch.empty((), dtype=dt), st, Foreach).to(dt).contiguous())
-            a.tn = keep[-1].data_ptr()
-        if a.mu != 0:
-            state_ptrs("velocity")
-        if "optimizer_steps" in st:          # TVLARS: t counts every step (tvlars.py)
-            after.append(st["optimizer_steps"].ts)
-    elif rule == "lalc":
-        a.mu, a.eta, a.damp = float(group["momentum"]), float(group["eta"]), float(group["dampening"])
-        a.nesterov = bool(group["nesterov"])
-        if a.mu != 0:
-            state_ptrs("momentum_buffer", None, "step")
-    elif rule == "lamb":
-        a.b1, a.b2 = (float(b) for b in group["betas"])
-        a.log_b1, a.log_b2 = (math.log(b) if b > 0 else -math.inf for b in (a.b1, a.b2))
-        mt = group["max_trust"]
-        a.has_max_trust, a.max_trust = mt is not None, float(mt) if mt is not None else 0.0
-        state_ptrs("exp_avg", "exp_avg_sq", "step")
-    else:
-        raise AssertionError(f"unknown native rule {rule!r}")
+    # the class's own arguments (its rule's hyper-parameters, per-tensor inputs, state keys)
+    spec = opt._native_spec(group, states, dt)
+    for field, value in spec.scalars.items():
+        setattr(a, field, value)
+    for field, t in spec.inputs.items():       # per-tensor factors (TVLARS's phi(t), CLARS's n_k)
+        keep.append(t.to(dt).contiguous())
+        setattr(a, field, keep[-1].data_ptr())
+    for field, key in zip(("s0", "s1", "count"), spec.state):
+        if key is not None:
+            arrays[field] = [st[key].data_ptr() for st in states]
     table = torch.tensor(list(itertools.chain.from_iterable(arrays.values())), dtype=torch.int64)
     for j, field in enumerate(arrays):
         setattr(a, field, table.data_ptr() + 8 * n * j)
@@ -376,6 +389,6 @@ def _call(lib, opt, group, params, grads, states, scale, ok, mode: int = MODE_FU
     getattr(lib, f"largebatch_{rule}_{DTYPES[dt]}")(ctypes.byref(a))
     if mode == MODE_SUMS:
         return sums
-    for counters in after:
-        torch._foreach_add_(counters, 1)
+    if spec.after is not None:
+        spec.after()
     return out[:, 0] != 0, out[:, 1], out[:, 2], out[:, 3] if a.adapt else None, out[:, 4]

@@ -8,10 +8,16 @@ supplies the few operations whose spelling differs between paths:
 * ``P.coef(v)``: a per-tensor scalar ready to multiply tensors;
 * ``P.stack(x)``: 0-d state tensors (step counters) as a vector over the bucket;
 * ``P.zero_unless(mask, x)``: ``x`` where ``mask`` holds, zeros elsewhere;
-* ``P.sqnorm(x)``: the local sum of squares of each tensor as float64 (sharded parameters,
-  ``_sharded.py``: the sums of all tensors are all-reduced at once); the norm itself is taken
-  in the tensor's dtype, as ``P.norm`` does (a float64 norm of float32 data is 10x slower on
-  CPU), and squared in float64, where the sums over the ranks cannot overflow.
+
+Norms never overflow or underflow for finite input (docs/algorithms.md, section 8): the
+plain norm (one pass, accumulated in the tensor's dtype) is kept where it is a normal number
+well inside the dtype's range; where it is not (``inf`` from squares above the range, or
+below :data:`_SAFE_LOW`, where squares may have underflowed, exact zeros included) the norm
+is recomputed as ``2^e * ||x / 2^e||`` with ``2^e`` the power of two of ``max |x|`` (BLAS
+``nrm2``'s scaling; the division is exact). On the CPU only those tensors are recomputed (a
+value of a CPU tensor is read: no device sync); on other devices and inside ``torch.compile``
+the recomputation is a ``torch.where`` (float32 and narrower on CUDA accumulate in float64
+instead: one pass). Non-finite input keeps a non-finite norm.
 
 ``PerTensor`` (the readable reference) hands ``_update`` one tensor at a time; ``Foreach``
 hands it :class:`TensorList` objects, whose methods are ``torch._foreach_*`` calls over
@@ -22,12 +28,13 @@ package rule spelled once more, in C++, tested equal to this one.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["TensorList", "PerTensor", "Foreach", "Replay"]
+__all__ = ["TensorList", "PerTensor", "Foreach", "Replay", "norms"]
 
 
 def _ts(x):
@@ -97,12 +104,79 @@ for _name in _BINARY + _UNARY:
 del _name, _m_, _m
 
 
+_INF = float("inf")
+#: plain norms at least this large lost nothing to underflowed squares (the lost mass is
+#: below ``numel * tiny``, relative ``eps`` for tensors of up to 2^40 elements); smaller
+#: ones, exact zeros included, are recomputed scaled
+_SAFE_LOW = {torch.float64: 2.0 ** -130, torch.float32: 2.0 ** -31, torch.float16: 2.0 ** -5,
+             torch.bfloat16: 2.0 ** -31}
+
+
+def _scaled_norms(ts: list[Tensor]) -> Tensor:
+    """``2^e * ||x / 2^e||`` per tensor, ``2^e`` the power of two of ``max |x|`` (clamped so
+    that ``2^-e`` is finite: subnormal maxima are scaled by the largest power the dtype has);
+    ``inf`` / NaN maxima give ``inf`` / NaN; empty tensors 0."""
+    ts = [t if t.numel() else t.new_zeros(1) for t in ts]
+    amax = torch.stack(torch._foreach_norm(ts, _INF))
+    top = math.frexp(torch.finfo(amax.dtype).max)[1] - 2    # 2^top and 2^-top are finite
+    _, e = torch.frexp(amax)
+    e = e.clamp(min=-top, max=top)
+    down = torch.ldexp(torch.ones_like(amax), -e)
+    n = torch.stack(torch._foreach_norm(torch._foreach_mul(ts, list(down.unbind()))))
+    return torch.where(torch.isfinite(amax), torch.ldexp(n, e), amax)
+
+
+def norms(ts: list[Tensor]) -> Tensor:
+    """The L2 norm of each tensor of ``ts`` (one dtype and device), 1-D in that dtype, free of
+    overflow and underflow for finite input (module docstring)."""
+    x0 = ts[0]
+    low = _SAFE_LOW.get(x0.dtype, 0.0)
+    if x0.device.type == "cuda" and x0.dtype != torch.float64 and not torch.compiler.is_compiling():
+        return torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)).to(x0.dtype)
+    n = torch.stack(torch._foreach_norm(ts))
+    bad = ~(n >= low) | (n == _INF)
+    if x0.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bad.any():            # a CPU tensor's value: no device sync
+            return n
+        idx = bad.nonzero().flatten().tolist()
+        return n.index_put((bad.nonzero().flatten(),), _scaled_norms([ts[i] for i in idx]))
+    return torch.where(bad, _scaled_norms(ts), n)
+
+
+def _stacked(rows) -> tuple:
+    """Per-tensor output rows ``(fin, trust, lr, w_norm, g_norm)`` as columns (``None`` stays)."""
+    return tuple(None if col[0] is None else torch.stack(col) for col in zip(*rows))
+
+
 class PerTensor:
-    """Reference path: ``_update`` sees one tensor at a time; per-tensor scalars are 0-d."""
+    """Reference path: ``_update`` sees one tensor at a time; per-tensor scalars are 0-d.
+
+    Every path object offers the same three entry points, used by the engine and the sharded
+    flow alike: ``run`` (one step of a bucket; returns ``fin, trust, lr, w_norm, g_norm`` in
+    ``params`` order), ``local_norms`` (``[n, k]``, sharded parameters' phase 1) and
+    ``run_given`` (the step with the reduced norms). ``fuses_scale``: whether a GradScaler's
+    scale is applied inside both sharded phases (kernels) or divided out once beforehand."""
+
+    fuses_scale = False
+
+    @staticmethod
+    def run(opt, group, params, grads, states, scale=None, ok=None):
+        return _stacked([opt._masked_update(group, w, g, st, PerTensor, scale, ok)
+                         for w, g, st in zip(params, grads, states)])
+
+    @staticmethod
+    def local_norms(opt, group, params, grads, states, scale=None) -> Tensor:
+        return torch.stack([opt._local_norms(group, w, g, st, PerTensor, scale)
+                            for w, g, st in zip(params, grads, states)])
+
+    @staticmethod
+    def run_given(opt, group, params, grads, states, norms: Tensor, scale=None, ok=None):
+        return _stacked([opt._given_update(group, w, g, st, norms[i], PerTensor, scale, ok)
+                         for i, (w, g, st) in enumerate(zip(params, grads, states))])
 
     @staticmethod
     def norm(x: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(x)
+        return norms([x])[0]
 
     @staticmethod
     def coef(v: Tensor) -> Tensor:
@@ -116,18 +190,34 @@ class PerTensor:
     def zero_unless(mask: Tensor, x: Tensor) -> Tensor:
         return torch.where(mask, x, 0)
 
-    @staticmethod
-    def sqnorm(x: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(x).double().square()
+
+
+def _lists(params, grads, states):
+    return TensorList(params), TensorList(grads), {k: TensorList(s[k] for s in states) for k in states[0]}
 
 
 class Foreach:
     """Multi-tensor path: ``_update`` sees a :class:`TensorList`; per-tensor scalars are
-    1-D vectors while computed and a ``TensorList`` of 0-d tensors when applied."""
+    1-D vectors while computed and a ``TensorList`` of 0-d tensors when applied. Entry points
+    as :class:`PerTensor`'s."""
+
+    fuses_scale = False
+
+    @staticmethod
+    def run(opt, group, params, grads, states, scale=None, ok=None):
+        return opt._masked_update(group, *_lists(params, grads, states), Foreach, scale, ok)
+
+    @staticmethod
+    def local_norms(opt, group, params, grads, states, scale=None) -> Tensor:
+        return opt._local_norms(group, *_lists(params, grads, states), Foreach, scale)
+
+    @staticmethod
+    def run_given(opt, group, params, grads, states, norms: Tensor, scale=None, ok=None):
+        return opt._given_update(group, *_lists(params, grads, states), norms, Foreach, scale, ok)
 
     @staticmethod
     def norm(x: TensorList) -> Tensor:
-        return torch.stack(torch._foreach_norm(x.ts))
+        return norms(x.ts)
 
     @staticmethod
     def coef(v: Tensor) -> TensorList:
@@ -141,9 +231,6 @@ class Foreach:
     def zero_unless(mask: Tensor, x: TensorList) -> TensorList:
         return TensorList(torch.where(m, t, 0) for m, t in zip(mask.unbind(), x.ts))
 
-    @staticmethod
-    def sqnorm(x: TensorList) -> Tensor:
-        return torch.stack(torch._foreach_norm(x.ts)).double().square()
 
 
 class Replay:

@@ -8,12 +8,15 @@ bucket of the step (all groups) to :func:`run`, which works on the local shards
 (``to_local()``: the parameter, its gradient and its state; state stays a DTensor, as in
 ``torch.optim``) in three phases:
 
-1. each rank computes, per tensor, the *local* sums of squares of ``w`` (adapted groups),
-   ``g`` and of the tensors ``_update`` takes further norms of (LAMB's ``r``, LALC's ``h``,
-   computed out of place as ``_update`` computes them from a finite gradient:
-   ``LayerwiseOptimizer._norm_operands``), in float64, into one flat vector;
-2. **one** ``all_reduce`` (sum) of that vector over the mesh's ranks, then ``sqrt``: the
-   norms of the full tensors. A ``Shard`` mesh dimension adds the shards' sums; along a
+1. each rank computes, per tensor, the *local* norms of ``w`` (adapted groups), ``g`` and
+   of the tensors ``_update`` takes further norms of (LAMB's ``r``, LALC's ``h``, computed
+   out of place as ``_update`` computes them from a finite gradient:
+   ``LayerwiseOptimizer._norm_operands``), free of overflow and underflow (``_paths.norms``),
+   and their squares in float64 into one flat vector (for float64 data, three squares per
+   norm, scaled by ``2^-600``, 1 and ``2^600``: one of them is a normal number for any
+   finite norm, :func:`_bands`);
+2. **one** ``all_reduce`` (sum) of that vector over the mesh's ranks, then the square root
+   (of the band that holds the sum): the norms of the full tensors. A ``Shard`` mesh dimension adds the shards' sums; along a
    ``Replicate`` mesh dimension only coordinate 0 contributes (the copies add exact zeros).
    When no tensor of the mesh is sharded (all ``Replicate()``) the local sums are the full
    ones and there is no collective at all;
@@ -45,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._paths import Foreach, PerTensor, TensorList
+from ._paths import PerTensor
 
 __all__ = ["dtensor_type", "run", "global_sq_norms"]
 
@@ -119,30 +122,22 @@ def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]], amp=None) -> 
     """One step for the DTensor buckets ``jobs`` (``(group, params, P)``, ``P`` the path
     object); returns each bucket's ``fin`` (gradient finite, per tensor). ``amp``: the
     GradScaler's inputs (``_engine._AmpInputs``) or ``None``."""
-    from ._compiled import Compiled
-    from ._engine import _Counters, _working_tensors
-    from ._native import Native
+    from ._engine import _Counters, _working_tensors, maximized
 
     DT = dtensor_type()
     cache: dict = {}
     prepared, sqs = [], []
-    for group, params, P in jobs:  # 1. local sums of squares
+    for group, params, P in jobs:  # 1. local norms, squared
         states = [{k: v.to_local() if isinstance(v, DT) else v for k, v in st.items()}
                   for st in opt._states(group, params)]
         work, grads, states, targets = _working_tensors(
             [p.to_local() for p in params], [_local_grad(p, DT) for p in params], states)
-        scale = amp.scale(work[0]) if amp is not None else None
-        if scale is not None and P is not Compiled and P is not Native:  # eager: unscale once for both phases
+        scale = maximized(group, amp.scale(work[0]) if amp is not None else None, work[0])
+        if scale is not None and not P.fuses_scale:  # eager: unscale once for both phases
             grads, scale = list(torch._foreach_div(grads, scale)), None
-        if P is Compiled or P is Native:  # kernels: the scale is an input of both phases
-            sq = P.local_sq(opt, group, work, grads, states, scale)
-        elif P is Foreach:
-            sq = opt._local_sq(group, TensorList(work), TensorList(grads),
-                               {k: TensorList(s[k] for s in states) for k in states[0]}, Foreach)
-        else:
-            sq = torch.stack([opt._local_sq(group, w, g, st, PerTensor) for w, g, st in zip(work, grads, states)])
-        prepared.append((group, params, P, work, grads, states, targets, sq.shape, scale))
-        sqs.append(sq)
+        local = P.local_norms(opt, group, work, grads, states, scale)
+        prepared.append((group, params, P, work, grads, states, targets, local.shape, scale))
+        sqs.append(_bands(local, work[0].dtype))
 
     norms: list[Tensor | None] = [None] * len(jobs)  # 2. one all_reduce per mesh (usually one)
     by_mesh: dict[Any, list[int]] = {}
@@ -154,25 +149,15 @@ def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]], amp=None) -> 
             _all_reduce(flat, mesh)
         else:  # every tensor is replicated: the local sums are the full ones, no collective
             flat = torch.cat([sqs[j].reshape(-1) for j in idx])
-        flat = flat.sqrt_()
         for j, part in zip(idx, flat.split([sqs[j].numel() for j in idx])):
-            norms[j] = part
+            norms[j] = _norms_of_bands(part.view(sqs[j].shape), prepared[j][3][0].dtype)
 
     fins = []
     for (group, params, P, work, grads, states, targets, shape, scale), nrm in zip(prepared, norms):  # 3. update
-        nrm = nrm.view(shape).to(work[0].dtype)  # the compute dtype
+        nrm = nrm.reshape(shape).to(work[0].dtype)  # the compute dtype
         ok = amp.ok(nrm.device) if amp is not None else None
         counters = _Counters(states) if ok is not None else None
-        if P is Compiled or P is Native:
-            cols = P.run_given(opt, group, work, grads, states, nrm, scale, ok)
-        elif P is Foreach:
-            cols = opt._given_update(group, TensorList(work), TensorList(grads),
-                                     {k: TensorList(s[k] for s in states) for k in states[0]}, nrm, Foreach,
-                                     None, ok)
-        else:
-            rows = [opt._given_update(group, w, g, st, nrm[i], PerTensor, None, ok)
-                    for i, (w, g, st) in enumerate(zip(work, grads, states))]
-            cols = tuple(None if col[0] is None else torch.stack(col) for col in zip(*rows))
+        cols = P.run_given(opt, group, work, grads, states, nrm, scale, ok)
         if counters is not None:
             counters.restore_unless(ok)
         fin, trust, lr, wn, gn = cols
@@ -181,6 +166,39 @@ def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]], amp=None) -> 
         opt._record_stats(group, params, fin, trust, lr, wn, gn)
         fins.append(fin)
     return fins
+
+
+#: float64 sums of squares of norms of float64 data are taken in three bands, the norms scaled by
+#: 2^-600, 1 and 2^600: one of them holds every norm from 2^-1074 to 2^1024 as a normal number
+_BAND = 600.0
+
+
+def _bands(local: Tensor, dtype: torch.dtype) -> Tensor:
+    """What is summed over the ranks for local norms ``[n, k]``: their squares in float64 (data
+    of float32 or narrower: no overflow, no underflow), for float64 data in the three bands of
+    :data:`_BAND` (``[n, 3k]``). A non-finite norm stays non-finite in every band."""
+    x = local.double()
+    if dtype != torch.float64:
+        return x.square()
+    return torch.cat([torch.ldexp(x, torch.tensor(-_BAND, dtype=torch.float64)).square(), x.square(),
+                      torch.ldexp(x, torch.tensor(_BAND, dtype=torch.float64)).square()], dim=-1)
+
+
+def _norms_of_bands(sq: Tensor, dtype: torch.dtype) -> Tensor:
+    """The full tensors' norms (float64, ``[n, k]``) from the reduced :func:`_bands`: for float64
+    data the high band where the norm is at least 2^120 (squares it lost are below 2^-114 of
+    the sum), else the middle one where at least 2^-450, else the low one. NaN and inf stay
+    non-finite (a NaN fails both comparisons and reaches the low band, NaN there too)."""
+    if dtype != torch.float64:
+        return sq.sqrt()
+    hi, mid, lo = sq.chunk(3, dim=-1)
+    two = lambda e: torch.tensor(e, dtype=torch.float64)  # noqa: E731
+    return torch.where(hi >= 2.0 ** (2 * (120 - _BAND)), torch.ldexp(hi.sqrt(), two(_BAND)),
+                       torch.where(mid >= 2.0 ** -900, mid.sqrt(), torch.ldexp(lo.sqrt(), two(-_BAND))))
+
+
+def _sq(t: Tensor) -> Tensor:
+    return PerTensor.norm(t).double().square()
 
 
 def global_sq_norms(tensors: list[Tensor]) -> list[Tensor]:
@@ -195,10 +213,10 @@ def global_sq_norms(tensors: list[Tensor]) -> list[Tensor]:
         if DT is not None and isinstance(t, DT):
             by_mesh.setdefault(t.device_mesh, []).append(i)
         else:
-            out[i] = PerTensor.sqnorm(t)
+            out[i] = _sq(t)
     for mesh, idx in by_mesh.items():
         parts = [tensors[i] for i in idx]
-        flat = torch.stack([PerTensor.sqnorm(t.to_local()) for t in parts])
+        flat = torch.stack([_sq(t.to_local()) for t in parts])
         if any(_sharded(t) for t in parts):
             flat = _zero_copies(flat.unsqueeze(1), parts, cache).reshape(-1)
             _all_reduce(flat, mesh)

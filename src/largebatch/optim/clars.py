@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..persample import PerSampleGradNorms, PerSampleStats
-from ._engine import compute_dtype
+from ._engine import _state_like, compute_dtype
 from .lars import _TrustMomentum
 
 __all__ = ["CLARS"]
@@ -62,10 +62,14 @@ class CLARS(_TrustMomentum):
         loss_scale: any further constant the loss was multiplied by, e.g. ``1/k`` for ``k``
             accumulated micro-batches (settable later as ``opt.persample.loss_scale``).
         unscale_persample: under ``torch.amp.GradScaler``, divide the per-sample norms by the
-            scaler's ``grad_scale`` inside the step, as the gradients are (default False;
-            settable later as ``opt.unscale_persample``). Then ``loss_scale`` leaves the
-            scaler's scale out (``1/k``, no ``scaler.get_scale()`` host sync). With False (the
-            tracker's contract) ``loss_scale`` includes the scaler's scale.
+            scaler's ``grad_scale`` inside the step, as the gradients are (default True;
+            settable later as ``opt.unscale_persample``): ``loss_scale`` then leaves the
+            scaler's scale out (``1/k``, no ``scaler.get_scale()`` host sync), and a scaler in a
+            loop that knows nothing of CLARS (Lightning's ``16-mixed``) needs no setting. With
+            False (the tracker's contract) ``loss_scale`` includes the scaler's scale: needed
+            where the scaler passes no scale (``scaler.unscale_(opt)``, ``amp_unscale_in_step
+            = False``).
+        maximize, foreach, differentiable: as ``torch.optim`` (see :class:`~largebatch.optim.LARS`).
         path: execution path, see :class:`~largebatch.optim._engine.LayerwiseOptimizer`.
 
     Only adapted tensors need ``n_k``, so only they are tracked (excluded tensors, by
@@ -84,6 +88,9 @@ class CLARS(_TrustMomentum):
     After an explicit ``scaler.unscale_(opt)`` (gradient clipping) the scaler passes no
     ``grad_scale``: the per-sample norms cannot be unscaled in the step, so there ``loss_scale``
     must include the scale and ``unscale_persample`` be False (``step()`` raises otherwise).
+    ``add_param_group`` rebuilds a tracker this optimizer built, over all adapted tensors. A
+    step at ``lr = 0`` without statistics (``torch.distributed.checkpoint``'s initialisation)
+    only creates state (docs/optimizers.md, "Checkpoints and copies").
     """
 
     _nesterov_only = True
@@ -94,13 +101,16 @@ class CLARS(_TrustMomentum):
                  weight_decay: float = 0.0, eps: float = 0.0, adapt: bool = True, *,
                  model: nn.Module | None = None, persample_subset: int | None = None,
                  loss_reduction: str = "mean", loss_scale: float | Tensor = 1.0,
-                 unscale_persample: bool = False, path: str | None = None):
+                 unscale_persample: bool = True, path: str | None = None, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False):
         defaults = dict(lr=lr, momentum=momentum, eta=eta, weight_decay=weight_decay, eps=eps, adapt=adapt)
-        super().__init__(params, defaults, path=path)
+        super().__init__(params, defaults, path=path, maximize=maximize, foreach=foreach,
+                         differentiable=differentiable)
         self.unscale_persample = unscale_persample
         self.persample: PerSampleGradNorms | None = None
         self.last_persample: PerSampleStats | None = None
         self._n_k: dict[Tensor, Tensor] = {}  # this step's n_k per adapted tensor, set by step()
+        self._attached: tuple[nn.Module, dict[str, Any]] | None = None
         if model is not None:
             self.attach(model, persample_subset=persample_subset, loss_reduction=loss_reduction,
                         loss_scale=loss_scale)
@@ -117,16 +127,41 @@ class CLARS(_TrustMomentum):
         if self.persample is not None:
             self.persample.remove()
             self.persample = None
+        self._attached = None
         if isinstance(model, PerSampleGradNorms):
             if tracker_kwargs:
                 raise ValueError("attach(tracker) takes no keyword arguments")
             self.persample = model
         else:
             adapted = [p for g in self.param_groups if g["adapt"] for p in g["params"] if p.requires_grad]
-            if not adapted:
+            partitioned = _partitioned(self, model)
+            if not adapted and not partitioned:
                 raise ValueError("CLARS has no adapted parameter to measure (every group has adapt=False)")
-            self.persample = PerSampleGradNorms(model, params=adapted, **tracker_kwargs)
+            if partitioned:
+                # ZeroRedundancyOptimizer: each rank's CLARS holds a part of the model, but the
+                # statistics are all-reduced over the ranks, so every rank measures the same
+                # tensors: all trainable ones it has a rule for (the others get none)
+                tracker_kwargs = {"unsupported": "skip", **tracker_kwargs}
+                self.persample = PerSampleGradNorms(model, **tracker_kwargs)
+            else:
+                self.persample = PerSampleGradNorms(model, params=adapted, **tracker_kwargs)
+            self._attached = (model, tracker_kwargs)
         return self.persample
+
+    def _group_added(self, group):
+        """A group added after construction (``add_param_group``): its adapted tensors need
+        per-sample statistics, so a tracker this optimizer built is rebuilt over all adapted
+        tensors (statistics measured since the last step are dropped: add groups between steps)."""
+        attached = getattr(self, "_attached", None)
+        if not group["adapt"] or getattr(self, "persample", None) is None:
+            return
+        if attached is None:
+            raise ValueError("CLARS.add_param_group with adapted tensors: the attached tracker was built outside "
+                             "this optimizer and cannot measure them; attach a tracker over all adapted tensors "
+                             "(opt.attach(...)) or add the group with adapt=False")
+        model, kwargs = attached
+        kwargs = {**kwargs, "loss_scale": self.persample.loss_scale}
+        self.attach(model, **kwargs)
 
     def detach(self) -> None:
         """Remove the hooks (``step()`` then raises until :meth:`attach` is called again)."""
@@ -145,7 +180,7 @@ class CLARS(_TrustMomentum):
             stats = self._unscaled(stats)
         pos = stats.index()
         n_k = stats.mean_norm()
-        inputs, missing = {}, []
+        inputs, missing, missing_params = {}, [], []
         for g in self.param_groups:
             if not g["adapt"]:
                 continue
@@ -154,9 +189,12 @@ class CLARS(_TrustMomentum):
                     continue
                 j = pos.get(id(p))
                 if j is None or stats.local_count[j] == 0:
+                    missing_params.append(p)
                     missing.append(stats.names[j] if j is not None else f"{g.get('name', 'group')} {tuple(p.shape)}")
                 else:
                     inputs[p] = n_k[j].to(compute_dtype(p.dtype))  # SPEC "Precision"
+        if missing and all(float(g["lr"]) == 0 for g in self.param_groups if g["adapt"]):
+            return self._step_without_statistics(missing_params, loss)   # (a read on the error path only)
         if missing:
             raise RuntimeError(
                 f"CLARS step without per-sample statistics for {len(missing)} adapted tensor(s) "
@@ -168,6 +206,28 @@ class CLARS(_TrustMomentum):
             super().step()
         finally:
             self._n_k = {}
+        return loss
+
+    def _step_without_statistics(self, params: list[Tensor], loss):
+        """A step at ``lr = 0`` with gradients but without per-sample statistics for some
+        adapted tensors (``torch.distributed.checkpoint``'s initialisation sets zero gradients
+        and ``lr = 0`` and calls ``step()`` with no backward): no ``n_k`` exists, and at
+        ``lr = 0`` CLARS moves nothing whatever ``n_k`` is, so these tensors only get their
+        state created (as a step creates it) and the rest takes its step. At ``lr > 0`` a step
+        without statistics raises (docs/clars.md)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if any(p is q for q in params) and not self.state[p]:
+                    self.state[p].update(self._init_state(_state_like(p), group))
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            self.last_persample = None
+            super().step()
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
         return loss
 
     def _unscaled(self, stats: PerSampleStats) -> PerSampleStats:
@@ -202,5 +262,20 @@ class CLARS(_TrustMomentum):
             return {}
         return {"persample_norm": [self._n_k[p] for p in params]}
 
+    def _native_trust_norm(self, group, st, dtype):
+        from ._paths import Foreach
+        return self._trust_norm(group, None, torch.empty((), dtype=dtype), st, Foreach)
+
     def _trust_norm(self, group, w, g_norm, st, P) -> Tensor:
         return P.stack(st["persample_norm"]).to(g_norm.dtype)
+
+
+def _partitioned(opt: CLARS, model: nn.Module) -> bool:
+    """Whether ``opt`` holds only part of ``model``'s trainable parameters in a multi-process run
+    (``ZeroRedundancyOptimizer`` gives each rank's optimizer one partition)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    mine = {id(p) for g in opt.param_groups for p in g["params"]}
+    return any(id(p) not in mine for p in model.parameters() if p.requires_grad)

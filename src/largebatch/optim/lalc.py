@@ -45,10 +45,12 @@ class LALC(LayerwiseOptimizer):
 
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 0.01, dampening: float = 0.0,
                  nesterov: bool = False, eps: float = 1e-8, weight_decay: float = 0.0, adapt: bool = True,
-                 path: str | None = None):
+                 path: str | None = None, *, maximize: bool = False, foreach: bool | None = None,
+                 differentiable: bool = False):
         defaults = dict(lr=lr, momentum=momentum, eta=eta, dampening=dampening, nesterov=nesterov,
                         eps=eps, weight_decay=weight_decay, adapt=adapt)
-        super().__init__(params, defaults, path=path)
+        super().__init__(params, defaults, path=path, maximize=maximize, foreach=foreach,
+                         differentiable=differentiable)
 
     @classmethod
     def _check_hparams(cls, g):
@@ -64,6 +66,12 @@ class LALC(LayerwiseOptimizer):
             return {}
         return {"step": torch.zeros((), dtype=torch.int64, device=p.device),
                 "momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    def _native_spec(self, group, states, dtype):
+        from ._native import NativeSpec
+        scalars = dict(mu=float(group["momentum"]), eta=float(group["eta"]), damp=float(group["dampening"]),
+                       nesterov=bool(group["nesterov"]))
+        return NativeSpec(scalars, state=("momentum_buffer", None, "step") if scalars["mu"] != 0 else ())
 
     @classmethod
     def _n_norm_operands(cls, group):

@@ -48,6 +48,30 @@ class _TrustMomentum(LayerwiseOptimizer):
             st["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
 
+    def _native_spec(self, group, states, dtype):
+        from ._native import NativeSpec
+        from ._paths import Foreach, TensorList
+
+        st = {k: TensorList(s[k] for s in states) for k in states[0]}
+        scalars = dict(mu=float(group["momentum"]), eta=float(group["eta"]),
+                       nesterov=bool(self._nesterov_only or group["nesterov"]), clip=bool(group.get("trust_clip")))
+        inputs = {}
+        f = self._lr_factor(group, st, Foreach, dtype)
+        if isinstance(f, Tensor):            # TVLARS: phi(t) per tensor, in the compute dtype
+            inputs["lrf"] = f
+        else:
+            scalars["lr"] = float(group["lr"]) * f
+        if group["adapt"]:
+            tn = self._native_trust_norm(group, st, dtype)
+            if tn is not None:
+                inputs["tn"] = tn
+        return NativeSpec(scalars, inputs, ("velocity",) if scalars["mu"] != 0 else ())
+
+    def _native_trust_norm(self, group, st, dtype) -> Tensor | None:
+        """The norm in the trust ratio's denominator when it is not ``||g||`` (CLARS's
+        ``n_k``), one per tensor, for the native kernel; ``None``: ``||g||``."""
+        return None
+
     def _lr_factor(self, group, st, P, dtype: torch.dtype) -> Tensor | float:
         """``f_t``, the factor of ``lr_t`` before the trust ratio, in ``dtype`` (the compute
         dtype) when a tensor (reads the state, never writes it)."""
@@ -98,6 +122,9 @@ class LARS(_TrustMomentum):
             (default False; not APEX LARC's ``min(trust, lr_t)``).
         adapt: apply the trust ratio to this group (default True).
         path: execution path, see :class:`~largebatch.optim._engine.LayerwiseOptimizer`.
+        maximize: ascend the objective (``torch.optim``'s switch; every optimizer here).
+        foreach: ``torch.optim``'s switch: True is ``path="foreach"``, False ``"per_tensor"``.
+        differentiable: only False (True is refused, saying why).
 
     State per tensor: ``velocity`` (``v``, with the learning rate inside).
     """
@@ -107,7 +134,9 @@ class LARS(_TrustMomentum):
 
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 1e-3,
                  weight_decay: float = 0.0, nesterov: bool = False, eps: float = 0.0,
-                 trust_clip: bool = False, adapt: bool = True, path: str | None = None):
+                 trust_clip: bool = False, adapt: bool = True, path: str | None = None, *,
+                 maximize: bool = False, foreach: bool | None = None, differentiable: bool = False):
         defaults = dict(lr=lr, momentum=momentum, eta=eta, weight_decay=weight_decay,
                         nesterov=nesterov, eps=eps, trust_clip=trust_clip, adapt=adapt)
-        super().__init__(params, defaults, path=path)
+        super().__init__(params, defaults, path=path, maximize=maximize, foreach=foreach,
+                         differentiable=differentiable)

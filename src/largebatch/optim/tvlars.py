@@ -58,10 +58,12 @@ class TVLARS(_TrustMomentum):
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 1e-3,
                  lam: float = 1e-4, alpha: float = 1.0, delay: float = 0, gamma_min: float = 0.0,
                  weight_decay: float = 0.0, eps: float = 0.0, adapt: bool = True,
-                 path: str | None = None):
+                 path: str | None = None, *, maximize: bool = False, foreach: bool | None = None,
+                 differentiable: bool = False):
         defaults = dict(lr=lr, momentum=momentum, eta=eta, lam=lam, alpha=alpha, delay=delay,
                         gamma_min=gamma_min, weight_decay=weight_decay, eps=eps, adapt=adapt)
-        super().__init__(params, defaults, path=path)
+        super().__init__(params, defaults, path=path, maximize=maximize, foreach=foreach,
+                         differentiable=differentiable)
 
     @classmethod
     def _check_hparams(cls, g):
@@ -81,6 +83,12 @@ class TVLARS(_TrustMomentum):
         out = super()._update(group, w, g, st, w_norm, g_norm, fin, P)
         st["optimizer_steps"].add_(1)  # t counts optimizer steps, skipped ones included
         return out
+
+    def _native_spec(self, group, states, dtype):
+        spec = super()._native_spec(group, states, dtype)
+        counters = [st["optimizer_steps"] for st in states]
+        spec.after = lambda: torch._foreach_add_(counters, 1)   # as _update: every step counts
+        return spec
 
     def lr_multiplier(self, group, t):
         return phi(float(t), group["lam"], group["alpha"], group["delay"], group["gamma_min"])

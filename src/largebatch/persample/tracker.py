@@ -65,6 +65,20 @@ class _Entry:
         self.used = 0  # samples measured since the last collect (for persample_subset)
 
 
+class _ForwardHook:
+    """The forward hook of tracked module ``i``: an object, not a closure, so that a model
+    with a tracker attached (and an optimizer holding both) survives ``copy.deepcopy`` and
+    ``pickle``: the copy's hooks feed the copy's tracker."""
+
+    __slots__ = ("tracker", "i")
+
+    def __init__(self, tracker: "PerSampleGradNorms", i: int):
+        self.tracker, self.i = tracker, i
+
+    def __call__(self, module, inputs, output):
+        self.tracker._forward(self.i, module, inputs, output)
+
+
 class PerSampleGradNorms:
     """Attach to ``model``; every ``backward`` then accumulates per-sample gradient norms.
 
@@ -178,23 +192,22 @@ class PerSampleGradNorms:
         self._called.clear()
 
     def _make_forward_hook(self, i: int):
+        return _ForwardHook(self, i)
+
+    def _forward(self, i: int, module, inputs, output):
         entry = self._entries[i]
-
-        def hook(module, inputs, output):
-            if not self.enabled or not torch.is_grad_enabled():
-                return
-            if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
-                return
-            if i in self._called:
-                raise RuntimeError(
-                    f"module {entry.name!r} ({type(module).__name__}) ran twice in one forward pass: "
-                    "the per-sample gradient of a reused module is the sum of its uses and is not "
-                    "supported (give each use its own module)")
-            self._called.add(i)
-            holder = [inputs[0]]
-            output.register_hook(lambda grad: self._backward(entry, holder, grad))
-
-        return hook
+        if not self.enabled or not torch.is_grad_enabled():
+            return
+        if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
+            return
+        if i in self._called:
+            raise RuntimeError(
+                f"module {entry.name!r} ({type(module).__name__}) ran twice in one forward pass: "
+                "the per-sample gradient of a reused module is the sum of its uses and is not "
+                "supported (give each use its own module)")
+        self._called.add(i)
+        holder = [inputs[0]]
+        output.register_hook(lambda grad: self._backward(entry, holder, grad))
 
     @torch.no_grad()
     def _backward(self, entry: _Entry, holder: list, grad: Tensor):
