@@ -47,12 +47,17 @@ def warmup_epochs(paper_warmup: float, paper_epochs: float, epochs: float) -> fl
     return round(paper_warmup / paper_epochs * epochs, 4)
 
 
+def map_lam(lam: float, paper_total_steps: int, run_total_steps: int) -> float:
+    """``lam`` for a run of ``run_total_steps`` such that ``lam x total steps`` equals the paper's."""
+    return float(f"{lam * paper_total_steps / run_total_steps:.6g}")
+
+
 def tvlars_knobs(batch: int, n_train: int, epochs: float, lam: float = 1e-4, delay_epochs: float = 10,
                  paper_epochs: float = PAPER_EPOCHS, paper_train: int = PAPER_TRAIN) -> dict:
     """TVLARS's ``tvlars_lam`` and ``tvlars_delay_epochs`` for a run of ``epochs`` over ``n_train`` images at
     ``batch``, such that ``lam x total steps`` and the delay's share of the run equal the paper's."""
     t_paper, t_run = steps(paper_train, batch, paper_epochs), steps(n_train, batch, epochs)
-    return dict(tvlars_lam=float(f"{lam * t_paper / t_run:.6g}"),
+    return dict(tvlars_lam=map_lam(lam, t_paper, t_run),
                 tvlars_delay_epochs=round(delay_epochs / paper_epochs * epochs, 4))
 
 
