@@ -57,6 +57,7 @@ class Claim:
     min_effect: float = 1.0
     control: bool = False
     cell: str = ""
+    needs_control: bool = True  # a failed positive control makes it not testable (False: a claim about something else)
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
@@ -156,7 +157,7 @@ def evaluate(claims: Sequence[Claim], samples: Mapping[str, Sequence[float]] | M
 
     ``samples``: arm -> per-seed values, or cell -> (arm -> values) when claims name a ``cell``.
     ``control``: the verdict (or verdict string) of an external positive control; a control claim among
-    ``claims`` counts too. Any control not reproduced makes the other claims not testable."""
+    ``claims`` counts too. Any control not reproduced makes the other claims that need it not testable."""
     def data(c: Claim, arm: str) -> list[float]:
         src = samples.get(c.cell, {}) if c.cell and isinstance(samples.get(c.cell), Mapping) else samples
         return list(src.get(arm, []))
@@ -169,6 +170,7 @@ def evaluate(claims: Sequence[Claim], samples: Mapping[str, Sequence[float]] | M
             v.verdict = decide(v.claim, v.diff, v.lo, v.hi, ph)
     ext = control.verdict if isinstance(control, Verdict) else control
     failed = [v for v in out if v.claim.control and v.verdict != REPRODUCED]
+    ext = "not run" if ext is None and control is not None else ext
     if ext is not None and ext != REPRODUCED:
         reason = f"the positive control is {ext}"
     elif failed:
@@ -176,7 +178,7 @@ def evaluate(claims: Sequence[Claim], samples: Mapping[str, Sequence[float]] | M
     else:
         return out
     for v in out:
-        if not v.claim.control:
+        if not v.claim.control and v.claim.needs_control:
             v.verdict, v.note = NOT_TESTABLE, reason
     return out
 

@@ -1,5 +1,6 @@
 """What several artifacts share: the offline stand-ins for the papers' data and models, seeded runs,
-the optimizers' recipes as fractions of a run, tiny generated ImageNet folders for smoke runs."""
+the data sets' sizes (for the mapping of time knobs), the positive control's verdict, tiny generated
+ImageNet folders for smoke runs."""
 
 from __future__ import annotations
 
@@ -21,15 +22,20 @@ def seeded(ctx: Ctx, name: str, cfg: dict[str, Any], kind: str = "train", **tags
     return [Run(f"{name}-s{s}", {**cfg, "seed": s}, {**tags, "seed": s}, kind) for s in ctx.seeds]
 
 
-def warmup_cosine(epochs: int, fraction: float) -> dict[str, Any]:
-    """Linear warm-up over ``fraction`` of the run, then cosine to 0 (TVLARS App. A: 20 of 100 epochs)."""
-    return dict(schedule="cosine", warmup_epochs=round(fraction * epochs, 3), epochs=epochs)
+#: training images per data set: the papers' (their run lengths) and the stand-ins' (the mapping of time knobs)
+N_TRAIN = {"cifar10": 50_000, "tinyimagenet": 100_000, "imagenet": 1_281_167, "fashion-mnist": 60_000,
+           "fashion-mnist-val": 50_000, "digits": 1437}
 
 
-def tvlars(epochs: int, lam: float = 1e-4, delay: float = 0.1) -> dict[str, Any]:
-    """TVLARS as in Table 1: no schedule, ``phi(t)`` with ``lam`` (per step) after ``delay`` x the run."""
-    return dict(optimizer="tvlars", schedule="none", tvlars_lam=lam, tvlars_delay_epochs=round(delay * epochs, 3),
-                epochs=epochs)
+def control_verdict(ctx: Ctx) -> str:
+    """The verdict of the warm-up positive control (``warmup-control``) at this scale, or ``not run``."""
+    from .. import verdicts as V
+
+    got = V.load(os.path.join(ctx.out, "warmup-control", ctx.scale))
+    for v in (got or {}).get("verdicts", []):
+        if v["claim"]["control"]:
+            return v["verdict"]
+    return "not run"
 
 
 def lr_label(lr: float) -> str:

@@ -50,6 +50,12 @@ REGIMES = {
     "nobn6-b1k-lr9": (dict(_MLP, mlp_depth=6, mlp_batchnorm=False), 1024, 9.0, 300),
     "nobn3-b1k-lr34": (dict(_MLP, mlp_depth=3, mlp_batchnorm=False), 1024, 34.0, 300),
     "nobn3-b1k-lr68": (dict(_MLP, mlp_depth=3, mlp_batchnorm=False), 1024, 68.0, 300),
+    # third round (after the second: depth 6 kept a 1.7-point gap at LR 9 and failed at 17 either way; depth 3
+    # failed at 34 either way): the LRs between, and BatchNorm at depth 6
+    "nobn6-b1k-lr12": (dict(_MLP, mlp_depth=6, mlp_batchnorm=False), 1024, 12.0, 300),
+    "nobn6-b1k-lr14": (dict(_MLP, mlp_depth=6, mlp_batchnorm=False), 1024, 14.0, 300),
+    "nobn3-b1k-lr24": (dict(_MLP, mlp_depth=3, mlp_batchnorm=False), 1024, 24.0, 300),
+    "bn6-b1k-lr17": (dict(_MLP, mlp_depth=6, mlp_batchnorm=True), 1024, 17.0, 300),
     "nobn3-b4k-lr9": (dict(_MLP, mlp_depth=3, mlp_batchnorm=False), 4096, 9.0, 300),
     "nobn3-b16k-lr17": (dict(_MLP, mlp_depth=3, mlp_batchnorm=False), 16384, 17.0, 300),
 }
