@@ -119,3 +119,58 @@ def test_warmup_and_steps_mapping():
     assert scaling.gamma_min(16384) == pytest.approx(0.032)
     line = scaling.describe_mapping(1024, 60_000, 12, warmup=20)
     assert "lam 0.0001 -> " in line and "warm-up 20 -> 2.4 epochs" in line and "phi at the end" in line
+
+
+# ----------------------------------------------------------------------------- grids that cannot end at an edge
+def test_grid_extends_at_the_edge_until_interior():
+    from largebatch.experiments import grids
+
+    peak = 27.0  # the best LR multiplier lies beyond the initial grid's top
+    score = {}
+
+    def run(x):  # what a finished trial scores: closer to the peak is better
+        return score.get(x)
+
+    g, state = grids.extend([1 / 9, 1 / 3, 1, 3, 9], run, 3.0, cap=8)
+    assert state == grids.PENDING and g == pytest.approx([1 / 9, 1 / 3, 1, 3, 9])
+    for _ in range(5):  # run what is pending, extend again
+        for x in g:
+            score.setdefault(x, -abs(math.log(x / peak)))
+        g, state = grids.extend([1 / 9, 1 / 3, 1, 3, 9], run, 3.0, cap=8)
+        if state != grids.PENDING:
+            break
+    assert state == grids.INTERIOR and max(g) == pytest.approx(81) and min(g) == pytest.approx(1 / 9)
+
+
+def test_grid_stops_at_the_cap_and_says_edge():
+    from largebatch.experiments import grids
+
+    def run(x):  # monotone: the best is always the lowest value
+        return -x
+
+    g, state = grids.extend([1, 3, 9], run, 3.0, cap=5)
+    assert state == grids.EDGE and len(g) == 5 and min(g) == pytest.approx(1 / 9)
+    # a diverged trial scores -inf and does not count as the best
+    g, state = grids.extend([1, 3, 9], lambda x: -math.inf if x == 9 else {1: 0.5, 3: 0.9}[x], 3.0, cap=5)
+    assert state == grids.INTERIOR and g == [1, 3, 9]
+
+
+def test_fair_baselines_search_extends_at_the_edge(tmp_path):
+    """An optimizer whose best held-out accuracy sits at the lowest LR gets one more LR below it."""
+    import os
+
+    from largebatch.experiments.artifacts import ARTIFACTS, fair
+    from largebatch.experiments.reproduce import context
+
+    ctx = context(ARTIFACTS["fair-baselines"], "smoke", 1, str(tmp_path), {})
+    first = fair.search_runs(ctx, "sgd")
+    assert sorted({r.tags["mult"] for r in first}) == pytest.approx([1 / 3, 3])
+    for r in first:  # fake finished trials: the lowest LR is best
+        os.makedirs(ctx.path(r), exist_ok=True)
+        acc = 0.9 if r.tags["mult"] < 1 else 0.5
+        with open(os.path.join(ctx.path(r), "metrics.csv"), "w") as f:
+            f.write(f"epoch,step,test_acc\n2,10,{acc}\n")
+        open(os.path.join(ctx.path(r), "config.yaml"), "w").close()
+    mults, state = fair.multipliers(ctx, "sgd")
+    assert state == "pending" and min(mults) == pytest.approx(1 / 9)
+    assert any(r.tags["mult"] == pytest.approx(1 / 9) for r in fair.search_runs(ctx, "sgd"))

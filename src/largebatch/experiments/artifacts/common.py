@@ -38,6 +38,19 @@ def control_verdict(ctx: Ctx) -> str:
     return "not run"
 
 
+def verdict_section(ctx: Ctx, claims, samples: dict) -> str:
+    """The verdicts of ``claims`` on ``samples`` (cell -> arm -> per-seed values; or arm -> values) with the positive
+    control of this scale, saved next to results.md (the at-a-glance table reads them); the Markdown section."""
+    from .. import engine as E
+    from .. import verdicts as V
+
+    ctl = control_verdict(ctx)
+    verdicts = V.evaluate(claims, samples, control=ctl)
+    V.save(ctx.root, ctx.artifact.id, verdicts, E.stamp(ctx))
+    return "\n".join(["### Verdicts", "", f"Positive control (`warmup-control`, this scale): **{ctl}**. Claims about "
+                      "warm-up need it; the others do not.", "", V.report(verdicts), ""])
+
+
 def lr_label(lr: float) -> str:
     return f"{lr:g}"
 

@@ -28,7 +28,7 @@ from .. import engine as E
 from .. import scaling
 from .. import verdicts as V
 from ..engine import Artifact, Ctx, Run
-from .common import MINI, MINI_NOTE, SMOKE, N_TRAIN, control_verdict, seeded
+from .common import MINI, MINI_NOTE, N_TRAIN, SMOKE, seeded, verdict_section
 
 #: Table 1's target learning rates per global batch size
 LRS = {512: (1, 2, 3), 1024: (2, 3, 4), 2048: (5, 6, 7), 4096: (8, 9, 10), 8192: (10, 12, 15), 16384: (15, 17, 19)}
@@ -163,16 +163,6 @@ def middle(lrs: tuple) -> float:
     return lrs[len(lrs) // 2]
 
 
-def decide(ctx: Ctx, claims: list[V.Claim], samples: dict) -> str:
-    """Verdicts of ``claims`` on ``samples`` (cell -> arm -> per-seed values), with the positive control; saved
-    next to results.md (for the at-a-glance table); returns the Markdown section."""
-    ctl = control_verdict(ctx)
-    verdicts = V.evaluate(claims, samples, control=ctl)
-    V.save(ctx.root, ctx.artifact.id, verdicts, E.stamp(ctx))
-    return "\n".join(["### Verdicts", "", f"Positive control (`warmup-control`, this scale): **{ctl}**. Claims about "
-                      "warm-up need it; the others do not.", "", V.report(verdicts), ""])
-
-
 def acc(results: list[E.Result], **tags) -> list[float]:
     """Final test accuracy % of the finished runs with these tags (one value per seed)."""
     return E.values(E.where(results, **tags), E.test_acc)
@@ -269,7 +259,7 @@ def table1_collect(ctx: Ctx, results: list[E.Result]) -> str:
             samples[f"{c}, lr {lr:g}"] = {o: E.values(E.where(results, problem="ssl", column=col, batch=b, optimizer=o, lr=lr),
                                                      E.linear_top1) for o in OPTIMIZERS}
     col0 = next(iter(s["data"]))
-    out += [decide(ctx, claims, samples),
+    out += [verdict_section(ctx, claims, samples),
             "Time knobs of this scale: " + " ".join(mapping(ctx, col0, b, s["epochs"]) for b in s["batches"]), "",
             f"LR columns are Table 1's target LRs per batch: {', '.join(f'{b}: {LRS[b]}' for b in s['batches'])}. "
             f"`lamb-pto` / `lars-flash`: the LAMB and LARS the papers ran (their paper column: LAMB's / LARS's).", "",
@@ -376,7 +366,7 @@ def fig1_collect(ctx: Ctx, results: list[E.Result]) -> str:
         "decay), the middle LR of Table 1's set. Paper (Fig. 1, figure only): without warm-up, training is less "
         "stable and ends about 3-5 points lower at large batches.", "",
         E.table(["batch", "lr", "warm-up: final", "no warm-up: final", "difference", "warm-up: best", "no warm-up: best"], rows),
-        "", decide(ctx, *fig1_claims(ctx, results)), E.save(ctx, fig, "fig1.png")])
+        "", verdict_section(ctx, *fig1_claims(ctx, results)), E.save(ctx, fig, "fig1.png")])
 
 
 def fig1_claims(ctx: Ctx, results: list[E.Result]) -> tuple[list[V.Claim], dict]:
@@ -581,7 +571,7 @@ def lambda_collect(ctx: Ctx, results: list[E.Result]) -> str:
         "TVLARS final test accuracy % per decay coefficient lam (per optimizer step; delay = 10% of the run, alpha = 1). "
         "Paper (001 Fig. 4, figure only): at B = 1K small lam is best (about 84% at lam 1e-5 on CIFAR-10); at B = 16K "
         "the large lam (0.01, 0.005, 0.001) are best.", "",
-        E.table(["lam"] + [f"B {b}, lr {lr}" for b, lr in cols], rows), "", decide(ctx, *lambda_claims(ctx, results)),
+        E.table(["lam"] + [f"B {b}, lr {lr}" for b, lr in cols], rows), "", verdict_section(ctx, *lambda_claims(ctx, results)),
         "Time knobs: " + " ".join(mapping(ctx, next(iter(SCALE[ctx.scale]["data"])), b, SCALE[ctx.scale]["epochs"])
                                   for b in a["batches"]), "", E.save(ctx, fig, "ablation_lambda.png")])
 
@@ -643,7 +633,7 @@ def lr_collect(ctx: Ctx, results: list[E.Result]) -> str:
     return "\n".join([
         "TVLARS (lam 1e-4) final test accuracy % per target LR: measured (paper Table 1, CIFAR-10). Paper (001 Fig. 5): "
         "the higher the LR of the set, the lower the loss and the higher the accuracy.", "",
-        E.table(["batch"] + [f"lr {i + 1}" for i in range(3)], rows), "", decide(ctx, *lr_claims(ctx, results)),
+        E.table(["batch"] + [f"lr {i + 1}" for i in range(3)], rows), "", verdict_section(ctx, *lr_claims(ctx, results)),
         E.save(ctx, fig, "ablation_lr.png")])
 
 
@@ -705,7 +695,7 @@ def init_collect(ctx: Ctx, results: list[E.Result]) -> str:
         "Final test accuracy % per weight initialization, LARS + warm-up vs TVLARS (lam 1e-4), the middle LR of "
         "Table 1's set. Paper (000 Fig. 8, figure only): results nearly unchanged across initializations; TVLARS "
         "1-3 points above LARS.", "",
-        E.table(["data", "batch", "init", "LARS + warm-up", "TVLARS"], rows), "", decide(ctx, *init_claims(ctx, results)),
+        E.table(["data", "batch", "init", "LARS + warm-up", "TVLARS"], rows), "", verdict_section(ctx, *init_claims(ctx, results)),
         E.save(ctx, fig, "ablation_init.png")])
 
 
