@@ -174,3 +174,24 @@ def test_fair_baselines_search_extends_at_the_edge(tmp_path):
     mults, state = fair.multipliers(ctx, "sgd")
     assert state == "pending" and min(mults) == pytest.approx(1 / 9)
     assert any(r.tags["mult"] == pytest.approx(1 / 9) for r in fair.search_runs(ctx, "sgd"))
+
+
+def test_a_control_from_another_network_does_not_apply(tmp_path):
+    """warmup-control's regime (an MLP without BatchNorm) passing says nothing about the BN-MLP proxy's claims."""
+    from largebatch.experiments.artifacts import ARTIFACTS
+    from largebatch.experiments.artifacts.common import control_verdict
+    from largebatch.experiments.reproduce import context
+
+    ctx = context(ARTIFACTS["tvlars-table1"], "mini", 1, str(tmp_path), {})
+    assert control_verdict(ctx) == "not run"
+    ctl = V.evaluate([V.Claim("control", "warm-up matters", "w", "n", "greater", 2.0, control=True)],
+                     {"w": [80.0, 80.5, 79.5], "n": [10.0, 10.2, 9.9]})
+    assert ctl[0].verdict == V.REPRODUCED
+    folder = str(tmp_path / "warmup-control" / "mini")
+    V.save(folder, "warmup-control", ctl, regime="nobn6", model=dict(model="mlp", mlp_depth=6, mlp_width=256,
+                                                                      mlp_batchnorm=False))
+    assert control_verdict(ctx).startswith("absent in this artifact's network")
+    assert control_verdict(ctx, dict(model="mlp", mlp_depth=6, mlp_width=256, mlp_batchnorm=False)) == V.REPRODUCED
+    claims = [V.Claim("c", "TVLARS replaces warm-up", "a", "b", "noninferior", 1.0)]
+    out = V.evaluate(claims, {"a": [80.0, 80.1, 80.2], "b": [80.0, 80.1, 80.2]}, control=control_verdict(ctx))
+    assert out[0].verdict == V.NOT_TESTABLE

@@ -212,12 +212,12 @@ def to_dict(v: Verdict) -> dict:
     return {k: (None if isinstance(x, float) and math.isnan(x) else x) for k, x in d.items()}
 
 
-def save(folder: str, artifact: str, verdicts: Sequence[Verdict], stamp: str = "") -> str:
-    """Write ``verdicts.json`` (the artifact id, the stamp, every verdict) into ``folder``."""
+def save(folder: str, artifact: str, verdicts: Sequence[Verdict], stamp: str = "", **extra) -> str:
+    """Write ``verdicts.json`` (the artifact id, the stamp, every verdict, ``extra`` fields) into ``folder``."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, VERDICTS_FILE)
     with open(path, "w") as f:
-        json.dump({"artifact": artifact, "stamp": stamp, "verdicts": [to_dict(v) for v in verdicts]}, f, indent=1)
+        json.dump({"artifact": artifact, "stamp": stamp, **extra, "verdicts": [to_dict(v) for v in verdicts]}, f, indent=1)
     return path
 
 

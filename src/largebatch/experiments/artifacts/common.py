@@ -27,15 +27,23 @@ N_TRAIN = {"cifar10": 50_000, "tinyimagenet": 100_000, "imagenet": 1_281_167, "f
            "fashion-mnist-val": 50_000, "digits": 1437}
 
 
-def control_verdict(ctx: Ctx) -> str:
-    """The verdict of the warm-up positive control (``warmup-control``) at this scale, or ``not run``."""
+def control_verdict(ctx: Ctx, model: dict | None = None) -> str:
+    """The warm-up positive control for an artifact whose runs use ``model`` (default: this scale's stand-in):
+    ``warmup-control``'s verdict when its chosen regime uses the same model, else a reason it does not apply.
+    A control established in another network says nothing about whether warm-up matters in this one."""
     from .. import verdicts as V
 
     got = V.load(os.path.join(ctx.out, "warmup-control", ctx.scale))
-    for v in (got or {}).get("verdicts", []):
-        if v["claim"]["control"]:
-            return v["verdict"]
-    return "not run"
+    verdict = next((v["verdict"] for v in (got or {}).get("verdicts", []) if v["claim"]["control"]), None)
+    if verdict is None:
+        return "not run"
+    model = {"mlp_batchnorm": True, **(model if model is not None else {"mini": MINI, "smoke": SMOKE}.get(ctx.scale, {}))}
+    theirs = got.get("model") or {}
+    same = all(model.get(k, v) == v for k, v in theirs.items() if k in ("model", "mlp_depth", "mlp_width", "mlp_batchnorm"))
+    if not same:
+        return (f"absent in this artifact's network: warmup-control found its regime ({got.get('regime')}: {verdict}) in "
+                "another network, so it does not apply here")
+    return verdict
 
 
 def verdict_section(ctx: Ctx, claims, samples: dict) -> str:

@@ -209,7 +209,7 @@ def collect(ctx: Ctx, results: list[E.Result]) -> str:
             f"{cfg['tvlars_lam']:g} (lam x steps = {1e-4 * REGIMES[g][3]:.3g}, the paper's at 16K), delay 10% of the run "
             f"= {cfg['tvlars_delay_epochs']:g} epochs, gamma_min {cfg['tvlars_gamma_min']:g} (B/512 x 0.001).", ""]
     verdicts = V.evaluate(CLAIMS, samples(results, g))
-    V.save(ctx.root, ctx.artifact.id, verdicts, E.stamp(ctx))
+    V.save(ctx.root, ctx.artifact.id, verdicts, E.stamp(ctx), regime=g, model=REGIMES[g][0])
     out += ["### Confirmation (test set, fresh seeds) and the verdicts", "", V.report(verdicts), ""]
     return "\n".join(out)
 

@@ -377,7 +377,7 @@ def fig1_claims(ctx: Ctx, results: list[E.Result]) -> tuple[list[V.Claim], dict]
             continue
         c = f"B = {b}, lr {middle(LRS[b])}"
         claims.append(V.Claim(f"warmup-matters-b{b}", "LARS + warm-up ends at least 3 points above LARS without (Fig. 1)",
-                              "lars", "lars-nowarmup", "greater", 3.0, cell=c))
+                              "lars", "lars-nowarmup", "greater", 3.0, cell=c, control=True))  # itself a control
         samples[c] = {o: acc(results, batch=b, optimizer=o) for o in ("lars", "lars-nowarmup")}
     return claims, samples
 
