@@ -72,10 +72,10 @@ def test_printed_commands_are_the_runs_configurations(tmp_path, capsys):
     from largebatch.train.config import TrainConfig
 
     rc, out, err = _run(["reproduce", "lalc-table2", "--scale", "mini", "--out", str(tmp_path)], capsys)
-    assert rc == 0 and "108 runs (108 missing)" in err
+    assert rc == 0 and "180 runs (180 missing)" in err
     ctx = context(ARTIFACTS["lalc-table2"], "mini", None, str(tmp_path), {})
     lines = out.splitlines()
-    assert len(lines) == 108
+    assert len(lines) == 180
     for line, run in zip(lines, ctx.grid()):
         argv = shlex.split(line)
         assert argv[:2] == ["largebatch", "train"] and argv[-1] == "--resume"

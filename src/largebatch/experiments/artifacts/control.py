@@ -209,9 +209,33 @@ def collect(ctx: Ctx, results: list[E.Result]) -> str:
             f"{cfg['tvlars_lam']:g} (lam x steps = {1e-4 * REGIMES[g][3]:.3g}, the paper's at 16K), delay 10% of the run "
             f"= {cfg['tvlars_delay_epochs']:g} epochs, gamma_min {cfg['tvlars_gamma_min']:g} (B/512 x 0.001).", ""]
     verdicts = V.evaluate(CLAIMS, samples(results, g))
+    fig = _figure(ctx, results, g)
     V.save(ctx.root, ctx.artifact.id, verdicts, E.stamp(ctx), regime=g, model=REGIMES[g][0])
-    out += ["### Confirmation (test set, fresh seeds) and the verdicts", "", V.report(verdicts), ""]
+    out += ["### Confirmation (test set, fresh seeds) and the verdicts", "", V.report(verdicts), "",
+            E.save(ctx, fig, "warmup_control.png")]
     return "\n".join(out)
+
+
+def _figure(ctx: Ctx, results: list[E.Result], g: str):
+    """(a) held-out gap per searched regime; (b) test accuracy curves of the confirmation's arms."""
+    from largebatch.plotting import pyplot
+
+    regs = SCALE[ctx.scale]["regimes"]
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(12, 4.2))
+    gaps = [search_gap(results, r) or 0.0 for r in regs]
+    a.barh(range(len(regs)), gaps, color=["C3" if r == g else "C0" for r in regs])
+    a.set_yticks(range(len(regs)), regs, fontsize=7)
+    a.set_xlabel("held-out accuracy: warm-up minus no warm-up (points)")
+    a.set_title("(a) the search (seed 0)")
+    for i, arm in enumerate(ARMS):
+        E.plot_curve(b, E.where(results, stage="confirm", regime=g, arm=arm), "test_acc", arm, 100, color=f"C{i}")
+    b.set_xlabel("epoch")
+    b.set_ylabel("test accuracy %")
+    b.set_title(f"(b) confirmation in {g} (mean ± std over seeds)")
+    E.legend(b, fontsize=8)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    return fig
 
 
 def _fmt(xs: list[float]) -> str:

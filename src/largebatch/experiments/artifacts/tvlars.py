@@ -712,7 +712,7 @@ def init_claims(ctx: Ctx, results: list[E.Result]) -> tuple[list[V.Claim], dict]
                           for o in ("lars", "tvlars")}
             claims.append(V.Claim(f"tvlars-ahead-{init}", "TVLARS at least 1 point above LARS + warm-up (Fig. 8)",
                                   "tvlars", "lars", "greater", 1.0, cell=c))
-        if len(inits) > 1:
+        if len(inits) > 1 and "kaiming_uniform" in inits:
             c = f"{col}, B = {b}, LARS"
             samples[c] = {init: samples[f"{col}, B = {b}, {init}"]["lars"] for init in (inits[0], "kaiming_uniform")}
             if inits[0] != "kaiming_uniform":
