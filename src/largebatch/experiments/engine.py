@@ -367,7 +367,8 @@ def collect(ctx: Ctx, only: str | None = None, command: str = "") -> str:
             f"**Question.** {ctx.artifact.question}", "",
             f"**Scale `{ctx.scale}`.** {ctx.artifact.scales[ctx.scale]}", "",
             f"**Seeds** {', '.join(map(str, ctx.seeds)) or '-'}; **runs** {len(results)}: "
-            + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".", "",
+            + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; training time of these runs "
+            f"{train_hours(results):.2f} h (the sum of their epoch times; one thread each: CPU-hours).", "",
             f"**Stamp.** {stamp(ctx)}", ""]
     if command:
         head += [f"**Command.** `{command}`", ""]
@@ -382,6 +383,11 @@ def collect(ctx: Ctx, only: str | None = None, command: str = "") -> str:
     with open(os.path.join(ctx.root, "results.md"), "w") as f:
         f.write(text)
     return text
+
+
+def train_hours(results: list[Result]) -> float:
+    """Hours the runs spent training: the sum of ``epoch_seconds`` over their metrics rows."""
+    return sum(float(h.get("epoch_seconds") or 0.0) for r in results for h in r.history) / 3600.0
 
 
 def commit() -> str:
