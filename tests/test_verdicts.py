@@ -195,3 +195,14 @@ def test_a_control_from_another_network_does_not_apply(tmp_path):
     claims = [V.Claim("c", "TVLARS replaces warm-up", "a", "b", "noninferior", 1.0)]
     out = V.evaluate(claims, {"a": [80.0, 80.1, 80.2], "b": [80.0, 80.1, 80.2]}, control=control_verdict(ctx))
     assert out[0].verdict == V.NOT_TESTABLE
+
+
+def test_the_control_is_a_gate_outside_the_holm_family():
+    """Gatekeeping: the control is tested alone at 0.05; only the claims it gates share the Holm correction."""
+    ctl = V.Claim("ctl", "warm-up matters", "w", "n", "greater", 2.0, control=True)
+    claims = [ctl] + [V.Claim(f"c{i}", "a beats b", "a", "b", "greater", 1.0) for i in range(3)]
+    w, n = [86.4, 86.9, 87.1, 86.0, 86.9], [10.0, 10.0, 10.0, 10.0, 80.3]  # 4 of 5 diverge without warm-up
+    out = V.evaluate(claims, {"w": w, "n": n, "a": [90.0, 90.1, 89.9], "b": [80.0, 80.1, 79.9]})
+    alone = V.compare(ctl, w, n)
+    assert out[0].p_holm == alone.p and 0.01 < alone.p < 0.05 and out[0].verdict == V.REPRODUCED
+    assert all(math.isclose(v.p_holm, min(1.0, 3 * v.p)) for v in out[1:])

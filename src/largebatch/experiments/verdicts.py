@@ -6,7 +6,8 @@ effect that matters (points of accuracy). :func:`evaluate` takes the per-seed re
 and gives every claim a :class:`Verdict`:
 
 - the difference of the means (``arm - baseline``), its 95% Welch confidence interval, and the
-  two-sided Welch t-test's p-value, Holm-corrected over the artifact's claims;
+  two-sided Welch t-test's p-value, Holm-corrected over the artifact's claims (a positive control is
+  the gate of the others, tested alone at 0.05 and not part of their Holm family);
 - the verdict, by direction (``m`` = the smallest effect that matters, ``[lo, hi]`` the interval):
 
   =================  ================================================  ======================================
@@ -163,11 +164,13 @@ def evaluate(claims: Sequence[Claim], samples: Mapping[str, Sequence[float]] | M
         return list(src.get(arm, []))
 
     out = [compare(c, data(c, c.arm), data(c, c.baseline)) for c in claims]
-    ps = holm([v.p for v in out])
+    # gatekeeping: a positive control is a precondition tested alone at ALPHA; the claims it gates form the
+    # Holm family
+    ps = holm([math.nan if v.claim.control else v.p for v in out])
     for v, ph in zip(out, ps):
-        v.p_holm = ph
-        if not math.isnan(ph):
-            v.verdict = decide(v.claim, v.diff, v.lo, v.hi, ph)
+        v.p_holm = v.p if v.claim.control else ph
+        if not math.isnan(v.p_holm):
+            v.verdict = decide(v.claim, v.diff, v.lo, v.hi, v.p_holm)
     ext = control.verdict if isinstance(control, Verdict) else control
     failed = [v for v in out if v.claim.control and v.verdict != REPRODUCED]
     ext = "not run" if ext is None and control is not None else ext
