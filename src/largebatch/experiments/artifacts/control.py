@@ -12,7 +12,7 @@ Two stages, so the reported number is not the one the regime was chosen on:
    optimizer steps match the paper's exactly; the 10,000 held out images decide): candidate regimes
    (BatchNorm or not, depth, batch, LR) x {LARS + warm-up (20% of the run, then cosine), LARS without
    warm-up (polynomial decay, power 2)}, each with the paper's number of optimizer steps.
-2. **confirm** (5 seeds, the real Fashion-MNIST test set): the regime with the largest held-out gap,
+2. **confirm** (5 seeds on the full training set, evaluated on the real Fashion-MNIST test set): the regime with the largest held-out gap,
    LARS with and without warm-up, and TVLARS with its time knobs mapped to the run
    (lam x steps as in the paper's B = 16K run, delay 10% of the run), LALC and CLARS without warm-up
    (their eta 0.01 at the LR that gives LARS's ``lr x eta``). The control passes when the verdict rule
@@ -211,7 +211,7 @@ def collect(ctx: Ctx, results: list[E.Result]) -> str:
     verdicts = V.evaluate(CLAIMS, samples(results, g))
     fig = _figure(ctx, results, g)
     V.save(ctx.root, ctx.artifact.id, verdicts, E.stamp(ctx), regime=g, model=REGIMES[g][0])
-    out += ["### Confirmation (test set, fresh seeds) and the verdicts", "", V.report(verdicts), "",
+    out += ["### Confirmation (full training set, test set, every seed) and the verdicts", "", V.report(verdicts), "",
             E.save(ctx, fig, "warmup_control.png")]
     return "\n".join(out)
 
