@@ -367,7 +367,7 @@ def collect(ctx: Ctx, only: str | None = None, command: str = "") -> str:
             f"**Question.** {ctx.artifact.question}", "",
             f"**Scale `{ctx.scale}`.** {ctx.artifact.scales[ctx.scale]}", "",
             f"**Seeds** {', '.join(map(str, ctx.seeds)) or '-'}; **runs** {len(results)}: "
-            + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f"; training time of these runs "
+            + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f". Training time of these runs: "
             f"{train_hours(results):.2f} h (the sum of their epoch times; one thread each: CPU-hours).", "",
             f"**Stamp.** {stamp(ctx)}", ""]
     if command:

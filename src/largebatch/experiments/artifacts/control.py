@@ -62,7 +62,6 @@ REGIMES = {
     "nobn3-b16k-lr17": (dict(_MLP, mlp_depth=3, mlp_batchnorm=False), 16384, 17.0, 300),
 }
 COMMON = dict(init="kaiming_uniform", weight_decay=5e-4, momentum=0.9, stats_every=0)
-PAPER_EPOCHS = 100  # TVLARS App. A: the authors' classification runs
 SCALE = {
     "mini": dict(search="fashion-mnist-val", confirm="fashion-mnist", regimes=tuple(REGIMES)[:-1], seeds=5,
                  search_train=50_000, confirm_train=60_000),
@@ -95,7 +94,8 @@ def arm_config(ctx: Ctx, regime: str, arm: str, dataset: str, n_train: int) -> d
                    min_lr_ratio=gmin / lr)
     elif arm == "lars-nowarmup":
         cfg.update(optimizer="lars", schedule="poly", min_lr_ratio=gmin / lr)
-    elif arm == "lalc":  # LALC's eta (0.01, 003 App. B) at the regime's LR: the same cap eta x lr as LARS's 0.001 x 10 lr
+    elif arm == "lalc":  # LALC's eta (0.01, 003 App. B) at the regime's LR: its cap 0.01 ||w|| / ||h|| is about
+        # LARS's lr x 0.001 ||w|| / ||g|| at lr 10-12 (the LALC paper's own LR rule, 0.1 x B / 128, is not used)
         cfg.update(optimizer="lalc", eta=0.01, lr=lr, schedule="cosine", warmup_epochs=0.0, min_lr_ratio=gmin / lr)
     elif arm == "clars":  # CLARS's eta 0.01 (10x LARS's) at a tenth of the LR: the same lr x eta as LARS, no warm-up
         cfg.update(optimizer="clars", eta=0.01, lr=lr / 10, schedule="cosine", warmup_epochs=0.0, min_lr_ratio=gmin / lr)
