@@ -206,3 +206,21 @@ def test_the_control_is_a_gate_outside_the_holm_family():
     alone = V.compare(ctl, w, n)
     assert out[0].p_holm == alone.p and 0.01 < alone.p < 0.05 and out[0].verdict == V.REPRODUCED
     assert all(math.isclose(v.p_holm, min(1.0, 3 * v.p)) for v in out[1:])
+
+
+def test_a_diverged_run_counts_at_chance_in_a_claim(tmp_path):
+    """Divergence is an outcome: a run stopped by a non-finite loss enters a claim at chance, not as missing."""
+    import os
+
+    from largebatch.experiments.artifacts import ARTIFACTS
+    from largebatch.experiments.artifacts.common import CHANCE, outcomes
+    from largebatch.experiments.reproduce import context
+
+    ctx = context(ARTIFACTS["tvlars-fig1"], "smoke", 1, str(tmp_path), {})
+    runs = ctx.grid()
+    diverged, missing = runs[0], runs[1]
+    os.makedirs(ctx.path(diverged))
+    open(os.path.join(ctx.path(diverged), "config.yaml"), "w").close()
+    with open(os.path.join(ctx.path(diverged), "failure.json"), "w") as f:
+        f.write('{"message": "non-finite training loss"}')
+    assert outcomes([ctx.result(diverged), ctx.result(missing)]) == [CHANCE]

@@ -18,7 +18,7 @@ from largebatch.train.loop import Classification
 from .. import engine as E
 from .. import verdicts as V
 from ..engine import Artifact, Ctx, Run
-from .common import MINI, MINI_NOTE, SMOKE, make_tiny_imagenet, seeded, verdict_section
+from .common import MINI, MINI_NOTE, SMOKE, make_tiny_imagenet, outcomes, seeded, verdict_section
 
 MNAG = dict(optimizer="sgd", nesterov=True, momentum=0.9)
 
@@ -303,7 +303,7 @@ def fig3_collect(ctx: Ctx, results: list[E.Result]) -> str:
         "the paper does not show. Paper (Fig. 3, figure only): CLARS beats both tricks; FC freezing starts well on "
         "VGG-11 but diverges later.", "",
         E.table(["method", "final test acc", "best test acc"], rows), "",
-        verdict_section(ctx, FIG3_CLAIMS, {m: E.values(E.where(results, method=m), E.test_acc) for m in methods}),
+        verdict_section(ctx, FIG3_CLAIMS, {m: outcomes(E.where(results, method=m)) for m in methods}),
         E.save(ctx, fig, "fig3.png")])
 
 
@@ -370,7 +370,7 @@ def table1_collect(ctx: Ctx, results: list[E.Result]) -> str:
         f"{s['lr']:g}, {s['warmup']:g} warm-up epochs + polynomial decay) and CLARS (eta 1e-2, no warm-up); measured "
         "beside the paper's Table 1 (ImageNet). DenseNet-121 and MobileNetV2 are not in the harness.", "",
         E.table(["model", "small batch", "LARS", "CLARS", "paper small", "paper LARS", "paper CLARS"], rows), "",
-        verdict_section(ctx, TABLE1_CLAIMS, {m: E.values(E.where(results, method=m), E.test_acc)
+        verdict_section(ctx, TABLE1_CLAIMS, {m: outcomes(E.where(results, method=m))
                                              for m in ("small batch", "LARS", "CLARS")}),
         E.save(ctx, fig, "table1.png")])
 

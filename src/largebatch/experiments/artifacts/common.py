@@ -27,6 +27,27 @@ N_TRAIN = {"cifar10": 50_000, "tinyimagenet": 100_000, "imagenet": 1_281_167, "f
            "fashion-mnist-val": 50_000, "digits": 1437}
 
 
+#: accuracy % a diverged run counts at in a claim (10 classes): divergence is an outcome, not a missing value
+CHANCE = 10.0
+
+
+def outcome(r) -> float | None:
+    """A run's final test accuracy % for a claim: finished -> its accuracy, stopped by a non-finite loss
+    (``failure.json``) -> chance, anything else (missing, unfinished, an exception) -> None."""
+    from .. import engine as E
+
+    if r.status == "finished":
+        return E.test_acc(r)
+    if r.status == "failed" and os.path.exists(os.path.join(r.path, "failure.json")):
+        return CHANCE
+    return None
+
+
+def outcomes(results) -> list[float]:
+    """``outcome`` of each run, the runs without one left out (one value per seed)."""
+    return [v for v in map(outcome, results) if v is not None]
+
+
 def control_verdict(ctx: Ctx, model: dict | None = None) -> str:
     """The warm-up positive control for an artifact whose runs use ``model`` (default: this scale's stand-in):
     ``warmup-control``'s verdict when its chosen regime uses the same model, else a reason it does not apply.

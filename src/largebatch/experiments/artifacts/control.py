@@ -25,16 +25,14 @@ A run whose loss turned non-finite counts at chance accuracy (10%): divergence i
 
 from __future__ import annotations
 
-import os
 
 from .. import engine as E
 from .. import scaling, verdicts as V
 from ..engine import Artifact, Ctx, Run
-from .common import SMOKE
+from .common import SMOKE, outcomes
 
 #: the smallest warm-up effect (points of accuracy) that makes the regime a usable control
 CONTROL_EFFECT = 2.0
-CHANCE = 10.0
 
 #: candidate regimes, cheapest first: name -> model settings, batch, target LR, optimizer steps. Every regime makes
 #: about 300 steps, the paper's at B = 16K (CIFAR-10: 3 steps x 100 epochs); the smaller batches reach them at a
@@ -106,24 +104,10 @@ def arm_config(ctx: Ctx, regime: str, arm: str, dataset: str, n_train: int) -> d
     return cfg
 
 
-def acc_or_chance(r: E.Result) -> float | None:
-    """Final test accuracy %; a run stopped by a non-finite loss counts at chance (10%)."""
-    if r.status == "finished":
-        return E.test_acc(r)
-    if r.status == "failed" and os.path.exists(os.path.join(r.path, "failure.json")):
-        return CHANCE
-    return None
-
-
-def per_seed(results: list[E.Result]) -> list[float]:
-    out = [acc_or_chance(r) for r in results]
-    return [v for v in out if v is not None]
-
-
 def search_gap(results: list[E.Result], regime: str) -> float | None:
     """Held-out accuracy of LARS + warm-up minus LARS without, in one regime (None until both ran)."""
-    a = per_seed(E.where(results, stage="search", regime=regime, arm="lars-warmup"))
-    b = per_seed(E.where(results, stage="search", regime=regime, arm="lars-nowarmup"))
+    a = outcomes(E.where(results, stage="search", regime=regime, arm="lars-warmup"))
+    b = outcomes(E.where(results, stage="search", regime=regime, arm="lars-nowarmup"))
     return (sum(a) / len(a) - sum(b) / len(b)) if a and b else None
 
 
@@ -169,7 +153,7 @@ CLAIMS = (
 
 
 def samples(results: list[E.Result], regime: str) -> dict[str, list[float]]:
-    return {arm: per_seed(E.where(results, stage="confirm", regime=regime, arm=arm)) for arm in ARMS}
+    return {arm: outcomes(E.where(results, stage="confirm", regime=regime, arm=arm)) for arm in ARMS}
 
 
 def control_verdict(ctx: Ctx, results: list[E.Result]) -> V.Verdict | None:
@@ -189,7 +173,7 @@ def collect(ctx: Ctx, results: list[E.Result]) -> str:
         b = E.where(results, stage="search", regime=g, arm="lars-nowarmup")
         gap = search_gap(results, g)
         rows.append([g, cfg["batch_size"], cfg["lr"], cfg["epochs"], scaling.steps(s["search_train"], cfg["batch_size"], cfg["epochs"]),
-                     _fmt(per_seed(a)), _fmt(per_seed(b)), "-" if gap is None else f"{gap:+.2f}"])
+                     _fmt(outcomes(a)), _fmt(outcomes(b)), "-" if gap is None else f"{gap:+.2f}"])
     out = ["### Search (held-out split of the training set, seed 0)", "",
            "Each regime makes about the paper's number of optimizer steps at B = 16K (300), on 50,000 training images. "
            "Arms: LARS + warm-up (20% of the run, then cosine to gamma_min) and LARS without warm-up (polynomial "

@@ -19,7 +19,7 @@ import os
 from .. import engine as E
 from .. import verdicts as V
 from ..engine import Artifact, Ctx, Run
-from .common import MINI, MINI_NOTE, SMOKE, make_tiny_imagenet, seeded, verdict_section
+from .common import MINI, MINI_NOTE, SMOKE, make_tiny_imagenet, outcomes, seeded, verdict_section
 
 BATCHES = (128, 2048, 4096, 8192)
 #: App. B Table 1: eta per batch size
@@ -95,7 +95,7 @@ def table2_claims(ctx: Ctx, results: list[E.Result]) -> tuple[list[V.Claim], dic
     big, mid, small = s["batches"][-1], s["batches"][len(s["batches"]) // 2], s["batches"][0]
 
     def accs(m, b):
-        return E.values(E.where(results, method=m, batch=b), E.test_acc)
+        return outcomes(E.where(results, method=m, batch=b))
 
     samples = {f"B = {b}": {m: accs(m, b) for m in METHODS} for b in s["batches"]}
     samples["SGD+WarmUp"] = {f"B = {b}": accs("SGD+WarmUp", b) for b in (small, big)}
