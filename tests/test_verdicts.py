@@ -79,7 +79,9 @@ def test_welch_matches_scipy():
 
 def test_one_seed_or_no_run_is_inconclusive():
     assert V.compare(WIN, [90.0], [80.0, 80.1]).verdict == V.INCONCLUSIVE
-    assert V.compare(WIN, [], [80.0, 80.1]).note == "not run"
+    assert V.compare(WIN, [], [80.0, 80.1]).verdict == V.NOT_RUN
+    # a claim that was not run stays "not run" under a failed control
+    assert V.evaluate([WIN], {"b": [80.0, 80.1]}, control=V.INCONCLUSIVE)[0].verdict == V.NOT_RUN
 
 
 def test_cells_report_save_and_glance(tmp_path):

@@ -19,7 +19,8 @@ and gives every claim a :class:`Verdict`:
   ``equivalent``     -m < lo and hi < m                                lo > m or hi < -m
   =================  ================================================  ======================================
 
-  anything else is ``inconclusive``; fewer than two seeds in an arm is ``inconclusive`` too.
+  anything else is ``inconclusive``; fewer than two seeds in an arm is ``inconclusive`` too, an arm
+  without any result ``not run``.
 - a **positive control** (``control=True``, e.g. "warm-up beats no warm-up") that is not reproduced
   makes every other claim of the artifact ``not testable at this scale``: the phenomenon the claim
   is about is absent, so neither outcome would say anything about the paper.
@@ -40,8 +41,8 @@ from typing import Mapping, Sequence
 
 ALPHA = 0.05
 DIRECTIONS = ("greater", "less", "noninferior", "equivalent")
-REPRODUCED, CONTRADICTED, INCONCLUSIVE, NOT_TESTABLE = (
-    "reproduced", "contradicted", "inconclusive", "not testable at this scale")
+REPRODUCED, CONTRADICTED, INCONCLUSIVE, NOT_TESTABLE, NOT_RUN = (
+    "reproduced", "contradicted", "inconclusive", "not testable at this scale", "not run")
 VERDICTS_FILE = "verdicts.json"
 
 
@@ -128,7 +129,10 @@ def compare(claim: Claim, arm: Sequence[float], base: Sequence[float]) -> Verdic
     if len(arm) < 2 or len(base) < 2:
         d = ma - mb if arm and base else math.nan
         v = Verdict(claim, len(arm), len(base), ma, mb, sa, sb, d, math.nan, math.nan, math.nan)
-        v.note = "not run" if not arm or not base else "fewer than 2 seeds in an arm"
+        if not arm or not base:
+            v.verdict = NOT_RUN
+        else:
+            v.note = "fewer than 2 seeds in an arm"
         return v
     d, lo, hi, p = welch(arm, base)
     v = Verdict(claim, len(arm), len(base), ma, mb, sa, sb, d, lo, hi, p, p)
@@ -181,7 +185,7 @@ def evaluate(claims: Sequence[Claim], samples: Mapping[str, Sequence[float]] | M
     else:
         return out
     for v in out:
-        if not v.claim.control and v.claim.needs_control:
+        if not v.claim.control and v.claim.needs_control and v.verdict != NOT_RUN:
             v.verdict, v.note = NOT_TESTABLE, reason
     return out
 
