@@ -33,7 +33,9 @@ def test_tvlars_table1_is_the_papers_grid():
     ctx, runs = _grid("tvlars-table1")
     clf = [r for r in runs if r.tags["problem"] == "clf"]
     ssl = [r for r in runs if r.tags["problem"] == "ssl"]
-    assert len(clf) == len(ssl) == 2 * 6 * 3 * 3 == 108
+    assert len(ssl) == 2 * 6 * 3 * 3 == 108
+    assert len(clf) == 2 * 6 * 3 * 5  # ours and the papers' LAMB (pytorch-optimizer) and LARS (Lightning Flash)
+    assert {r.tags["optimizer"] for r in clf} == {"lars", "lamb", "tvlars", "lamb-pto", "lars-flash"}
     for r in clf:
         cfg = ctx.resolved(r)
         assert cfg.lr in tvlars.LRS[cfg.batch_size] and cfg.weight_decay == 5e-4 and cfg.momentum == 0.9
@@ -52,6 +54,82 @@ def test_tvlars_table1_is_the_papers_grid():
     paper = tvlars.PAPER
     assert paper["clf"]["cifar10"]["lars"][16384][tvlars.LRS[16384].index(19)] == 38.57
     assert paper["ssl"]["tinyimagenet"]["tvlars"][512][2] == 31.44
+
+
+def test_paper_commands_carry_the_papers_settings():
+    """Every paper-scale run of the TVLARS and LALC artifacts carries the settings the papers state (the sentences
+    are in PAPER_SETTINGS), in its configuration and on its command line."""
+    tv = {k: v for k, (v, _) in tvlars.PAPER_SETTINGS.items()}
+    for art in ("tvlars-table1", "tvlars-fig1", "tvlars-fig2", "tvlars-ablation-lambda", "tvlars-ablation-init"):
+        ctx, runs = _grid(art)
+        for r in runs:
+            if r.kind == "call":
+                continue
+            cfg, line = ctx.resolved(r), engine.command_line(ctx, r)
+            ssl = r.kind == "pretrain"
+            gmin = cfg.batch_size / 512 * 0.001
+            assert cfg.sync_bn is tv["sync_bn"] and "--sync-bn" in line
+            assert cfg.weight_decay == tv["weight_decay"] and cfg.momentum == tv["momentum"]
+            if cfg.optimizer == "tvlars":
+                assert cfg.tvlars_delay_epochs == tv["tvlars_delay_epochs"]  # Barlow Twins too: 10 of 1000 epochs
+                assert cfg.tvlars_gamma_min == pytest.approx(gmin)
+                lam = r.tags.get("tvlars_lam", tv["tvlars_lam"]["ssl" if ssl else "clf"])
+                assert cfg.tvlars_lam == lam
+            elif r.tags.get("optimizer") == "lars-nowarmup" or cfg.schedule == "poly":
+                assert cfg.schedule == tv["lars-nowarmup"] and cfg.min_lr_ratio * cfg.lr == pytest.approx(gmin)
+            else:
+                assert cfg.warmup_epochs == tv["warmup_epochs"]  # Barlow Twins too: 20 of 1000 epochs
+                assert cfg.schedule == "cosine" and cfg.min_lr_ratio * cfg.lr == pytest.approx(gmin)
+                assert f"--warmup-epochs {tv['warmup_epochs']}" in line
+    lalc_ = {k: v for k, (v, _) in lalc.PAPER_SETTINGS.items()}
+    ctx, runs = _grid("lalc-table2")
+    for r in runs:
+        cfg, line = ctx.resolved(r), engine.command_line(ctx, r)
+        assert cfg.stem == lalc_["stem"] and "--stem imagenet-nopool" in line
+        assert cfg.normalize == lalc_["normalize"] and "--normalize cifar10" in line
+        assert cfg.micro_batch_size == (lalc_["micro_batch_size"] if cfg.batch_size > lalc_["micro_batch_size"] else None)
+        assert cfg.lr == lalc_["lr"] and cfg.momentum == lalc_["momentum"] and cfg.weight_decay == lalc_["weight_decay"]
+        assert cfg.warmup_epochs in (0.0, lalc_["warmup_epochs"])
+    # the papers' LAMB and LARS sit beside ours in Table 1
+    opts = {ctx.resolved(r).optimizer for r in _grid("tvlars-table1")[1] if r.kind == "train"}
+    assert {"lamb-pto", "lars-flash"} <= opts
+
+
+def test_lalc_stem_and_normalization():
+    from largebatch.train.models import build_model
+
+    m = build_model("resnet50", 10, (3, 32, 32), stem="imagenet-nopool")
+    assert m.conv1.kernel_size == (7, 7) and m.conv1.stride == (1, 1) and isinstance(m.maxpool, torch.nn.Identity)
+    ds = data.load_digits()
+    with pytest.raises(ValueError, match="normalize: cifar10 is for 3-channel"):
+        data.with_normalization(ds, "cifar10")
+    assert data.with_normalization(ds, "data") is ds
+
+
+def test_mini_time_knobs_are_mapped_from_the_paper():
+    """At mini scale phi covers the share of the run it covers in the paper: lam x steps, delay and warm-up fractions."""
+    from largebatch.experiments import scaling
+
+    ctx, runs = _grid("tvlars-table1", "mini", seeds=1)
+    for r in runs:
+        if r.kind != "train" or r.tags["optimizer"] != "tvlars":
+            continue
+        cfg, b = ctx.resolved(r), r.tags["batch"]
+        assert cfg.tvlars_lam * scaling.steps(60_000, b, cfg.epochs) == pytest.approx(1e-4 * scaling.paper_steps(b), rel=1e-4)
+        assert cfg.tvlars_delay_epochs == pytest.approx(0.1 * cfg.epochs)
+        assert r.name.startswith("fashion-mnist-")  # named by the data it trains on
+    bt = [r for r in runs if r.kind == "pretrain"]
+    for r in bt:
+        cfg = ctx.resolved(r)
+        if cfg.optimizer == "tvlars":
+            assert cfg.tvlars_delay_epochs == pytest.approx(10 / 1000 * cfg.epochs)
+        else:
+            assert cfg.warmup_epochs == pytest.approx(20 / 1000 * cfg.epochs)
+    # fair-baselines: TVLARS's lam range is mapped the same way (lam x steps of the paper's run at B = 4096)
+    ctx, runs = _grid("fair-baselines", "mini", seeds=1)
+    lams = sorted({ctx.resolved(r).tvlars_lam for r in runs if r.tags.get("optimizer") == "tvlars"})
+    t = scaling.steps(50_000, 4096, 12)
+    assert [x * t for x in lams] == pytest.approx([1e-4 * 1200, 1e-3 * 1200], rel=1e-4)
 
 
 def test_tvlars_figures_share_table1_cells():
@@ -80,7 +158,7 @@ def test_lalc_table2_is_the_papers_grid():
     assert len(runs) == 9 * 4
     for r in runs:
         cfg, m, b = ctx.resolved(r), r.tags["method"], r.tags["batch"]
-        assert cfg.dataset == "cifar10" and cfg.model == "resnet50" and cfg.stem == "cifar"
+        assert cfg.dataset == "cifar10" and cfg.model == "resnet50" and cfg.stem == "imagenet-nopool"
         assert cfg.lr * cfg.batch_size / cfg.base_batch_size == pytest.approx(0.1 * b / 128)  # linear rule
         assert cfg.lr_scaling == "linear" and cfg.weight_decay == 5e-4 and cfg.momentum == 0.9
         assert cfg.warmup_epochs == (10 if "WarmUp" in m else 0) and cfg.schedule == "cosine"

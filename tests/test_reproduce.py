@@ -18,13 +18,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #: every artifact id of the catalogue (../shared/EXPERIMENTS.md), and the fair-baselines comparison
 CATALOGUE = ("tvlars-table1", "tvlars-fig1", "tvlars-fig2", "tvlars-fig3", "tvlars-ablation-lambda",
              "tvlars-ablation-lr", "tvlars-ablation-init", "lalc-fig1", "lalc-fig3", "lalc-table2", "lalc-fig5",
-             "clars-fig1", "clars-fig2", "clars-fig3", "clars-table1", "fair-baselines")
+             "clars-fig1", "clars-fig2", "clars-fig3", "clars-table1", "fair-baselines", "warmup-control")
 #: a number of the paper each collected table must show (figure-only artifacts: their figure's claim)
 PAPER_MARK = {"tvlars-table1": "(74.64)", "tvlars-ablation-lr": "(78.92)", "lalc-table2": "(94.97)",
               "clars-table1": "75.3", "tvlars-fig1": "3-5 points", "tvlars-fig2": "Fig. 2",
               "tvlars-fig3": "eq. 9", "tvlars-ablation-lambda": "84%", "tvlars-ablation-init": "1-3 points",
               "lalc-fig1": "1.4669", "lalc-fig3": "Fig. 3", "lalc-fig5": "Fig. 5", "clars-fig1": "Fig. 1",
-              "clars-fig2": "Fig. 2", "clars-fig3": "Fig. 3", "fair-baselines": "trials per optimizer"}
+              "clars-fig2": "Fig. 2", "clars-fig3": "Fig. 3", "fair-baselines": "trials per optimizer",
+              "warmup-control": "(the positive control)"}
 
 
 def _run(argv, capsys):
@@ -71,10 +72,10 @@ def test_printed_commands_are_the_runs_configurations(tmp_path, capsys):
     from largebatch.train.config import TrainConfig
 
     rc, out, err = _run(["reproduce", "lalc-table2", "--scale", "mini", "--out", str(tmp_path)], capsys)
-    assert rc == 0 and "108 runs (108 missing)" in err
+    assert rc == 0 and "180 runs (180 missing)" in err
     ctx = context(ARTIFACTS["lalc-table2"], "mini", None, str(tmp_path), {})
     lines = out.splitlines()
-    assert len(lines) == 108
+    assert len(lines) == 180
     for line, run in zip(lines, ctx.grid()):
         argv = shlex.split(line)
         assert argv[:2] == ["largebatch", "train"] and argv[-1] == "--resume"

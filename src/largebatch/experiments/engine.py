@@ -83,7 +83,7 @@ class Artifact:
     scales: dict[str, str]  # scale -> what it runs (and how it differs from the paper)
     grid: Callable[["Ctx"], list[Run]]
     collect: Callable[["Ctx", list[Result]], str]
-    seeds: dict[str, int] = field(default_factory=lambda: {"paper": 1, "mini": 3, "smoke": 1})
+    seeds: dict[str, int] = field(default_factory=lambda: {"paper": 1, "mini": 5, "smoke": 1})  # comparisons: >= 5
     prepare: Callable[["Ctx"], None] | None = None  # before --run (e.g. generate smoke data)
     missing: str = ""  # why a scale absent from ``scales`` is absent
 
@@ -386,8 +386,9 @@ def collect(ctx: Ctx, only: str | None = None, command: str = "") -> str:
             f"**Question.** {ctx.artifact.question}", "",
             f"**Scale `{ctx.scale}`.** {ctx.artifact.scales[ctx.scale]}", "",
             f"**Seeds** {', '.join(map(str, ctx.seeds)) or '-'}; **runs** {len(results)}: "
-            + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f". Collected {datetime.now():%Y-%m-%d %H:%M} "
-            f"on {machine()}.", ""]
+            + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + f". Training time of these runs: "
+            f"{train_hours(results):.2f} h (the sum of their epoch times; one thread each: CPU-hours).", "",
+            f"**Stamp.** {stamp(ctx)}", ""]
     if command:
         head += [f"**Command.** `{command}`", ""]
     tail = []
@@ -401,6 +402,46 @@ def collect(ctx: Ctx, only: str | None = None, command: str = "") -> str:
     with open(os.path.join(ctx.root, "results.md"), "w") as f:
         f.write(text)
     return text
+
+
+def train_hours(results: list[Result]) -> float:
+    """Hours the runs spent training: the sum of ``epoch_seconds`` over their metrics rows."""
+    return sum(float(h.get("epoch_seconds") or 0.0) for r in results for h in r.history) / 3600.0
+
+
+def commit() -> str:
+    """The git commit of this package's source tree (``+dirty`` with uncommitted changes), or ``unknown``."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "-C", here, "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def stamp(ctx: Ctx | None = None) -> str:
+    """Commit, CPU model (and cores), torch version, date and seeds: printed with every collected table."""
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{cpu_model()} x {os.cpu_count()} cores"
+    seeds = f"; seeds {','.join(map(str, ctx.seeds)) or '-'}" if ctx is not None else ""
+    return f"commit {commit()}; {dev}; torch {torch.__version__}; {datetime.now():%Y-%m-%d %H:%M}{seeds}"
 
 
 def machine() -> str:

@@ -4,6 +4,7 @@
     largebatch reproduce tvlars-table1 --scale mini        # the command line of every run (for a cluster)
     largebatch reproduce tvlars-table1 --scale mini --run  # run / resume the missing runs, then collect
     largebatch reproduce tvlars-table1 --scale mini --collect   # OUT/tvlars-table1/mini/results.md + figure
+    largebatch reproduce --glance --scale mini             # the at-a-glance table: every claim's verdict so far
 
 Scales: ``paper`` (the papers' data, models and settings; GPUs), ``mini`` (Fashion-MNIST or digits and
 small models, at most ~30 minutes per artifact on 2 CPU cores, 3 seeds), ``smoke`` (seconds: the
@@ -39,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser, artifact: str | None = None, 
     parser.add_argument("--list", action="store_true", help="list the artifacts (with ARTIFACT: its scales and runs)")
     parser.add_argument("--scale", choices=SCALES, default=scale, help=f"paper, mini or smoke (default: {scale})")
     parser.add_argument("--run", action="store_true", help="run / resume the missing runs, then collect")
+    parser.add_argument("--glance", action="store_true",
+                        help="the at-a-glance table: the verdict of every claim of every collected artifact at --scale")
     parser.add_argument("--collect", action="store_true", help="write results.md (paper beside measured) and the figure")
     parser.add_argument("--retry-failed", action="store_true", help="with --run: run failed runs again")
     parser.add_argument("--seeds", type=_seeds, default=None, metavar="N",
@@ -113,6 +116,11 @@ def _run(args: argparse.Namespace) -> int:
 
     name = args.fixed_artifact or args.artifact
     overrides = parse_set(args.set)
+    if getattr(args, "glance", False):
+        from .verdicts import glance
+
+        print(glance(args.out, args.scale))
+        return 0
     if name is None:
         if not args.list:
             raise UserError("name an artifact (largebatch reproduce --list shows them)")

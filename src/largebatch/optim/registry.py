@@ -211,6 +211,10 @@ register(OptimizerInfo(
     # default eta 0.01 (CLARS paper): lr 0.4 gives the same lr * eta as the LARS recipes
     demo=(dict(lr=0.4, lr_scaling="none", warmup=0.0),)))
 
+from . import paper_variants  # noqa: E402 - the TVLARS papers' LAMB and LARS: lamb-pto, lars-flash
+
+paper_variants._register()
+
 
 def markdown_table() -> str:
     """The registry as the Markdown table of docs/optimizers.md (``largebatch optimizers``)."""

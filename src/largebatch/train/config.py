@@ -23,7 +23,8 @@ SCALING = ("none", "linear", "sqrt", "auto")
 OPTIMIZER_PATHS = ("auto", "per_tensor", "foreach", "compiled", "native")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ACTIVATIONS = ("relu", "tanh", "gelu", "silu", "leaky_relu", "identity")
-STEMS = ("cifar", "imagenet")
+STEMS = ("cifar", "imagenet", "imagenet-nopool")
+NORMALIZATIONS = ("data", "cifar10")
 METRIC_FORMATS = ("csv", "jsonl")
 FSDP_PARAM_DTYPES = ("fp32", "bf16")
 
@@ -46,7 +47,12 @@ class TrainConfig:
     augment: bool | None = field(default=None, metadata={"help": "random crop (pad 4) + flip (default: on for cifar/tinyimagenet, off otherwise)"})
     # model
     model: str = field(default="mlp", metadata={"help": f"one of {', '.join(MODELS)}"})
-    stem: str = field(default="cifar", metadata={"help": "ResNet-18/34/50 stem: cifar (3x3 conv, no max-pool) or imagenet"})
+    stem: str = field(default="cifar", metadata={"help": "ResNet-18/34/50 stem: cifar (3x3 conv, no max-pool), imagenet "
+                                                      "(7x7 stride-2 conv + max-pool) or imagenet-nopool (7x7 stride-1 "
+                                                      "conv, no max-pool: LALC App. B)"})
+    normalize: str = field(default="data", metadata={"help": "input normalization: data (per-channel mean/std of the "
+                                                             "training images) or cifar10 (LALC App. B: mean (0.4914, "
+                                                             "0.4822, 0.4465), std (0.2023, 0.1994, 0.2010))"})
     init: str = field(default="default", metadata={"help": f"weight init: {', '.join(INITS)}"})
     mlp_depth: int = field(default=3, metadata={"help": "MLP hidden layers"})
     mlp_width: int = field(default=256, metadata={"help": "MLP hidden width"})
@@ -149,7 +155,7 @@ class TrainConfig:
         for name, allowed in (("dataset", DATASETS), ("model", MODELS), ("init", INITS),
                               ("optimizer", tuple(registry.OPTIMIZERS)), ("schedule", SCHEDULES),
                               ("lr_scaling", SCALING), ("precision", PRECISIONS), ("activation", ACTIVATIONS),
-                              ("stem", STEMS), ("metrics_format", METRIC_FORMATS),
+                              ("stem", STEMS), ("normalize", NORMALIZATIONS), ("metrics_format", METRIC_FORMATS),
                               ("optimizer_path", OPTIMIZER_PATHS), ("fsdp_param_dtype", FSDP_PARAM_DTYPES)):
             choice(name, allowed)
         for name in ("epochs", "batch_size", "base_batch_size", "eval_batch_size", "mlp_width"):

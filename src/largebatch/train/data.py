@@ -126,6 +126,25 @@ class ArrayDataset:
         return out
 
 
+#: fixed input normalizations (mean, std per channel) a run may ask for instead of the data's own
+NORMALIZATIONS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))}  # LALC App. B
+
+
+def with_normalization(ds: "ArrayDataset", name: str) -> "ArrayDataset":
+    """``ds`` (a copy) normalized with ``name``'s constants; ``data`` keeps the data's own statistics."""
+    if name == "data":
+        return ds
+    mean, std = NORMALIZATIONS[name]
+    if ds.shape[0] != len(mean):
+        raise ValueError(f"normalize: {name} is for {len(mean)}-channel images, {ds.name} has {ds.shape[0]} channel(s); "
+                         "use normalize: data")
+    out = ArrayDataset.__new__(ArrayDataset)
+    out.__dict__.update(ds.__dict__)
+    out.mean = torch.tensor(mean, device=ds.train_x.device)
+    out.std = torch.tensor(std, device=ds.train_x.device)
+    return out
+
+
 def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (unbiased) std of uint8 images in [0, 1] units, accumulated in float64
     over chunks of images (no full-size float copy of the data set)."""

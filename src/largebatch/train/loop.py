@@ -237,7 +237,7 @@ def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: flo
     n_train = ds.train_x.shape[0]
     spe = steps_per_epoch(n_train, cfg.batch_size, info.world_size, cfg.drop_last)
     total_steps = cfg.epochs * spe
-    ds = ds.to(info.device)
+    ds = data_mod.with_normalization(ds.to(info.device), cfg.normalize)
     setup = _build(cfg, ds, info, spe, micro, task)
     history, start_epoch, global_step = [], 0, 0
     if resume_state is not None:  # before anything is written: a checkpoint that does not fit changes nothing

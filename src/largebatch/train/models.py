@@ -94,12 +94,16 @@ def build_model(name: str, num_classes: int, in_shape: tuple[int, int, int], *, 
             model.conv1 = nn.Conv2d(c, 64, 3, 1, 1, bias=False)
             nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
             model.maxpool = nn.Identity()
+        elif stem == "imagenet-nopool":  # LALC App. B: "the first pooling layer and stride ... removed"
+            model.conv1 = nn.Conv2d(c, 64, 7, 1, 3, bias=False)
+            nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+            model.maxpool = nn.Identity()
         elif stem == "imagenet":
             if c != 3:
                 model.conv1 = nn.Conv2d(c, 64, 7, 2, 3, bias=False)
                 nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         else:
-            raise ValueError(f"stem: {stem!r} is not one of cifar, imagenet")
+            raise ValueError(f"stem: {stem!r} is not one of cifar, imagenet, imagenet-nopool")
         return model
     raise ValueError(f"model: {name!r} is not one of mlp, resnet20/32/44/56, resnet18/34/50")
 

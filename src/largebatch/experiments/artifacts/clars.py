@@ -16,8 +16,9 @@ from torch import nn
 from largebatch.train.loop import Classification
 
 from .. import engine as E
+from .. import verdicts as V
 from ..engine import Artifact, Ctx, Run
-from .common import MINI, MINI_NOTE, SMOKE, make_tiny_imagenet, seeded
+from .common import MINI, MINI_NOTE, SMOKE, make_tiny_imagenet, outcomes, seeded, verdict_section
 
 MNAG = dict(optimizer="sgd", nesterov=True, momentum=0.9)
 
@@ -301,7 +302,15 @@ def fig3_collect(ctx: Ctx, results: list[E.Result]) -> str:
         "the harness has); CLARS (eta 0.01, not stated) runs at the constant LR from the start. 'none' is a control "
         "the paper does not show. Paper (Fig. 3, figure only): CLARS beats both tricks; FC freezing starts well on "
         "VGG-11 but diverges later.", "",
-        E.table(["method", "final test acc", "best test acc"], rows), "", E.save(ctx, fig, "fig3.png")])
+        E.table(["method", "final test acc", "best test acc"], rows), "",
+        verdict_section(ctx, FIG3_CLAIMS, {m: outcomes(E.where(results, method=m)) for m in methods}),
+        E.save(ctx, fig, "fig3.png")])
+
+
+FIG3_CLAIMS = (
+    V.Claim("clars-vs-warmup", "CLARS (no warm-up) beats mNAG + gradual warm-up (Fig. 3)", "CLARS", "warm-up", "greater", 1.0),
+    V.Claim("clars-vs-freeze", "CLARS beats mNAG + FC-layer freezing (Fig. 3)", "CLARS", "FC freeze", "greater", 1.0),
+)
 
 
 FIG3_ART = Artifact(
@@ -361,7 +370,15 @@ def table1_collect(ctx: Ctx, results: list[E.Result]) -> str:
         f"{s['lr']:g}, {s['warmup']:g} warm-up epochs + polynomial decay) and CLARS (eta 1e-2, no warm-up); measured "
         "beside the paper's Table 1 (ImageNet). DenseNet-121 and MobileNetV2 are not in the harness.", "",
         E.table(["model", "small batch", "LARS", "CLARS", "paper small", "paper LARS", "paper CLARS"], rows), "",
+        verdict_section(ctx, TABLE1_CLAIMS, {m: outcomes(E.where(results, method=m))
+                                             for m in ("small batch", "LARS", "CLARS")}),
         E.save(ctx, fig, "table1.png")])
+
+
+TABLE1_CLAIMS = (
+    V.Claim("clars-matches-lars", "CLARS without warm-up at least as good as LARS with it (Table 1: 75.1 vs 75.1)",
+            "CLARS", "LARS", "noninferior", 1.0),
+)
 
 
 TABLE1_ART = Artifact(
