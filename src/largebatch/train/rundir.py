@@ -36,7 +36,7 @@ STEP_COLUMNS = ["step", "epoch", "lr", "lr_eff", "loss"]
 STAT_COLUMNS = ["step", "layer", "adapt", "w_norm", "g_norm", "lnr", "trust", "layer_lr"]
 RUN_FILES = ["config.yaml", "checkpoint.pt", "checkpoint-prev.pt", "checkpoint", "checkpoint-prev", "failure.json",
              "tensorboard"] + [
-    f"{t}.{ext}" for t in ("metrics", "steps", "layer_stats") for ext in ("csv", "jsonl")]
+    f"{t}.{ext}" for t in ("metrics", "steps", "layer_stats", "noise_scale") for ext in ("csv", "jsonl")]
 CHECKPOINT_KEYS = ("epoch", "global_step", "model", "optimizer", "rng", "config", "history")
 SHARDED_KEYS = ("epoch", "global_step", "param_groups", "optim_keys", "rng", "config", "history")
 
