@@ -135,6 +135,8 @@ class NoiseScaleEMA:
 def squared_norms(tensors: Sequence[Tensor | None], like: Tensor) -> Tensor:
     """``[|t|^2 for t in tensors]`` as one float64 tensor on ``like``'s device (0 for ``None``)."""
     present = [i for i, t in enumerate(tensors) if t is not None]
+    if len(present) == len(tensors) and present:
+        return torch.stack(torch._foreach_norm([t.detach() for t in tensors])).to(torch.float64).square()
     out = torch.zeros(len(tensors), dtype=torch.float64, device=like.device)
     if present:
         norms = torch._foreach_norm([tensors[i].detach() for i in present])
@@ -176,8 +178,9 @@ class _Meter:
 class MicroBatchNorms(_Meter):
     """Gradient accumulation in one process: call :meth:`micro_batch_done` after each micro-batch's
     backward. ``weight`` turns the micro-batch's contribution to ``.grad`` into its mean gradient:
-    for ``(sum of losses / step_rows).backward()`` it is ``step_rows / micro_rows``. Costs one
-    subtraction, one norm and (except after the last) one copy of the gradients per micro-batch."""
+    for ``(sum of losses / step_rows).backward()`` it is ``step_rows / micro_rows``. Costs one norm
+    per tensor per micro-batch, and after each but the first one subtraction (in place), and after
+    each but the last one copy of the gradients (a buffer kept between micro-batches)."""
 
     def __init__(self, params: Iterable[Tensor], names: Sequence[str] | None = None, *, b_small: int, b_big: int):
         super().__init__(params, names)
@@ -190,11 +193,19 @@ class MicroBatchNorms(_Meter):
 
     @torch.no_grad()
     def micro_batch_done(self, weight: float = 1.0, last: bool = False) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        delta = grads if self._prev is None else torch._foreach_sub(grads, self._prev)
-        self._sum += squared_norms(delta, self._zero) * (weight * weight)
+        grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self._prev is None:  # the first micro-batch: .grad is its contribution
+            self._sum += squared_norms(grads, self._zero) * (weight * weight)
+            if not last:
+                self._prev = [g.clone() for g in grads]
+        else:  # in place: prev - grad is minus this micro-batch's contribution
+            torch._foreach_sub_(self._prev, grads)
+            self._sum += squared_norms(self._prev, self._zero) * (weight * weight)
+            if last:
+                self._prev = None
+            else:
+                torch._foreach_copy_(self._prev, grads)
         self._n += 1
-        self._prev = None if last else [g.detach().clone() for g in grads]
 
     def small_sq(self) -> Tensor:
         if self._n < 2:
