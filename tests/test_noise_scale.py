@@ -293,3 +293,17 @@ def test_train_noise_scale_per_sample_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="noise_scale_method"):
         _cfg(str(tmp_path / "y"), noise_scale_method="exact").validate()
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_noise_scale_command(capsys):
+    from largebatch.cli import main
+
+    args = ["noise-scale", "--dataset", "digits", "--model", "mlp", "--mlp-width", "16", "--mlp-depth", "1",
+            "--batch-size", "64", "--optimizer", "sgd", "--lr", "0.05", "--device", "cpu"]
+    assert main(args + ["--steps", "4", "--init-batches", "2", "--every", "2", "--micro-batch-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "two_batch estimator (B_small 16, B_big 64)" in out and out.count("B_simple (EMA)") == 2
+    line = next(s for s in out.splitlines() if s.startswith("estimated critical batch size"))
+    assert "at initialisation" in line and "after 4 steps" in line
+    assert main(args + ["--steps", "0", "--noise-scale-method", "two_batch"]) == 2
+    assert "two_batch needs two batch sizes" in capsys.readouterr().err

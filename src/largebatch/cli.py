@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("largebatch.train.pretrain", "Barlow Twins self-supervised pre-training (config file and/or flags)"),
     "linear-eval": ("largebatch.train.linear_eval", "linear evaluation of a run's frozen backbone (or a baseline)"),
     "plot": ("largebatch.train.plot", "plot one or more run directories"),
+    "noise-scale": ("largebatch.experiments.noise_scale",
+                    "the gradient noise scale (critical batch size) at initialisation and over a short run"),
     "explosion": ("largebatch.experiments.explosion", "gradient-explosion analysis of normalized networks (seed 003)"),
     "barlow-twins-mini": ("largebatch.experiments.barlow_twins_mini",
                           "Barlow Twins on CPU: LARS, LAMB, TVLARS vs random-init and raw-pixel baselines"),
