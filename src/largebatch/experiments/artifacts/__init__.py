@@ -11,9 +11,9 @@ from functools import cache
 
 @cache
 def _registry() -> dict:
-    from . import clars, fair, lalc, tvlars
+    from . import batch_scaling, clars, fair, lalc, tvlars
 
-    return {a.id: a for a in (*tvlars.ARTIFACTS, *lalc.ARTIFACTS, *clars.ARTIFACTS, fair.ARTIFACT)}
+    return {a.id: a for a in (*tvlars.ARTIFACTS, *lalc.ARTIFACTS, *clars.ARTIFACTS, fair.ARTIFACT, batch_scaling.ARTIFACT)}
 
 
 def __getattr__(name: str):
