@@ -38,11 +38,11 @@ BOOTSTRAP = 1000
 SCALE = {
     "paper": dict(data=dict(dataset="cifar10", model="resnet18", stem="cifar", augment=True),
                   batches=tuple(2 ** k for k in range(5, 14)), multipliers=(1 / 4, 1 / 2, 1, 2, 4), target=0.90,
-                  max_epochs=100, optimizers=OPTIMIZERS),
+                  max_epochs=100, optimizers=OPTIMIZERS, noise_batch=256),
     "mini": dict(data=dict(MINI, dataset="fashion-mnist-val"), batches=(64, 256, 1024, 4096),
-                 multipliers=(1 / 3, 1, 3), target=0.85, max_epochs=6, optimizers=OPTIMIZERS),
+                 multipliers=(1 / 3, 1, 3), target=0.85, max_epochs=6, optimizers=OPTIMIZERS, noise_batch=256),
     "smoke": dict(data=SMOKE, batches=(32, 128, 512), multipliers=(1,), target=0.5, max_epochs=8,
-                  optimizers=("sgd", "lars")),
+                  optimizers=("sgd", "lars"), noise_batch=64),
 }
 
 
@@ -56,10 +56,13 @@ def eval_steps(max_steps: int, growth: float = EVAL_GROWTH) -> list[int]:
     return out + [max_steps]
 
 
-def steps_to_target(out_dir: str, *, target: float, max_epochs: float, **fields) -> dict[str, Any]:
+def steps_to_target(out_dir: str, *, target: float, max_epochs: float, noise: bool = False,
+                    **fields) -> dict[str, Any]:
     """Train ``fields`` (``TrainConfig`` fields) until the held-out accuracy reaches ``target``; the
     first evaluation step where it does (``steps``, ``None`` if never within ``max_epochs``), the
-    examples, the accuracy curve and the noise scale ``B_simple`` (EMA) when the target was met."""
+    examples and the accuracy curve. ``noise``: each step in two micro-batches (BatchNorm then sees
+    half batches) and the noise scale ``B_simple`` (EMA; its mean over the run and its value when the
+    target was met) from the two; otherwise one batch and no measurement."""
     import torch
     import torch.nn.functional as F
 
@@ -85,27 +88,31 @@ def steps_to_target(out_dir: str, *, target: float, max_epochs: float, **fields)
     opt = build_optimizer(cfg, model, spe)
     sched = build_scheduler(cfg, opt, spe)
     params = [p for p in model.parameters() if p.requires_grad]
-    meter = ns.MicroBatchNorms(params, b_small=b // 2, b_big=b)
+    meter = ns.MicroBatchNorms(params, b_small=b // 2, b_big=b) if noise else None
     ema = ns.NoiseScaleEMA(cfg.noise_scale_ema)
+    parts, history = (2 if noise else 1), []
     augment = ds.augment_default if cfg.augment is None else cfg.augment
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     info = DistInfo(device=device)
     checks = set(eval_steps(max_steps))
-    curve, reached, noise, t0 = [], None, None, time.perf_counter()
+    curve, reached, t0 = [], None, time.perf_counter()
     order, pos = torch.randperm(n, device=device, generator=gen), 0
     for step in range(1, max_steps + 1):
         if pos + b > n:
             order, pos = torch.randperm(n, device=device, generator=gen), 0
         idx = order[pos:pos + b]
         pos += b
-        for j, ch in enumerate(idx.split(b // 2)):
+        for j, ch in enumerate(idx.split(b // parts)):
             x = ds.train_x[ch]
             if augment:
                 x = data_mod.random_crop_flip(x, gen)
             loss = F.cross_entropy(model(data_mod.normalize(x, ds.mean, ds.std)), ds.train_y[ch], reduction="sum")
             (loss / b).backward()
-            meter.micro_batch_done(2.0, last=j == 1)
-        ema.update(*ns.unbiased_estimates(*meter.measure(), meter.b_small, meter.b_big))
+            if meter is not None:
+                meter.micro_batch_done(2.0, last=j == 1)
+        if meter is not None:
+            ema.update(*ns.unbiased_estimates(*meter.measure(), meter.b_small, meter.b_big))
+            history.append(ema.value())
         opt.step()
         opt.zero_grad(set_to_none=True)
         if sched is not None:
@@ -115,11 +122,14 @@ def steps_to_target(out_dir: str, *, target: float, max_epochs: float, **fields)
             curve.append([step, acc])
             if not math.isfinite(acc) or acc >= target:
                 reached = step if acc >= target else None
-                noise = float(ema.value())
                 break
-    return {"reached": reached is not None, "steps": reached, "examples": None if reached is None else reached * b,
-            "batch": b, "max_steps": max_steps, "curve": curve, "noise_scale": noise if noise is not None
-            else float(ema.value()), "seconds": time.perf_counter() - t0}
+    out = {"reached": reached is not None, "steps": reached, "examples": None if reached is None else reached * b,
+           "batch": b, "max_steps": max_steps, "curve": curve, "seconds": time.perf_counter() - t0}
+    if history:
+        values = torch.stack(history).tolist()
+        out.update(noise_scale=values[-1], noise_scale_mean=sum(values) / len(values),
+                   noise_curve=[[i + 1, v] for i, v in enumerate(values)][:: max(1, len(values) // 200)])
+    return out
 
 
 def noise_at_init(out_dir: str, *, batches: int, **fields) -> dict[str, Any]:
@@ -146,9 +156,12 @@ def trial_config(opt: str, batch: int, mult: float) -> dict[str, Any]:
 
 def grid(ctx: Ctx) -> list[Run]:
     s = SCALE[ctx.scale]
-    runs = [Run(f"noise-init-s{x}", {**s["data"], "batch_size": 256 if ctx.scale != "smoke" else 64, "seed": x,
-                                     "optimizer": "sgd", "batches": 8}, dict(stage="noise", seed=x), kind="call",
-                call=noise_at_init) for x in ctx.seeds]
+    nb = s["noise_batch"]
+    runs = [Run(f"noise-init-s{x}", {**s["data"], "batch_size": nb, "seed": x, "optimizer": "sgd", "batches": 8},
+                dict(stage="noise", seed=x), kind="call", call=noise_at_init) for x in ctx.seeds]
+    runs += [Run(f"noise-sgd-b{nb}-s{x}", {**s["data"], **trial_config("sgd", nb, 1), "seed": x, "target": s["target"],
+                                           "max_epochs": s["max_epochs"], "noise": True},
+                 dict(stage="noise-run", seed=x), kind="call", call=steps_to_target) for x in ctx.seeds]
     for opt in s["optimizers"]:
         for b in s["batches"]:
             for m in s["multipliers"]:
@@ -259,10 +272,9 @@ def summarize(results: list[E.Result], ctx_seeds: list[int]) -> dict[str, dict[s
         t = r.run.tags
         if t.get("stage") != "trial" or r.status != "finished":
             continue
-        d = per.setdefault(t["optimizer"], {"trials": {}, "noise": {}})
+        d = per.setdefault(t["optimizer"], {"trials": {}})
         v = r.value
         d["trials"].setdefault((t["batch"], t["mult"]), {})[t["seed"]] = v["steps"] if v["reached"] else math.inf
-        d["noise"].setdefault(t["batch"], []).append(v["noise_scale"])
     for opt, d in per.items():
         seeds = sorted({s for xs in d["trials"].values() for s in xs})
         trials = {k: [xs.get(s, math.inf) for s in seeds] for k, xs in d["trials"].items()
@@ -278,19 +290,29 @@ def summarize(results: list[E.Result], ctx_seeds: list[int]) -> dict[str, dict[s
     return per
 
 
+def _json_safe(v):
+    """NaN and infinities as ``null`` (strict JSON), tuples as lists."""
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def collect(ctx: Ctx, results: list[E.Result]) -> str:
     from largebatch.plotting import pyplot
 
     s = SCALE[ctx.scale]
     per = summarize(results, ctx.seeds)
     init = E.values(E.where(results, stage="noise"), lambda r: r.value["noise_scale"])
-    fig, (a, b_ax) = pyplot().subplots(1, 2, figsize=(12, 4.4))
+    noise_runs = [r for r in E.where(results, stage="noise-run") if r.status == "finished"]
+    fig, (a, b_ax, n_ax) = pyplot().subplots(1, 3, figsize=(17, 4.4))
     rows, step_rows = [], []
     for i, opt in enumerate(s["optimizers"]):
         d = per.get(opt)
         c = f"C{i}"
         if d is None or not d["best"]:
-            rows.append([opt, "-", "-", "-", "-", "-"])
+            rows.append([opt, "-", "-", "-", "-"])
             continue
         bs, ss = list(d["best"]), list(d["best"].values())
         a.plot(bs, ss, "o-", color=c, label=opt)
@@ -300,10 +322,9 @@ def collect(ctx: Ctx, results: list[E.Result]) -> str:
             a.plot(xs, [d["s_min"] + d["e_min"] / x for x in xs], ":", color=c, linewidth=1)
         lo, hi = percentile(d["boot"], 0.025), percentile(d["boot"], 0.975)
         ci = f"[{lo:.0f}, {hi:.0f}]" if d["boot"] else "- (one seed)"
-        small = min(d["noise"]) if d["noise"] else None
-        bn = E.fmt(d["noise"][small], ".0f") if small is not None else "-"
-        rows.append([opt, f"{d['s_min']:.1f}", f"{d['e_min']:.0f}", f"{d['b_crit']:.0f}", ci,
-                     f"{bn} (B = {small})" if small is not None else "-"])
+        rows.append([opt, f"{d['s_min']:.1f}", f"{d['e_min']:.0f}", f"{d['b_crit']:.0f}", ci])
+        if math.isfinite(d["b_crit"]):
+            n_ax.axhline(d["b_crit"], color=c, linestyle=":", linewidth=1, label=f"B_crit fit: {opt}")
         step_rows.append([opt] + [("-" if b not in d["best"] else f"{d['best'][b]:.0f}") for b in s["batches"]])
     # perfect scaling: S proportional to 1/B through the smallest batch of the first optimizer drawn
     first = next((per[o] for o in s["optimizers"] if o in per and per[o]["best"]), None)
@@ -318,7 +339,21 @@ def collect(ctx: Ctx, results: list[E.Result]) -> str:
         E.legend(ax, fontsize=7)
     a.set_title(f"(a) steps to {100 * s['target']:.0f}% held-out accuracy (dotted: fit)")
     b_ax.set_title("(b) examples to target")
+    for j, r in enumerate(noise_runs):
+        pts = r.value.get("noise_curve", [])
+        n_ax.plot([p[0] for p in pts], [p[1] for p in pts], color="k", alpha=0.8 - 0.2 * min(j, 3),
+                  label="B_simple (EMA), SGD B = %d" % s["noise_batch"] if j == 0 else None)
+    n_ax.set(xlabel="step", ylabel="examples", yscale="log", title="(c) noise scale over training vs fitted B_crit")
+    n_ax.grid(alpha=0.3, which="both")
+    E.legend(n_ax, fontsize=7)
+    at_target = [r.value["noise_scale"] for r in noise_runs if r.value.get("reached")]
+    mean_run = [r.value["noise_scale_mean"] for r in noise_runs]
     vs = verdicts(per)
+    E._write_json(os.path.join(ctx.root, "verdicts.json"), _json_safe({
+        "verdicts": vs, "fits": {o: {k: d[k] for k in ("s_min", "e_min", "b_crit")} | {
+            "ci95": [percentile(d["boot"], 0.025), percentile(d["boot"], 0.975)], "replicates": len(d["boot"])}
+            for o, d in per.items()},
+        "noise_scale": {"init": init, "at_target": at_target, "run_mean": mean_run}}))
     vrows = [[v["optimizer"], f"{v['ratio']:.2f}",
               "-" if not math.isfinite(v["ci"][0]) else f"[{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]", v["verdict"]]
              for v in vs]
@@ -328,11 +363,15 @@ def collect(ctx: Ctx, results: list[E.Result]) -> str:
         f"multipliers of each optimizer's reference LR (x{', x'.join(f'{m:.3g}' for m in s['multipliers'])}), "
         f"constant LR (TVLARS: phi(t)), at most {s['max_epochs']} epochs per trial. Fit: "
         "(S/S_min - 1)(E/E_min - 1) = 1, i.e. S = S_min + E_min / B; B_crit = E_min / S_min (McCandlish et al. "
-        "2018), bootstrap 95% interval over seeds. Noise scale B_simple measured in the trials (two micro-batches, "
-        "EMA at the target) and at initialisation (exact per-sample norms): "
-        + (E.fmt(init, ".0f") if init else "-") + ".", "",
-        E.table(["optimizer", "S_min", "E_min", "B_crit (fit)", "B_crit 95% CI", "B_simple at target (smallest B)"],
-                rows), "",
+        "2018), bootstrap 95% interval over seeds (the LR choice and the fit redone in each of "
+        f"{BOOTSTRAP} replicates).", "",
+        E.table(["optimizer", "S_min", "E_min", "B_crit (fit)", "B_crit 95% CI"], rows), "",
+        "**Measured noise scale B_simple** (mean ± std over seeds), beside the fitted B_crit: at initialisation "
+        f"(exact per-sample norms, 8 batches of {s['noise_batch']}): {E.fmt(init, '.0f') if init else '-'}; "
+        f"momentum SGD at B = {s['noise_batch']} in two micro-batches, EMA when the target was met: "
+        f"{E.fmt(at_target, '.0f') if at_target else '-'}, mean over that run: "
+        f"{E.fmt(mean_run, '.0f') if mean_run else '-'}. With BatchNorm the two estimators differ "
+        "(docs/batch-size.md).", "",
         "### Steps to target (best LR per batch size, mean over seeds)", "",
         E.table(["optimizer"] + [f"B = {b}" for b in s["batches"]], step_rows), "",
         "### Verdict: does an optimizer extend perfect scaling beyond momentum SGD's critical batch size?", "",
