@@ -115,5 +115,5 @@ def test_every_trial_is_a_valid_training_configuration(tmp_path):
         trials = [r for r in runs if r.tags["stage"] == "trial"]
         assert len(trials) == len(s["optimizers"]) * len(s["batches"]) * len(s["multipliers"]) * len(ctx.seeds)
         for r in runs:
-            fields = {k: v for k, v in r.cfg.items() if k not in ("target", "max_epochs", "batches")}
+            fields = {k: v for k, v in r.cfg.items() if k not in ("target", "max_epochs", "batches", "noise")}
             resolve(overrides={**fields, "out_dir": str(tmp_path)})

@@ -286,6 +286,14 @@ def test_train_noise_scale_columns_layer_sums_and_resume(tmp_path):
 def test_train_noise_scale_per_sample_and_refusals(tmp_path):
     res = train(_cfg(str(tmp_path / "ps"), epochs=1), log=lambda s: None)  # one process, no accumulation: per_sample
     assert res.history[0]["noise_scale"] > 0
+    from largebatch.train.plot import plot_noise_scale, plot_runs
+
+    made = plot_runs([str(tmp_path / "ps")], str(tmp_path / "plots"))
+    assert str(tmp_path / "plots" / "noise-scale.png") in made
+    assert (tmp_path / "plots" / "noise-scale.png").read_bytes()[:4] == b"\x89PNG"
+    plain = train(_cfg(str(tmp_path / "plain"), epochs=1, noise_scale=False), log=lambda s: None)
+    assert "noise_scale" not in plain.history[0] and "noise_scale" not in read_table(str(tmp_path / "plain" / "steps.csv"))[0]
+    assert plot_noise_scale([str(tmp_path / "plain")], str(tmp_path / "none.png")) is None
     with pytest.raises(ValueError, match="noise_scale_method: two_batch needs two batch sizes"):
         train(_cfg(str(tmp_path / "x"), noise_scale_method="two_batch"), log=lambda s: None)
     with pytest.raises(ValueError, match="noise_scale_ema"):
@@ -293,6 +301,12 @@ def test_train_noise_scale_per_sample_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="noise_scale_method"):
         _cfg(str(tmp_path / "y"), noise_scale_method="exact").validate()
     assert not os.path.exists(tmp_path / "x")
+    from largebatch.train.pretrain import BarlowTwinsTask, PretrainConfig
+
+    with pytest.raises(ValueError, match="noise_scale: not supported by pretrain"):
+        train(PretrainConfig(dataset="digits", out_dir=str(tmp_path / "bt"), noise_scale=True, device="cpu"),
+              log=lambda s: None, task=BarlowTwinsTask())
+    assert not os.path.exists(tmp_path / "bt")
 
 
 def test_noise_scale_command(capsys):
