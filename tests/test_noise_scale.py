@@ -321,3 +321,10 @@ def test_noise_scale_command(capsys):
     assert "at initialisation" in line and "after 4 steps" in line
     assert main(args + ["--steps", "0", "--noise-scale-method", "two_batch"]) == 2
     assert "two_batch needs two batch sizes" in capsys.readouterr().err
+
+
+def test_per_sample_on_an_unsupported_layer_is_a_user_error():
+    from largebatch.train.noise import per_sample_meter
+
+    with pytest.raises(ValueError, match="per_sample cannot measure this model .*ConvTranspose1d.*use two_batch"):
+        per_sample_meter(nn.Sequential(nn.Linear(3, 4), nn.ConvTranspose1d(4, 4, 1)), 8, None)

@@ -41,7 +41,7 @@ def measure(cfg, steps: int, init_batches: int, every: int = 10,
     from ..train.distributed import pick_device
     from ..train.factory import build_optimizer, build_scheduler, steps_per_epoch
     from ..train.models import build_model, init_weights
-    from ..train.noise import method_for
+    from ..train.noise import method_for, per_sample_meter
 
     for name, v, lo in (("steps", steps, 0), ("init_batches", init_batches, 1), ("every", every, 1)):
         if not isinstance(v, int) or v < lo:
@@ -61,7 +61,8 @@ def measure(cfg, steps: int, init_batches: int, every: int = 10,
     sched = build_scheduler(cfg, opt, spe)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if method == "per_sample":
-        meter = ns.PerSampleNorms(model, b_big=b, params=[p for _, p in named], loss_scale=1.0 / b)
+        meter = per_sample_meter(model, b, [p for _, p in named])
+        meter.loss_scale = 1.0 / b
     else:
         meter = ns.MicroBatchNorms([p for _, p in named], [n for n, _ in named], b_small=micro, b_big=b)
     augment = ds.augment_default if cfg.augment is None else cfg.augment

@@ -54,6 +54,17 @@ def method_for(cfg, world_size: int, accum: int) -> str:
     return method
 
 
+def per_sample_meter(model: nn.Module, b_big: int, params) -> ns.PerSampleNorms:
+    """:class:`~largebatch.noise_scale.PerSampleNorms`, with a model it cannot measure as a user error."""
+    from ..persample import UnsupportedLayerError
+
+    try:
+        return ns.PerSampleNorms(model, b_big=b_big, params=params)
+    except UnsupportedLayerError as e:
+        raise ValueError(f"noise_scale_method: per_sample cannot measure this model ({str(e).split(' (supported')[0]}); "
+                         "use two_batch with --micro-batch-size below the batch") from None
+
+
 class RunNoiseScale:
     """What ``--noise-scale`` adds to a run: the meter, the per-step records of an epoch, the EMA."""
 
@@ -62,7 +73,7 @@ class RunNoiseScale:
         named = [(n, p) for n, p in core.named_parameters() if p.requires_grad]
         rows_per_rank = cfg.batch_size // world_size
         if self.method == "per_sample":
-            self.meter = ns.PerSampleNorms(core, b_big=cfg.batch_size, params=[p for _, p in named])
+            self.meter = per_sample_meter(core, cfg.batch_size, [p for _, p in named])
         elif world_size > 1:
             self.meter = ns.DDPLocalNorms(model, [p for _, p in named], [n for n, _ in named],
                                           b_small=rows_per_rank, b_big=cfg.batch_size)
