@@ -232,7 +232,7 @@ class DDPLocalNorms(_Meter):
         self.b_small, self.b_big = b_small, b_big
         self.process_group = process_group
         self._pos = {id(p): i for i, p in enumerate(self.params)}
-        self._idx: dict[tuple[int, ...], Tensor] = {}
+        self._idx: dict[tuple[int, ...], tuple[list[int], Tensor]] = {}
         self._local = torch.zeros(len(self.params), dtype=torch.float64, device=self._zero.device)
         ddp_model.register_comm_hook(self, DDPLocalNorms._hook)
 
@@ -241,12 +241,14 @@ class DDPLocalNorms(_Meter):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         key = tuple(id(p) for p in bucket.parameters())
-        idx = state._idx.get(key)
-        if idx is None:
-            idx = state._idx[key] = torch.tensor([state._pos.get(k, -1) for k in key], device=state._local.device)
-        norms = torch.stack(torch._foreach_norm(bucket.gradients())).to(torch.float64).square()
-        keep = idx >= 0
-        state._local.index_add_(0, idx[keep], norms[keep])
+        if key not in state._idx:  # positions of the measured tensors of this bucket (host-side selection)
+            keep = [i for i, k in enumerate(key) if k in state._pos]
+            state._idx[key] = (keep, torch.tensor([state._pos[key[i]] for i in keep], device=state._local.device))
+        keep, idx = state._idx[key]
+        if keep:
+            grads = bucket.gradients()
+            norms = torch._foreach_norm([grads[i] for i in keep])
+            state._local.index_add_(0, idx, torch.stack(norms).to(torch.float64).square())
         return allreduce_hook(state.process_group, bucket)
 
     def small_sq(self) -> Tensor:
