@@ -167,9 +167,9 @@ class TrainConfig:
         number("warmup_epochs", 0.0)
         number("min_lr_ratio", 0.0, 1.0)
         number("poly_power", 0.0, lo_open=True)
-        number("noise_scale_ema", 0.0, 1.0)
-        if self.noise_scale_ema == 1.0:
-            raise ValueError("noise_scale_ema: must be < 1 (1 would never move the average), got 1.0")
+        v = self.noise_scale_ema
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0):
+            raise ValueError(f"noise_scale_ema: must be a number in [0, 1), got {v!r}")
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
         info = registry.get(self.optimizer)
