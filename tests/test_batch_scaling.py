@@ -117,3 +117,15 @@ def test_every_trial_is_a_valid_training_configuration(tmp_path):
         for r in runs:
             fields = {k: v for k, v in r.cfg.items() if k not in ("target", "max_epochs", "batches", "noise")}
             resolve(overrides={**fields, "out_dir": str(tmp_path)})
+
+
+def test_degenerate_fits_give_no_verdict_instead_of_failing():
+    # SGD's steps do not fall with the batch: E_min 0, B_crit 0 -> no ratio to it
+    per = {"sgd": {"b_crit": 0.0, "boot": [0.0, 0.0]}, "lars": {"b_crit": 300.0, "boot": [280.0, 320.0]}}
+    assert bs.verdicts(per) == []
+    # replicates without a fit are NaN, kept in place so that optimizers' replicates stay paired
+    per = {"sgd": {"b_crit": 100.0, "boot": [100.0, math.nan, 110.0]},
+           "lars": {"b_crit": 300.0, "boot": [300.0, 310.0, math.nan]}}
+    (v,) = bs.verdicts(per)
+    assert v["ci"] == (3.0, 3.0) and v["verdict"] == "extends"
+    assert bs.percentile([1.0, math.inf, math.nan], 0.975) == math.inf

@@ -35,6 +35,7 @@ from .fair import OPTIMIZERS as FAIR
 OPTIMIZERS = ("sgd", "lars", "lamb", "tvlars", "lalc")
 EVAL_GROWTH = 1.1  # evaluation steps: each at least 10% after the previous one
 BOOTSTRAP = 1000
+MIN_POINTS = 3  # batch sizes that reached the target, for a fit (two points always fit the curve exactly)
 SCALE = {
     "paper": dict(data=dict(dataset="cifar10", model="resnet18", stem="cifar", augment=True),
                   batches=tuple(2 ** k for k in range(5, 14)), multipliers=(1 / 4, 1 / 2, 1, 2, 4), target=0.90,
@@ -220,7 +221,9 @@ def best_steps(trials: dict[tuple[float, float], list[float]], seeds: list[int] 
 def bootstrap_bcrit(trials: dict[tuple[float, float], list[float]], reps: int = BOOTSTRAP,
                     seed: int = 0) -> list[float]:
     """``B_crit`` of ``reps`` bootstrap replicates: seeds resampled with replacement (the same draw for
-    every cell: a seed is one unit), the LR choice and the fit redone. Empty with one seed."""
+    every cell: a seed is one unit), the LR choice and the fit redone; NaN for a replicate with fewer
+    than ``MIN_POINTS`` batch sizes at the target (so that replicate ``i`` of two optimizers used the
+    same draw). Empty with one seed."""
     import random
 
     n = min(len(xs) for xs in trials.values()) if trials else 0
@@ -231,31 +234,37 @@ def bootstrap_bcrit(trials: dict[tuple[float, float], list[float]], reps: int = 
     for _ in range(reps):
         draw = [rng.randrange(n) for _ in range(n)]
         best = best_steps(trials, draw)
-        if len(best) >= 2:
-            out.append(critical_batch(*fit_scaling(list(best), list(best.values()))))
+        out.append(critical_batch(*fit_scaling(list(best), list(best.values()))) if len(best) >= MIN_POINTS
+                   else math.nan)
     return out
 
 
 def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
+    """The ``q`` quantile (linear interpolation) of the non-NaN values of ``xs`` (may be infinite)."""
+    xs = sorted(x for x in xs if not math.isnan(x))
     if not xs:
         return math.nan
     k = (len(xs) - 1) * q
     lo, hi = math.floor(k), math.ceil(k)
+    if lo == hi or xs[lo] == xs[hi]:
+        return xs[lo]
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def verdicts(per_opt: dict[str, dict[str, Any]], baseline: str = "sgd", level: float = 0.95) -> list[dict[str, Any]]:
     """For each optimizer but ``baseline``: ``B_crit`` ratio to the baseline's and its bootstrap interval
-    (replicates paired by index; the two studies' seeds are independent), and the verdict
+    (replicates paired by index: :func:`bootstrap_bcrit` draws the same seeds for every optimizer, and a
+    seed is the same initialisation and data order in every study: a paired design), and the verdict
     ``extends`` (interval above 1), ``shrinks`` (below 1), ``inconclusive``, or ``no interval`` (one seed)."""
     base = per_opt.get(baseline)
     out = []
+    if base is None or not 0 < base.get("b_crit", math.nan) < math.inf:
+        return out
     for opt, r in per_opt.items():
-        if opt == baseline or base is None or not math.isfinite(r.get("b_crit", math.nan)):
+        if opt == baseline or math.isnan(r.get("b_crit", math.nan)):
             continue
         ratio = r["b_crit"] / base["b_crit"]
-        boots = [a / c for a, c in zip(r["boot"], base["boot"]) if c > 0 and math.isfinite(a / c)]
+        boots = [a / c for a, c in zip(r["boot"], base["boot"]) if 0 < c < math.inf and not math.isnan(a)]
         lo, hi = percentile(boots, (1 - level) / 2), percentile(boots, (1 + level) / 2)
         verdict = ("no interval (one seed)" if not boots else "extends" if lo > 1 else "shrinks" if hi < 1
                    else "inconclusive")
@@ -281,7 +290,7 @@ def summarize(results: list[E.Result], ctx_seeds: list[int]) -> dict[str, dict[s
                   if all(s in xs for s in seeds)}
         d["trials"] = trials
         d["best"] = best_steps(trials)
-        if len(d["best"]) >= 2:
+        if len(d["best"]) >= MIN_POINTS:
             d["s_min"], d["e_min"] = fit_scaling(list(d["best"]), list(d["best"].values()))
             d["b_crit"] = critical_batch(d["s_min"], d["e_min"])
         else:
@@ -322,7 +331,11 @@ def collect(ctx: Ctx, results: list[E.Result]) -> str:
             a.plot(xs, [d["s_min"] + d["e_min"] / x for x in xs], ":", color=c, linewidth=1)
         lo, hi = percentile(d["boot"], 0.025), percentile(d["boot"], 0.975)
         ci = f"[{lo:.0f}, {hi:.0f}]" if d["boot"] else "- (one seed)"
-        rows.append([opt, f"{d['s_min']:.1f}", f"{d['e_min']:.0f}", f"{d['b_crit']:.0f}", ci])
+        if math.isfinite(d["s_min"]):
+            rows.append([opt, f"{d['s_min']:.1f}", f"{d['e_min']:.0f}", f"{d['b_crit']:.0f}", ci])
+        else:
+            rows.append([opt, f"- (target met at {len(d['best'])} batch sizes; a fit needs {MIN_POINTS})", "-", "-",
+                         "-"])
         if math.isfinite(d["b_crit"]):
             n_ax.axhline(d["b_crit"], color=c, linestyle=":", linewidth=1, label=f"B_crit fit: {opt}")
         step_rows.append([opt] + [("-" if b not in d["best"] else f"{d['best'][b]:.0f}") for b in s["batches"]])
@@ -351,7 +364,7 @@ def collect(ctx: Ctx, results: list[E.Result]) -> str:
     vs = verdicts(per)
     E._write_json(os.path.join(ctx.root, "verdicts.json"), _json_safe({
         "verdicts": vs, "fits": {o: {k: d[k] for k in ("s_min", "e_min", "b_crit")} | {
-            "ci95": [percentile(d["boot"], 0.025), percentile(d["boot"], 0.975)], "replicates": len(d["boot"])}
+            "ci95": [percentile(d["boot"], 0.025), percentile(d["boot"], 0.975)], "replicates": sum(not math.isnan(x) for x in d["boot"])}
             for o, d in per.items()},
         "noise_scale": {"init": init, "at_target": at_target, "run_mean": mean_run}}))
     vrows = [[v["optimizer"], f"{v['ratio']:.2f}",
