@@ -129,3 +129,8 @@ def test_degenerate_fits_give_no_verdict_instead_of_failing():
     (v,) = bs.verdicts(per)
     assert v["ci"] == (3.0, 3.0) and v["verdict"] == "extends"
     assert bs.percentile([1.0, math.inf, math.nan], 0.975) == math.inf
+
+
+def test_best_mults_names_the_chosen_lr():
+    trials = {(32, 0.5): [100, 120], (32, 1): [80, 90], (64, 1): [50, 50], (64, 2): [40, 30]}
+    assert bs.best_mults(trials) == {32: 1, 64: 2}

@@ -205,6 +205,16 @@ def critical_batch(s_min: float, e_min: float) -> float:
     return e_min / s_min if s_min > 0 else math.inf
 
 
+def best_mults(trials: dict[tuple[float, float], list[float]]) -> dict[float, float]:
+    """Per batch size, the LR multiplier :func:`best_steps` chose (all seeds)."""
+    out: dict[float, tuple[float, float]] = {}
+    for (b, m), xs in trials.items():
+        v = sum(xs) / len(xs)
+        if math.isfinite(v) and v < out.get(b, (math.inf, 0.0))[0]:
+            out[b] = (v, m)
+    return {b: m for b, (_, m) in sorted(out.items())}
+
+
 def best_steps(trials: dict[tuple[float, float], list[float]], seeds: list[int] | None = None) -> dict[float, float]:
     """Per batch size, the steps of the best learning rate: ``trials[(batch, mult)]`` holds the steps of
     each seed (``inf`` when the target was not reached); the best LR is the lowest mean over ``seeds``
@@ -338,7 +348,10 @@ def collect(ctx: Ctx, results: list[E.Result]) -> str:
                          "-"])
         if math.isfinite(d["b_crit"]):
             n_ax.axhline(d["b_crit"], color=c, linestyle=":", linewidth=1, label=f"B_crit fit: {opt}")
-        step_rows.append([opt] + [("-" if b not in d["best"] else f"{d['best'][b]:.0f}") for b in s["batches"]])
+        mults = best_mults(d["trials"])
+        edge = {b for b, m in mults.items() if len(s["multipliers"]) > 1 and m in (min(s["multipliers"]), max(s["multipliers"]))}
+        step_rows.append([opt] + [("-" if b not in d["best"] else f"{d['best'][b]:.0f}" + (" *" if b in edge else ""))
+                                  for b in s["batches"]])
     # perfect scaling: S proportional to 1/B through the smallest batch of the first optimizer drawn
     first = next((per[o] for o in s["optimizers"] if o in per and per[o]["best"]), None)
     if first is not None:
@@ -387,6 +400,8 @@ def collect(ctx: Ctx, results: list[E.Result]) -> str:
         "(docs/batch-size.md).", "",
         "### Steps to target (best LR per batch size, mean over seeds)", "",
         E.table(["optimizer"] + [f"B = {b}" for b in s["batches"]], step_rows), "",
+        "`*`: the best LR is at the edge of the grid (the lowest or highest multiplier), so the optimum may lie "
+        "outside it and the steps are an upper bound.", "",
         "### Verdict: does an optimizer extend perfect scaling beyond momentum SGD's critical batch size?", "",
         E.table(["optimizer", "B_crit / B_crit(SGD)", "95% CI", "verdict"], vrows) if vrows else "No verdict yet.",
         "", f"Compute: {seconds:.0f} s of training and evaluation in the finished runs.", "",
