@@ -99,7 +99,8 @@ def main() -> None:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"torch {torch.__version__} | {cpu_model() if device.type == 'cpu' else torch.cuda.get_device_name(device)} "
-          f"| {args.threads} threads, {args.clock} clock | batch {args.batch} = {args.accum} micro-batches | {args.rounds} rounds")
+          f"| {args.threads} threads, {args.clock} clock | batch {args.batch} = {args.accum} micro-batches "
+          f"| {args.rounds} rounds")
     modes = ("plain", "two_batch", "per_sample")
     for name in args.models.split(","):
         model, x, y = make(name, args.batch, device)

@@ -61,7 +61,8 @@ def per_sample_meter(model: nn.Module, b_big: int, params) -> ns.PerSampleNorms:
     try:
         return ns.PerSampleNorms(model, b_big=b_big, params=params)
     except UnsupportedLayerError as e:
-        raise ValueError(f"noise_scale_method: per_sample cannot measure this model ({str(e).split(' (supported')[0]}); "
+        why = str(e).split(" (supported")[0]
+        raise ValueError(f"noise_scale_method: per_sample cannot measure this model ({why}); "
                          "use two_batch with --micro-batch-size below the batch") from None
 
 

@@ -13,7 +13,8 @@ from functools import cache
 def _registry() -> dict:
     from . import batch_scaling, clars, fair, lalc, tvlars
 
-    return {a.id: a for a in (*tvlars.ARTIFACTS, *lalc.ARTIFACTS, *clars.ARTIFACTS, fair.ARTIFACT, batch_scaling.ARTIFACT)}
+    return {a.id: a for a in (*tvlars.ARTIFACTS, *lalc.ARTIFACTS, *clars.ARTIFACTS, fair.ARTIFACT,
+                              batch_scaling.ARTIFACT)}
 
 
 def __getattr__(name: str):

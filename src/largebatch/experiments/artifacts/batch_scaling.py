@@ -349,7 +349,8 @@ def collect(ctx: Ctx, results: list[E.Result]) -> str:
         if math.isfinite(d["b_crit"]):
             n_ax.axhline(d["b_crit"], color=c, linestyle=":", linewidth=1, label=f"B_crit fit: {opt}")
         mults = best_mults(d["trials"])
-        edge = {b for b, m in mults.items() if len(s["multipliers"]) > 1 and m in (min(s["multipliers"]), max(s["multipliers"]))}
+        ends = (min(s["multipliers"]), max(s["multipliers"])) if len(s["multipliers"]) > 1 else ()
+        edge = {b for b, m in mults.items() if m in ends}
         step_rows.append([opt] + [("-" if b not in d["best"] else f"{d['best'][b]:.0f}" + (" *" if b in edge else ""))
                                   for b in s["batches"]])
     # perfect scaling: S proportional to 1/B through the smallest batch of the first optimizer drawn
@@ -377,7 +378,8 @@ def collect(ctx: Ctx, results: list[E.Result]) -> str:
     vs = verdicts(per)
     E._write_json(os.path.join(ctx.root, "verdicts.json"), _json_safe({
         "verdicts": vs, "fits": {o: {k: d[k] for k in ("s_min", "e_min", "b_crit")} | {
-            "ci95": [percentile(d["boot"], 0.025), percentile(d["boot"], 0.975)], "replicates": sum(not math.isnan(x) for x in d["boot"])}
+            "ci95": [percentile(d["boot"], 0.025), percentile(d["boot"], 0.975)],
+            "replicates": sum(not math.isnan(x) for x in d["boot"])}
             for o, d in per.items()},
         "noise_scale": {"init": init, "at_target": at_target, "run_mean": mean_run}}))
     vrows = [[v["optimizer"], f"{v['ratio']:.2f}",
