@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from forked import free_port, init_gloo, torchrun_env
+from forked import free_port, init_gloo
 from largebatch import noise_scale as ns
 from largebatch.train import data
 from largebatch.train.config import TrainConfig
