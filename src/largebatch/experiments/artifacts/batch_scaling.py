@@ -420,4 +420,4 @@ ARTIFACT = Artifact(
      "mini": "Fashion-MNIST (50k train / 10k held out), BN-MLP 3 x 256, B = 64, 256, 1024, 4096, 3 LR multipliers, "
              "target 85% held-out accuracy, at most 6 epochs per trial",
      "smoke": "plumbing only: digits, tiny BN-MLP, SGD and LARS at B = 32, 128, 512, one LR, target 50%"},
-    grid, collect, seeds={"paper": 1, "mini": 2, "smoke": 1})
+    grid, collect, seeds={"paper": 1, "mini": 3, "smoke": 1})
