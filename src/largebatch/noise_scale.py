@@ -3,7 +3,7 @@
 ``G`` is the true gradient and ``Sigma`` the per-sample gradient covariance; the norm of a batch
 gradient of ``B`` samples has the expectation ``E|G_B|^2 = |G|^2 + tr(Sigma) / B``. Two measured
 squared norms at batch sizes ``B_small < B_big`` therefore give unbiased estimates of both terms
-(:func:`unbiased_estimates`, the paper's eq. A.2)::
+(:func:`unbiased_estimates`, the paper's App. A)::
 
     |G|^2     ~ (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)
     tr(Sigma) ~ (|G_small|^2 - |G_big|^2) / (1 / B_small - 1 / B_big)
@@ -45,7 +45,7 @@ __all__ = ["unbiased_estimates", "NoiseScaleEMA", "NoiseScale", "MicroBatchNorms
 # ----------------------------------------------------------------------------- the estimates
 def unbiased_estimates(small_sq: Tensor, big_sq: Tensor, b_small: float, b_big: float) -> tuple[Tensor, Tensor]:
     """``(tr(Sigma), |G|^2)`` estimated from ``|G_small|^2`` and ``|G_big|^2`` measured at batch
-    sizes ``b_small < b_big`` (McCandlish et al. 2018, eq. A.2). Elementwise (per tensor); both
+    sizes ``b_small < b_big`` (McCandlish et al. 2018, App. A). Elementwise (per tensor); both
     estimates are unbiased and may be negative for a single step."""
     if not (b_small > 0 and b_big > b_small):
         raise ValueError(f"batch sizes: need 0 < b_small < b_big, got b_small={b_small}, b_big={b_big}")

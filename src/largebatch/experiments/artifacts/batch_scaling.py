@@ -176,7 +176,7 @@ def grid(ctx: Ctx) -> list[Run]:
 
 # ----------------------------------------------------------------------------- the fit
 def fit_scaling(batches: list[float], steps: list[float]) -> tuple[float, float]:
-    """``(S_min, E_min)`` of ``S(B) = S_min + E_min / B`` (McCandlish et al. 2018, eq. 2.11, i.e.
+    """``(S_min, E_min)`` of ``S(B) = S_min + E_min / B`` (McCandlish et al. 2018, Sec. 2, i.e.
     ``(S/S_min - 1)(E/E_min - 1) = 1`` with ``E = B S``), by least squares on the relative errors
     ``(S_i - S(B_i)) / S_i`` (closed form), both constrained to be >= 0. Needs 2 points or more."""
     pts = [(float(b), float(s)) for b, s in zip(batches, steps) if s is not None and math.isfinite(s) and s > 0]
