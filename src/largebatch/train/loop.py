@@ -15,7 +15,8 @@ docs/algorithms.md) and the schedule length are converted with this one number:
 
 Host syncs: the loop only copies device tensors to the host at the end of an epoch (metrics,
 per-step losses, recorded layer statistics) and every ``CHECK_EVERY`` steps (a single bool: did a
-loss turn non-finite), plus the progress bar's loss when a terminal shows it.
+loss turn non-finite), plus the progress bar's loss when a terminal shows it. The gradient noise scale
+(``--noise-scale``, ``noise.py``) keeps its per-step norms on the device until that copy too.
 
 Runs are resumable exactly: the data order and augmentation of epoch ``e`` come from a generator
 seeded with ``(seed, e)``; the checkpoint written (atomically) after each epoch holds model,
