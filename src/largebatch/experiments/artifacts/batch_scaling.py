@@ -41,7 +41,7 @@ SCALE = {
                   batches=tuple(2 ** k for k in range(5, 14)), multipliers=(1 / 4, 1 / 2, 1, 2, 4), target=0.90,
                   max_epochs=100, optimizers=OPTIMIZERS, noise_batch=256),
     "mini": dict(data=dict(MINI, dataset="fashion-mnist-val"), batches=(64, 256, 1024, 4096),
-                 multipliers=(1 / 3, 1, 3), target=0.85, max_epochs=6, optimizers=OPTIMIZERS, noise_batch=256),
+                 multipliers=(1 / 9, 1 / 3, 1, 3, 9), target=0.85, max_epochs=6, optimizers=OPTIMIZERS, noise_batch=256),
     "smoke": dict(data=SMOKE, batches=(32, 128, 512), multipliers=(1,), target=0.5, max_epochs=8,
                   optimizers=("sgd", "lars"), noise_batch=64),
 }
@@ -417,7 +417,7 @@ ARTIFACT = Artifact(
     "critical batch size, and does the fitted critical batch size match the measured noise scale?",
     {"paper": "CIFAR-10 / ResNet-18 (CIFAR stem, augmentation), B = 32 ... 8192, 5 LR multipliers per batch size, "
               "target 90% test accuracy, at most 100 epochs per trial",
-     "mini": "Fashion-MNIST (50k train / 10k held out), BN-MLP 3 x 256, B = 64, 256, 1024, 4096, 3 LR multipliers, "
+     "mini": "Fashion-MNIST (50k train / 10k held out), BN-MLP 3 x 256, B = 64, 256, 1024, 4096, 5 LR multipliers, "
              "target 85% held-out accuracy, at most 6 epochs per trial",
      "smoke": "plumbing only: digits, tiny BN-MLP, SGD and LARS at B = 32, 128, 512, one LR, target 50%"},
     grid, collect, seeds={"paper": 1, "mini": 3, "smoke": 1})
