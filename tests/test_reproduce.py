@@ -15,17 +15,19 @@ from largebatch.train.rundir import read_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: every artifact id of the catalogue (../shared/EXPERIMENTS.md), and the fair-baselines comparison
+#: every artifact id of the catalogue (../shared/EXPERIMENTS.md), the fair-baselines comparison and the
+#: batch-scaling study
 CATALOGUE = ("tvlars-table1", "tvlars-fig1", "tvlars-fig2", "tvlars-fig3", "tvlars-ablation-lambda",
              "tvlars-ablation-lr", "tvlars-ablation-init", "lalc-fig1", "lalc-fig3", "lalc-table2", "lalc-fig5",
-             "clars-fig1", "clars-fig2", "clars-fig3", "clars-table1", "fair-baselines", "warmup-control")
+             "clars-fig1", "clars-fig2", "clars-fig3", "clars-table1", "fair-baselines", "warmup-control",
+             "batch-scaling")
 #: a number of the paper each collected table must show (figure-only artifacts: their figure's claim)
 PAPER_MARK = {"tvlars-table1": "(74.64)", "tvlars-ablation-lr": "(78.92)", "lalc-table2": "(94.97)",
               "clars-table1": "75.3", "tvlars-fig1": "3-5 points", "tvlars-fig2": "Fig. 2",
               "tvlars-fig3": "eq. 9", "tvlars-ablation-lambda": "84%", "tvlars-ablation-init": "1-3 points",
               "lalc-fig1": "1.4669", "lalc-fig3": "Fig. 3", "lalc-fig5": "Fig. 5", "clars-fig1": "Fig. 1",
               "clars-fig2": "Fig. 2", "clars-fig3": "Fig. 3", "fair-baselines": "trials per optimizer",
-              "warmup-control": "(the positive control)"}
+              "warmup-control": "(the positive control)", "batch-scaling": "(S/S_min - 1)(E/E_min - 1) = 1"}
 
 
 def _run(argv, capsys):

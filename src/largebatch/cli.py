@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("largebatch.commands.pretrain", "Barlow Twins self-supervised pre-training (config file and/or flags)"),
     "linear-eval": ("largebatch.commands.linear_eval", "linear evaluation of a run's frozen backbone (or a baseline)"),
     "plot": ("largebatch.train.plot", "plot one or more run directories"),
+    "noise-scale": ("largebatch.experiments.noise_scale",
+                    "the gradient noise scale (critical batch size) at initialisation and over a short run"),
     "explosion": ("largebatch.experiments.explosion",
                   "gradient-explosion analysis of normalized networks (the LALC paper's theory)"),
     "barlow-twins-mini": ("largebatch.experiments.barlow_twins_mini",

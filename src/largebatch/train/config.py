@@ -27,6 +27,7 @@ STEMS = ("cifar", "imagenet", "imagenet-nopool")
 NORMALIZATIONS = ("data", "cifar10")
 METRIC_FORMATS = ("csv", "jsonl")
 FSDP_PARAM_DTYPES = ("fp32", "bf16")
+NOISE_SCALE_METHODS = ("auto", "two_batch", "per_sample")
 
 # Fields that may differ between a run and its --resume continuation (``epochs`` too, when the
 # schedule does not depend on it: rundir.check_resume_config).
@@ -106,6 +107,13 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     out_dir: str = field(default="runs/run", metadata={"help": "run directory (config, metrics, checkpoint)"})
     stats_every: int = field(default=10, metadata={"help": "record per-layer LWN/LGN/LNR/trust/LR every k steps (0: off)"})
+    noise_scale: bool = field(default=False, metadata={"help": "record the gradient noise scale B_simple per step "
+                                                       "(steps, metrics and noise_scale tables; docs/batch-size.md)"})
+    noise_scale_method: str = field(default="auto", metadata={"help": "two_batch (micro-batches or ranks), per_sample "
+                                                              "(exact per-sample norms) or auto (two_batch where "
+                                                              "there are two batch sizes)"})
+    noise_scale_ema: float = field(default=0.99, metadata={"help": "EMA decay of the noise scale's numerator and "
+                                                           "denominator, in [0, 1)"})
     metrics_format: str = field(default="csv", metadata={"help": "csv or jsonl"})
     checkpoint: bool = field(default=True, metadata={"help": "write an atomic checkpoint every epoch"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT_DIR/checkpoint.pt"})
@@ -156,7 +164,8 @@ class TrainConfig:
                               ("optimizer", tuple(registry.OPTIMIZERS)), ("schedule", SCHEDULES),
                               ("lr_scaling", SCALING), ("precision", PRECISIONS), ("activation", ACTIVATIONS),
                               ("stem", STEMS), ("normalize", NORMALIZATIONS), ("metrics_format", METRIC_FORMATS),
-                              ("optimizer_path", OPTIMIZER_PATHS), ("fsdp_param_dtype", FSDP_PARAM_DTYPES)):
+                              ("optimizer_path", OPTIMIZER_PATHS), ("fsdp_param_dtype", FSDP_PARAM_DTYPES),
+                              ("noise_scale_method", NOISE_SCALE_METHODS)):
             choice(name, allowed)
         for name in ("epochs", "batch_size", "base_batch_size", "eval_batch_size", "mlp_width"):
             positive_int(name)
@@ -172,6 +181,9 @@ class TrainConfig:
         number("warmup_epochs", 0.0)
         number("min_lr_ratio", 0.0, 1.0)
         number("poly_power", 0.0, lo_open=True)
+        v = self.noise_scale_ema
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0):
+            raise ValueError(f"noise_scale_ema: must be a number in [0, 1), got {v!r}")
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
         info = registry.get(self.optimizer)

@@ -15,7 +15,8 @@ docs/algorithms.md) and the schedule length are converted with this one number:
 
 Host syncs: the loop only copies device tensors to the host at the end of an epoch (metrics,
 per-step losses, recorded layer statistics) and every ``CHECK_EVERY`` steps (a single bool: did a
-loss turn non-finite), plus the progress bar's loss when a terminal shows it.
+loss turn non-finite), plus the progress bar's loss when a terminal shows it. The gradient noise scale
+(``--noise-scale``, ``noise.py``) keeps its per-step norms on the device until that copy too.
 
 Runs are resumable exactly: the data order and augmentation of epoch ``e`` come from a generator
 seeded with ``(seed, e)``; the checkpoint written (atomically) after each epoch holds model,
@@ -39,6 +40,7 @@ from largebatch.optim import registry
 from . import data as data_mod
 from . import distributed as dist_mod
 from . import fsdp
+from . import noise as noise_mod
 from .config import TrainConfig
 from .diagnostics import LayerStatsRecorder
 from .evaluate import autocast_for, evaluate
@@ -90,6 +92,7 @@ class _Setup:
     autocast: Any  # the forward pass's context
     persample: bool  # the optimizer measures per-sample statistics (CLARS): set its loss scale
     task: "Task"
+    noise: Any = None  # --noise-scale: train/noise.RunNoiseScale
 
 
 @dataclass
@@ -177,6 +180,8 @@ class Classification(Task):
         if setup.persample:  # per-sample norms: hooks see (1 / count) * grad f_i (the GradScaler's
             # scale is divided out inside step(): unscale_persample, set in _build)
             setup.opt.persample.loss_scale = 1.0 / count
+        if setup.noise is not None:
+            setup.noise.begin_step(count)
         for j, ch in enumerate(chunks):
             x = ds.train_x[ch]
             if augment:
@@ -189,6 +194,8 @@ class Classification(Task):
                 loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
                 loss = loss_sum / count
                 (scaler.scale(loss) if scaler is not None else loss).backward()
+            if setup.noise is not None:
+                setup.noise.micro_batch_done(ch.numel(), count, j == len(chunks) - 1)
             ls = loss_sum.detach()
             step_loss += ls
             sums[0] += ls
@@ -224,8 +231,15 @@ def train(cfg: TrainConfig, dataset: data_mod.ArrayDataset | None = None, *,
 def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: float, task: "Task") -> RunResult:
     micro, accum = cfg.check_world_size(info.world_size)
     task.check(cfg)
-    run = RunDir(cfg.out_dir, cfg.metrics_format, info.is_main, task.metric_columns, sharded=cfg.fsdp,
+    if cfg.noise_scale:
+        if not isinstance(task, Classification):
+            raise ValueError(f"noise_scale: not supported by {task.name}; drop --noise-scale")
+        noise_mod.method_for(cfg, info.world_size, accum)
+    run = RunDir(cfg.out_dir, cfg.metrics_format, info.is_main,
+                 task.metric_columns + ([noise_mod.METRIC_COLUMN] if cfg.noise_scale else []), sharded=cfg.fsdp,
                  command=task.name)
+    if cfg.noise_scale:
+        run.steps.columns = run.steps.columns + noise_mod.STEP_COLUMNS
     resume_state = run.inspect(cfg, log)  # reads only: a refusal leaves the directory as it was
     if resume_state is not None and resume_state["epoch"] > cfg.epochs:
         raise ValueError(f"epochs: the run in {cfg.out_dir} already completed {resume_state['epoch']} epochs; "
@@ -248,6 +262,8 @@ def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: flo
                 f"step {global_step}); nothing to do")
             return RunResult("finished", cfg.out_dir, len(history), global_step, history, None,
                              time.perf_counter() - t_start, setup.core)
+    if cfg.noise_scale:
+        setup.noise = noise_mod.RunNoiseScale(cfg, setup.model, setup.core, info.world_size, micro, accum)
     _on_rank0(info, lambda: run.create(cfg))
 
     from tqdm.auto import tqdm
@@ -258,6 +274,8 @@ def _train(cfg: TrainConfig, dataset, info: dist_mod.DistInfo, log, t_start: flo
         if resume_state is not None:
             log(f"resume: continuing {cfg.out_dir} after epoch {start_epoch} (step {global_step})")
         run.open(history, global_step)
+        if setup.noise is not None:
+            setup.noise.open(history, global_step, info.is_main)
         log(f"{task.name}: {cfg.dataset if dataset is None else ds.name} ({n_train} train / {ds.test_x.shape[0]} test) "
             f"{cfg.model} {cfg.optimizer} lr {effective_lr(cfg):g} | global batch {cfg.batch_size} = micro {micro} "
             f"x accum {accum} x world {info.world_size} | {spe} steps/epoch, {total_steps} steps | {info.device}")
@@ -346,6 +364,8 @@ def _train_epoch(setup: _Setup, run: RunDir, epoch: int, global_step: int, bar) 
     for s in range(setup.spe):
         idx = local[s * rows_per_step:(s + 1) * rows_per_step]
         ep.step_losses[s] = setup.task.step_gradients(setup, idx, gen, ep.sums)
+        if setup.noise is not None:
+            setup.noise.end_step()
         lr_now = setup.opt.param_groups[0]["lr"]
         ep.step_lrs.append((lr_now, lr_applied(setup.opt, global_step)))
         _optimizer_step(setup, ep.stats, global_step)
@@ -403,13 +423,16 @@ def _end_epoch(setup: _Setup, run: RunDir, ep: _Epoch, epoch: int, history: list
         raise NonFiniteLoss(failure["message"], failure)
     row = {"epoch": epoch + 1, "step": ep.end_step, "lr": setup.opt.param_groups[0]["lr"], **metrics,
            "epoch_seconds": round(t_train, 4), "images_per_s": round(sums[-1] / t_train, 1)}
+    losses = ep.step_losses.cpu().tolist() if info.is_main else []
+    step_rows = [{"step": ep.first_step + i, "epoch": epoch + 1, "lr": lr, "lr_eff": le, "loss": losses[i]}
+                 for i, (lr, le) in enumerate(ep.step_lrs)] if info.is_main else None
+    if setup.noise is not None:  # every rank (one collective): noise columns of the steps and the row
+        noise_rows = setup.noise.end_epoch(ep.first_step, epoch, step_rows, row)
     history.append(row)
     if info.is_main:
-        losses = ep.step_losses.cpu().tolist()
-        run.write_epoch(history,
-                        [{"step": ep.first_step + i, "epoch": epoch + 1, "lr": lr, "lr_eff": le, "loss": losses[i]}
-                         for i, (lr, le) in enumerate(ep.step_lrs)],
-                        ep.stats.rows(setup.names))
+        run.write_epoch(history, step_rows, ep.stats.rows(setup.names))
+        if setup.noise is not None:
+            setup.noise.write(noise_rows)
     if cfg.checkpoint:  # rank 0 writes (--fsdp: every rank writes its shards)
         run.save_checkpoint(setup.core, setup.opt, setup.sched, setup.scaler, cfg, epoch + 1, ep.end_step,
                             history, info.device)

@@ -9,6 +9,8 @@ Writes into ``--out`` (default: the first run directory):
 - ``layers-<run>.png``: the TVLARS paper's Fig. 3 panels for each run with layer statistics: LWN
   ``||w||``, LGN ``||g||``, LNR ``||w||/||g||`` and the per-layer learning rate applied, per layer
   (named by module) vs step.
+- ``noise-scale.png``: for runs trained with ``--noise-scale``, the gradient noise scale ``B_simple``
+  per step beside the batch size the run used (dashed, same colour; docs/batch-size.md).
 """
 
 from __future__ import annotations
@@ -208,6 +210,39 @@ def plot_layers(run_dir: str, path: str, title: str | None = None) -> str | None
     return save_figure(fig, path, dpi=110, tight=False)
 
 
+def _batch_size(run_dir: str) -> int | None:
+    p = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(p):
+        return None
+    import yaml
+
+    with open(p) as f:
+        return (yaml.safe_load(f) or {}).get("batch_size")
+
+
+def plot_noise_scale(run_dirs: list[str], path: str, labels: list[str] | None = None) -> str | None:
+    """The smoothed noise scale ``B_simple`` per step and the run's batch size; None if no run has it."""
+    labels = labels or [_label(d) for d in run_dirs]
+    series = [(d, lab, [r for r in _table(d, "steps") if isinstance(r.get("noise_scale"), (int, float))])
+              for d, lab in zip(run_dirs, labels)]
+    if not any(rows for _, _, rows in series):
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (d, lab, rows) in enumerate(series):
+        if not rows:
+            continue
+        c = f"C{i % 10}"
+        ax.plot([r["step"] for r in rows], [r["noise_scale"] for r in rows], color=c, label=f"{lab}: B_simple")
+        b = _batch_size(d)
+        if b:
+            ax.axhline(b, color=c, linestyle="--", linewidth=1, label=f"{lab}: batch size {b}")
+    ax.set(xlabel="step", ylabel="examples", title="Gradient noise scale (EMA) vs batch size", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path, dpi=110)
+
+
 def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) -> list[str]:
     """Every figure of ``run_dirs`` into the folder ``out``; ``ValueError`` (nothing created) for
     a run directory that is missing or has no metrics, or an ``out`` that is not a folder."""
@@ -229,6 +264,9 @@ def plot_runs(run_dirs: list[str], out: str, labels: list[str] | None = None) ->
             p = plot_layers(d, os.path.join(out, f"layers-{lab}.png"), title=f"Layer statistics: {lab}")
             if p:
                 made.append(p)
+        p = plot_noise_scale(run_dirs, os.path.join(out, "noise-scale.png"), labels)
+        if p:
+            made.append(p)
     except OSError as e:
         raise ValueError(f"--out: cannot write figures into {out} ({e.strerror or e})") from None
     return made

@@ -49,7 +49,7 @@ STEP_COLUMNS = ["step", "epoch", "lr", "lr_eff", "loss"]
 STAT_COLUMNS = ["step", "layer", "adapt", "w_norm", "g_norm", "lnr", "trust", "layer_lr"]
 RUN_FILES = ["config.yaml", "checkpoint.pt", "checkpoint-prev.pt", "checkpoint", "checkpoint-prev", "failure.json",
              "tensorboard"] + [
-    f"{t}.{ext}" for t in ("metrics", "steps", "layer_stats") for ext in ("csv", "jsonl")]
+    f"{t}.{ext}" for t in ("metrics", "steps", "layer_stats", "noise_scale") for ext in ("csv", "jsonl")]
 MARKER = ".largebatch-run"
 #: what a run writes besides RUN_FILES: the marker, the .tmp of each file (left by a crash), linear-eval's results
 OWNED = RUN_FILES + [MARKER, "linear-eval"] + [n + ".tmp" for n in RUN_FILES + [MARKER]]

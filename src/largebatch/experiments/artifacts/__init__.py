@@ -11,9 +11,10 @@ from functools import cache
 
 @cache
 def _registry() -> dict:
-    from . import clars, control, fair, lalc, tvlars
+    from . import batch_scaling, clars, control, fair, lalc, tvlars
 
-    return {a.id: a for a in (*tvlars.ARTIFACTS, *lalc.ARTIFACTS, *clars.ARTIFACTS, fair.ARTIFACT, control.ARTIFACT)}
+    return {a.id: a for a in (*tvlars.ARTIFACTS, *lalc.ARTIFACTS, *clars.ARTIFACTS, fair.ARTIFACT, control.ARTIFACT,
+                              batch_scaling.ARTIFACT)}
 
 
 def __getattr__(name: str):
