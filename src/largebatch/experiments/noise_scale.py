@@ -17,11 +17,6 @@ import sys
 import time
 from typing import Any, Callable
 
-import torch
-import torch.nn.functional as F
-
-from .. import noise_scale as ns
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..train.cli import add_arguments as train_arguments
@@ -37,6 +32,10 @@ def measure(cfg, steps: int, init_batches: int, every: int = 10,
             log: Callable[[str], None] = print, dataset=None) -> dict[str, Any]:
     """Run the measurement; returns ``{"init": NoiseScale, "curve": [(step, B_simple, loss)],
     "final": NoiseScale, "method", "b_small", "b_big", "seconds"}``."""
+    import torch
+    import torch.nn.functional as F
+
+    from .. import noise_scale as ns
     from ..train import data as data_mod
     from ..train.distributed import pick_device
     from ..train.factory import build_optimizer, build_scheduler, steps_per_epoch
