@@ -94,7 +94,7 @@ def test_papers_are_named_not_numbered():
 def test_training_docs_list_every_registered_optimizer():
     from largebatch.optim.registry import OPTIMIZERS
 
-    m = re.search(r"`optimizer` \(any registered: ([a-z0-9_, ]+);", _read(os.path.join(ROOT, "docs", "training.md")))
+    m = re.search(r"`optimizer` \(any registered: ([a-z0-9_, -]+);", _read(os.path.join(ROOT, "docs", "training.md")))
     assert m and [s.strip() for s in m.group(1).split(",")] == list(OPTIMIZERS)
 
 

@@ -13,10 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from largebatch._validation import check_nonneg, check_unit
 from largebatch.cli import main
 from largebatch.optim import _compiled, param_groups, registry
-from largebatch.optim._engine import PATHS, LayerwiseOptimizer, select, zero_norm_safe_ratio
+from largebatch.optim import PATHS, LayerwiseOptimizer, check_nonneg, check_unit, select, zero_norm_safe_ratio
 from largebatch.train.config import resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")

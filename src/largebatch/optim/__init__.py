@@ -4,8 +4,20 @@ Each optimizer is a ``torch.optim.Optimizer``: param groups, ``state_dict``, LR 
 ``GradScaler`` and closures work as with ``torch.optim.SGD``. Exact rules:
 docs/algorithms.md. ``registry.OPTIMIZERS`` holds one entry per optimizer (what the
 training harness, the demo and the docs know about it; ``register`` adds your own).
+
+The extension API (docs/optimizers.md, "Adding an optimizer"; a worked example outside the
+package: examples/custom_rule.py): subclass :class:`LayerwiseOptimizer`; build per-tensor
+scalars with :func:`select` and :func:`zero_norm_safe_ratio`; validate hyper-parameters with
+:func:`check`, :func:`check_nonneg`, :func:`check_unit` (they raise
+:class:`HyperparameterError`, which names the argument); :func:`state_dtype` and
+:func:`compute_dtype` say which dtype the state and ``_update`` use; ``TensorList`` is what
+``_update`` receives on the ``foreach`` path; ``PATHS`` lists the execution paths.
 """
 
+from .._validation import HyperparameterError, check, check_nonneg, check_unit
+from ._engine import (PATHS, SUPPORTED_DTYPES, LayerwiseOptimizer, compute_dtype, select, state_dtype,
+                      zero_norm_safe_ratio)
+from ._paths import TensorList
 from .clars import CLARS
 from .groups import describe_groups, param_groups, split_parameters
 from .integrations import timm_groups, timm_register  # docs/integrations.md
@@ -15,5 +27,16 @@ from .lars import LARS
 from .registry import OPTIMIZERS, OptimizerInfo, register
 from .tvlars import TVLARS
 
-__all__ = ["LARS", "LAMB", "TVLARS", "LALC", "CLARS", "param_groups", "describe_groups", "split_parameters",
-           "OPTIMIZERS", "OptimizerInfo", "register"]
+__all__ = [
+    # the optimizers
+    "LARS", "LAMB", "TVLARS", "LALC", "CLARS",
+    # parameter groups
+    "param_groups", "describe_groups", "split_parameters",
+    # the registry
+    "OPTIMIZERS", "OptimizerInfo", "register",
+    # integrations (docs/integrations.md)
+    "timm_register", "timm_groups",
+    # the extension API (docs/optimizers.md, "Adding an optimizer")
+    "LayerwiseOptimizer", "select", "zero_norm_safe_ratio", "compute_dtype", "state_dtype",
+    "SUPPORTED_DTYPES", "PATHS", "TensorList", "HyperparameterError", "check", "check_nonneg", "check_unit",
+]

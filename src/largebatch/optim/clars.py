@@ -70,7 +70,7 @@ class CLARS(_TrustMomentum):
             where the scaler passes no scale (``scaler.unscale_(opt)``, ``amp_unscale_in_step
             = False``).
         maximize, foreach, differentiable: as ``torch.optim`` (see :class:`~largebatch.optim.LARS`).
-        path: execution path, see :class:`~largebatch.optim._engine.LayerwiseOptimizer`.
+        path: execution path, see :class:`~largebatch.optim.LayerwiseOptimizer`.
 
     Only adapted tensors need ``n_k``, so only they are tracked (excluded tensors, by
     default biases and normalization parameters, cost nothing). ``step()`` raises

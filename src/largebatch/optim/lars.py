@@ -121,7 +121,7 @@ class LARS(_TrustMomentum):
         trust_clip: clip the trust ratio at 1, i.e. a per-layer LR ``min(lr_t * trust, lr_t)``
             (default False; not APEX LARC's ``min(trust, lr_t)``).
         adapt: apply the trust ratio to this group (default True).
-        path: execution path, see :class:`~largebatch.optim._engine.LayerwiseOptimizer`.
+        path: execution path, see :class:`~largebatch.optim.LayerwiseOptimizer`.
         maximize: ascend the objective (``torch.optim``'s switch; every optimizer here).
         foreach: ``torch.optim``'s switch: True is ``path="foreach"``, False ``"per_tensor"``.
         differentiable: only False (True is refused, saying why).

@@ -2,7 +2,7 @@
 
 Every ``stats_every`` steps one row per parameter tensor: weight norm, gradient norm, the trust
 ratio and the per-layer LR applied, and whether the tensor is adapted. A
-:class:`~largebatch.optim._engine.LayerwiseOptimizer` measures them during its step
+:class:`~largebatch.optim.LayerwiseOptimizer` measures them during its step
 (``track_stats``, ``layer_stats()``); for any other optimizer (``torch.optim.SGD``) the norms
 are taken before the step, with trust 1 and the group's LR.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from largebatch.optim._engine import LayerwiseOptimizer
+from largebatch.optim import LayerwiseOptimizer
 
 
 class LayerStatsRecorder:

@@ -34,7 +34,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, spe: int) -> torch.optim
 def lr_applied(opt: torch.optim.Optimizer, step: int) -> float:
     """The base LR applied at optimizer step ``step``, before any trust ratio: the first group's
     ``lr`` times the optimizer's own time factor (TVLARS: ``phi(t)``, eq. 8)."""
-    from largebatch.optim._engine import LayerwiseOptimizer
+    from largebatch.optim import LayerwiseOptimizer
 
     g = opt.param_groups[0]
     return g["lr"] * (opt.lr_multiplier(g, step) if isinstance(opt, LayerwiseOptimizer) else 1.0)
