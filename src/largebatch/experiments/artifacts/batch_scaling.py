@@ -27,7 +27,6 @@ claims.
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any
 
