@@ -26,7 +26,11 @@ and gives every claim a :class:`Verdict`:
   is about is absent, so neither outcome would say anything about the paper.
 
 Other artifacts call :func:`compare` with their own per-seed arrays, or :func:`evaluate` with a dict
-arm -> per-seed values. :func:`report` renders the table; :func:`save` / :func:`load` keep the
+arm -> per-seed values. A quantity fitted to all seeds at once (not a per-seed value, e.g. a critical
+batch size) comes with a precomputed interval instead: :func:`from_bootstrap` (replicates of the
+difference: the 95% percentile interval and the two-sided bootstrap p-value of "no difference") or
+:func:`from_interval` make its :class:`Verdict`, and :func:`conclude` applies the same Holm correction,
+rule and positive-control gate. :func:`report` renders the table; :func:`save` / :func:`load` keep the
 verdicts of an artifact next to its ``results.md`` so that :func:`glance` can build the at-a-glance
 table of docs/reproductions.md.
 """
@@ -85,6 +89,7 @@ class Verdict:
     verdict: str = INCONCLUSIVE
     note: str = ""
     extra: dict = field(default_factory=dict)
+    method: str = "welch"  # how diff, lo, hi and p came about: "welch" (per-seed values) or e.g. "bootstrap"
 
 
 def _mean_sd(xs: Sequence[float]) -> tuple[float, float]:
@@ -140,6 +145,57 @@ def compare(claim: Claim, arm: Sequence[float], base: Sequence[float]) -> Verdic
     return v
 
 
+def from_interval(claim: Claim, diff: float, lo: float, hi: float, p: float, *, n_arm: int, n_base: int,
+                  mean_arm: float = math.nan, mean_base: float = math.nan, method: str = "bootstrap",
+                  extra: dict | None = None) -> Verdict:
+    """One claim from a precomputed difference ``diff`` with its 95% interval ``[lo, hi]`` and two-sided p-value of
+    "no difference", before the Holm correction; ``n_arm`` / ``n_base``: the seeds behind each arm (0: not run,
+    1: inconclusive, as in :func:`compare`). A NaN interval or p-value is inconclusive."""
+    v = Verdict(claim, n_arm, n_base, mean_arm, mean_base, math.nan, math.nan, diff, lo, hi, p, p,
+                extra=dict(extra or {}), method=method)
+    if not n_arm or not n_base:
+        v.verdict, v.p = NOT_RUN, math.nan
+    elif n_arm < 2 or n_base < 2:
+        v.note, v.p = "fewer than 2 seeds in an arm", math.nan
+    elif any(math.isnan(x) for x in (diff, lo, hi, p)):
+        v.note, v.p = "no interval", math.nan
+    else:
+        v.verdict = decide(claim, diff, lo, hi, p)
+    v.p_holm = v.p
+    return v
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (linear interpolation) of the non-NaN values of ``xs`` (may be infinite)."""
+    xs = sorted(x for x in xs if not math.isnan(x))
+    if not xs:
+        return math.nan
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    if lo == hi or xs[lo] == xs[hi]:
+        return xs[lo]
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def bootstrap_p(replicates: Sequence[float], null: float = 0.0) -> float:
+    """Two-sided bootstrap p-value of ``difference = null`` from the replicates of the difference (NaN left out):
+    ``2 (min(#{x <= null}, #{x >= null}) + 1) / (n + 1)``, at most 1 (the ``+ 1``: a finite number of replicates
+    never shows p = 0). It is below 0.05 about when the 95% percentile interval excludes ``null``."""
+    xs = [x for x in replicates if not math.isnan(x)]
+    if not xs:
+        return math.nan
+    k = min(sum(x <= null for x in xs), sum(x >= null for x in xs))
+    return min(1.0, 2.0 * (k + 1) / (len(xs) + 1))
+
+
+def from_bootstrap(claim: Claim, diff: float, replicates: Sequence[float], *, n_arm: int, n_base: int,
+                   level: float = 0.95, **kw) -> Verdict:
+    """:func:`from_interval` with the percentile interval at ``level`` and :func:`bootstrap_p` of ``replicates``
+    (bootstrap replicates of the difference; NaN entries, replicates without a value, are left out)."""
+    lo, hi = percentile(replicates, (1 - level) / 2), percentile(replicates, (1 + level) / 2)
+    return from_interval(claim, diff, lo, hi, bootstrap_p(replicates), n_arm=n_arm, n_base=n_base, **kw)
+
+
 def decide(claim: Claim, d: float, lo: float, hi: float, p_holm: float) -> str:
     """The rule of the module docstring."""
     m = claim.min_effect
@@ -167,7 +223,12 @@ def evaluate(claims: Sequence[Claim], samples: Mapping[str, Sequence[float]] | M
         src = samples.get(c.cell, {}) if c.cell and isinstance(samples.get(c.cell), Mapping) else samples
         return list(src.get(arm, []))
 
-    out = [compare(c, data(c, c.arm), data(c, c.baseline)) for c in claims]
+    return conclude([compare(c, data(c, c.arm), data(c, c.baseline)) for c in claims], control)
+
+
+def conclude(out: list[Verdict], control: "Verdict | str | None" = None) -> list[Verdict]:
+    """The verdicts of one artifact's claims (from :func:`compare`, :func:`from_interval`, :func:`from_bootstrap`),
+    Holm-corrected together and gated by the positive control as :func:`evaluate` describes; ``out`` is updated."""
     # gatekeeping: a positive control is a precondition tested alone at ALPHA; the claims it gates form the
     # Holm family
     ps = holm([math.nan if v.claim.control else v.p for v in out])
@@ -196,7 +257,7 @@ def _f(x: float, spec: str = "+.2f") -> str:
 
 
 def _ms(m: float, s: float, n: int) -> str:
-    return "-" if n == 0 else f"{m:.2f} ± {s:.2f} (n={n})"
+    return "-" if n == 0 else f"{m:.2f} (n={n})" if math.isnan(s) else f"{m:.2f} ± {s:.2f} (n={n})"
 
 
 def report(verdicts: Sequence[Verdict]) -> str:
@@ -211,12 +272,22 @@ def report(verdicts: Sequence[Verdict]) -> str:
     return table(["claim", "arm", "arm %", "vs", "vs %", "difference", "95% CI", "Holm p", "rule: direction, "
                   "smallest effect", "verdict"], rows) + (
         "\n\nVerdict rule: `largebatch.experiments.verdicts` (Welch test, Holm-corrected over this artifact's claims; "
-        "95% Welch interval).")
+        "95% Welch interval)." if all(v.method == "welch" for v in verdicts) else
+        "\n\nVerdict rule: `largebatch.experiments.verdicts` (two-sided test of no difference, Holm-corrected over "
+        f"this artifact's claims; 95% interval; {', '.join(sorted({v.method for v in verdicts}))}).")
+
+
+def _nan_none(x):
+    if isinstance(x, dict):
+        return {k: _nan_none(y) for k, y in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_nan_none(y) for y in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 def to_dict(v: Verdict) -> dict:
-    d = asdict(v)
-    return {k: (None if isinstance(x, float) and math.isnan(x) else x) for k, x in d.items()}
+    """The verdict as JSON-ready fields, NaN (also in ``extra``) as ``None``."""
+    return _nan_none(asdict(v))
 
 
 def save(folder: str, artifact: str, verdicts: Sequence[Verdict], stamp: str = "", **extra) -> str:

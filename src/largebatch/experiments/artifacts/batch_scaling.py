@@ -15,19 +15,23 @@ batch nearly halves the steps (perfect scaling), above it the steps approach ``S
 measures the gradient noise scale ``B_simple`` (two micro-batches per step, :mod:`largebatch.noise_scale`),
 printed beside the fit: McCandlish et al. find ``B_crit ~ B_simple``.
 
-Verdict (:func:`verdicts`): an optimizer *extends perfect scaling* beyond momentum SGD when the ratio of
-its ``B_crit`` to SGD's has a bootstrap confidence interval (seeds resampled, the LR choice and the fit
-redone in each replicate) above 1; *shrinks* it when below 1; *inconclusive* otherwise.
+Verdicts (:func:`verdicts`), by the rule every artifact uses (:mod:`largebatch.experiments.verdicts`): one
+claim per layer-wise optimizer, "it extends perfect scaling beyond momentum SGD's critical batch size",
+on ``log2(B_crit / B_crit(SGD))``, direction ``greater``, smallest effect that matters ``MIN_EFFECT`` = 1
+(twice SGD's ``B_crit``: one more doubling of the batch at near-perfect scaling). ``B_crit`` is fitted to
+all seeds at once, so its interval is the seed bootstrap's (seeds resampled, the LR choice and the fit
+redone in each replicate; paired across optimizers), with the bootstrap p-value; Holm-corrected over the
+claims.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any
 
 from .. import engine as E
+from .. import verdicts as V
 from ..engine import Artifact, Ctx, Run
 from .common import MINI, SMOKE
 from .fair import OPTIMIZERS as FAIR
@@ -36,6 +40,8 @@ OPTIMIZERS = ("sgd", "lars", "lamb", "tvlars", "lalc")
 EVAL_GROWTH = 1.1  # evaluation steps: each at least 10% after the previous one
 BOOTSTRAP = 1000
 MIN_POINTS = 3  # batch sizes that reached the target, for a fit (two points always fit the curve exactly)
+MIN_EFFECT = 1.0  # log2 of the B_crit ratio that matters: twice momentum SGD's critical batch size
+NAMES = {"sgd": "momentum SGD", "lars": "LARS", "lamb": "LAMB", "tvlars": "TVLARS", "lalc": "LALC"}
 SCALE = {
     "paper": dict(data=dict(dataset="cifar10", model="resnet18", stem="cifar", augment=True),
                   batches=tuple(2 ** k for k in range(5, 14)), multipliers=(1 / 4, 1 / 2, 1, 2, 4), target=0.90,
@@ -249,38 +255,50 @@ def bootstrap_bcrit(trials: dict[tuple[float, float], list[float]], reps: int = 
     return out
 
 
-def percentile(xs: list[float], q: float) -> float:
-    """The ``q`` quantile (linear interpolation) of the non-NaN values of ``xs`` (may be infinite)."""
-    xs = sorted(x for x in xs if not math.isnan(x))
-    if not xs:
+percentile = V.percentile
+
+
+def claim(opt: str, baseline: str = "sgd") -> V.Claim:
+    """"``opt`` extends perfect scaling beyond ``baseline``'s critical batch size", on the log2 ratio."""
+    return V.Claim(f"{opt}-extends", f"{NAMES.get(opt, opt)} extends perfect scaling beyond {NAMES.get(baseline, baseline)}'s "
+                   f"critical batch size (log2 B_crit ratio; {MIN_EFFECT:g} = x{2 ** MIN_EFFECT:g})", opt, baseline,
+                   "greater", MIN_EFFECT, needs_control=False)
+
+
+def _log2_ratio(a: float, c: float) -> float:
+    """``log2(a / c)`` for a baseline ``c`` in ``(0, inf)``: ``-inf`` / ``inf`` for ``a`` = 0 / inf; NaN otherwise."""
+    if math.isnan(a) or not 0 < c < math.inf:
         return math.nan
-    k = (len(xs) - 1) * q
-    lo, hi = math.floor(k), math.ceil(k)
-    if lo == hi or xs[lo] == xs[hi]:
-        return xs[lo]
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+    return -math.inf if a == 0 else math.inf if a == math.inf else math.log2(a / c)
 
 
-def verdicts(per_opt: dict[str, dict[str, Any]], baseline: str = "sgd", level: float = 0.95) -> list[dict[str, Any]]:
-    """For each optimizer but ``baseline``: ``B_crit`` ratio to the baseline's and its bootstrap interval
-    (replicates paired by index: :func:`bootstrap_bcrit` draws the same seeds for every optimizer, and a
-    seed is the same initialisation and data order in every study: a paired design), and the verdict
-    ``extends`` (interval above 1), ``shrinks`` (below 1), ``inconclusive``, or ``no interval`` (one seed)."""
-    base = per_opt.get(baseline)
+def verdicts(per_opt: dict[str, dict[str, Any]], baseline: str = "sgd", optimizers=None) -> list[V.Verdict]:
+    """The claim of :func:`claim` for each optimizer of ``optimizers`` (default: those in ``per_opt``) but
+    ``baseline``, by the shared rule: the difference is ``log2(B_crit / B_crit(baseline))``, its interval and
+    p-value from the paired bootstrap replicates (:func:`bootstrap_bcrit` draws the same seeds for every
+    optimizer, and a seed is the same initialisation and data order in every study), Holm-corrected together.
+    ``per_opt[opt]``: ``b_crit``, ``boot`` (replicates) and ``seeds``. ``extra``: both ``B_crit``, the ratio and
+    its interval. An optimizer without results: not run; one seed, or no fit: inconclusive."""
+    opts = [o for o in (optimizers if optimizers is not None else per_opt) if o != baseline]
+    base = per_opt.get(baseline, {})
+    bc = base.get("b_crit", math.nan)
     out = []
-    if base is None or not 0 < base.get("b_crit", math.nan) < math.inf:
-        return out
-    for opt, r in per_opt.items():
-        if opt == baseline or math.isnan(r.get("b_crit", math.nan)):
-            continue
-        ratio = r["b_crit"] / base["b_crit"]
-        boots = [a / c for a, c in zip(r["boot"], base["boot"]) if 0 < c < math.inf and not math.isnan(a)]
-        lo, hi = percentile(boots, (1 - level) / 2), percentile(boots, (1 + level) / 2)
-        verdict = ("no interval (one seed)" if not boots else "extends" if lo > 1 else "shrinks" if hi < 1
-                   else "inconclusive")
-        out.append({"optimizer": opt, "b_crit": r["b_crit"], "baseline_b_crit": base["b_crit"], "ratio": ratio,
-                    "ci": (lo, hi), "level": level, "verdict": verdict})
-    return out
+    for opt in opts:
+        r = per_opt.get(opt, {})
+        a = r.get("b_crit", math.nan)
+        diff = _log2_ratio(a, bc)
+        reps = [_log2_ratio(x, y) for x, y in zip(r.get("boot", []), base.get("boot", []))]
+        v = V.from_bootstrap(claim(opt, baseline), diff, reps, n_arm=r.get("seeds", 0), n_base=base.get("seeds", 0),
+                             mean_arm=_log2_ratio(a, 1.0), mean_base=_log2_ratio(bc, 1.0))
+        v.extra = {"b_crit": a, "baseline_b_crit": bc, "ratio": 2 ** diff if not math.isnan(diff) else math.nan,
+                   "ratio_ci": [2 ** x if not math.isnan(x) else math.nan for x in (v.lo, v.hi)],
+                   "replicates": sum(not math.isnan(x) for x in reps)}
+        if v.note == "no interval" and math.isnan(diff):
+            no_fit = [NAMES.get(o, o) for o, x in ((opt, a), (baseline, bc)) if math.isnan(x)]
+            v.note = (f"no fit for {' and '.join(no_fit)} (target met at fewer than {MIN_POINTS} batch sizes)" if no_fit
+                      else f"{NAMES.get(baseline, baseline)}'s B_crit is {bc:g}: no ratio")
+        out.append(v)
+    return V.conclude(out)
 
 
 # ----------------------------------------------------------------------------- collect
@@ -306,6 +324,7 @@ def summarize(results: list[E.Result], ctx_seeds: list[int]) -> dict[str, dict[s
         else:
             d["s_min"] = d["e_min"] = d["b_crit"] = math.nan
         d["boot"] = bootstrap_bcrit(trials)
+        d["seeds"] = len(seeds)
     return per
 
 
@@ -375,16 +394,17 @@ def collect(ctx: Ctx, results: list[E.Result]) -> str:
     E.legend(n_ax, fontsize=7)
     at_target = [r.value["noise_scale"] for r in noise_runs if r.value.get("reached")]
     mean_run = [r.value["noise_scale_mean"] for r in noise_runs]
-    vs = verdicts(per)
-    E._write_json(os.path.join(ctx.root, "verdicts.json"), _json_safe({
-        "verdicts": vs, "fits": {o: {k: d[k] for k in ("s_min", "e_min", "b_crit")} | {
+    vs = verdicts(per, optimizers=s["optimizers"])
+    V.save(ctx.root, ctx.artifact.id, vs, E.stamp(ctx), **_json_safe({
+        "fits": {o: {k: d[k] for k in ("s_min", "e_min", "b_crit", "seeds")} | {
             "ci95": [percentile(d["boot"], 0.025), percentile(d["boot"], 0.975)],
             "replicates": sum(not math.isnan(x) for x in d["boot"])}
             for o, d in per.items()},
         "noise_scale": {"init": init, "at_target": at_target, "run_mean": mean_run}}))
-    vrows = [[v["optimizer"], f"{v['ratio']:.2f}",
-              "-" if not math.isfinite(v["ci"][0]) else f"[{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]", v["verdict"]]
-             for v in vs]
+    vrows = [[NAMES.get(v.claim.arm, v.claim.arm), V._f(v.extra["b_crit"], ".0f"), V._f(v.extra["ratio"], ".2f"),
+              "-" if math.isnan(v.lo) else "[{:.2f}, {:.2f}]".format(*v.extra["ratio_ci"]), V._f(v.diff),
+              "-" if math.isnan(v.lo) else f"[{v.lo:+.2f}, {v.hi:+.2f}]", V._f(v.p_holm, ".3g"),
+              f"**{v.verdict}**" + (f" ({v.note})" if v.note else "")] for v in vs]
     seconds = sum(r.value.get("seconds", 0.0) for r in results if r.status == "finished")
     return "\n".join([
         f"Target {100 * s['target']:.0f}% held-out accuracy; LR tuned per batch size over {len(s['multipliers'])} "
@@ -405,7 +425,13 @@ def collect(ctx: Ctx, results: list[E.Result]) -> str:
         "`*`: the best LR is at the edge of the grid (the lowest or highest multiplier), so the optimum may lie "
         "outside it and the steps are an upper bound.", "",
         "### Verdict: does an optimizer extend perfect scaling beyond momentum SGD's critical batch size?", "",
-        E.table(["optimizer", "B_crit / B_crit(SGD)", "95% CI", "verdict"], vrows) if vrows else "No verdict yet.",
+        E.table(["optimizer", "B_crit (fit)", "B_crit / B_crit(SGD)", "95% CI", "log2 ratio", "95% CI", "Holm p",
+                 "verdict"], vrows) if vrows else "No verdict yet.", "",
+        f"Claim per optimizer: \"it extends perfect scaling beyond momentum SGD's critical batch size\", on the log2 "
+        f"ratio of the fitted B_crit, direction greater, smallest effect that matters {MIN_EFFECT:g} (x{2 ** MIN_EFFECT:g}). "
+        "Verdict rule: `largebatch.experiments.verdicts` (reproduced: Holm p < 0.05 and the ratio at least that; "
+        "contradicted: the interval excludes it; otherwise inconclusive), with the seed bootstrap's 95% percentile "
+        "interval (replicates paired across optimizers) and its two-sided p-value, Holm-corrected over these claims.",
         "", f"Compute: {seconds:.0f} s of training and evaluation in the finished runs.", "",
         E.save(ctx, fig, "batch_scaling.png")])
 
