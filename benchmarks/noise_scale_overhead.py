@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import time
 
@@ -34,18 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from largebatch import noise_scale as ns
+from largebatch.experiments.engine import cpu_model
 from largebatch.train.models import build_model
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make(model_name: str, batch: int, device: torch.device):

@@ -38,8 +38,7 @@ def measure(cfg, steps: int, init_batches: int, every: int = 10,
     from .. import noise_scale as ns
     from ..train import data as data_mod
     from ..train.distributed import pick_device
-    from ..train.factory import build_optimizer, build_scheduler, steps_per_epoch
-    from ..train.models import build_model, init_weights
+    from ..train.factory import build_single_process, steps_per_epoch
     from ..train.noise import method_for, per_sample_meter
 
     for name, v, lo in (("steps", steps, 0), ("init_batches", init_batches, 1), ("every", every, 1)):
@@ -51,13 +50,7 @@ def measure(cfg, steps: int, init_batches: int, every: int = 10,
     ds = (dataset if dataset is not None else data_mod.load(cfg.dataset, cfg.data_dir, cfg.download)).to(device)
     b = cfg.batch_size
     spe = steps_per_epoch(ds.train_x.shape[0], b, 1, cfg.drop_last)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, ds.num_classes, ds.shape, stem=cfg.stem, mlp_depth=cfg.mlp_depth,
-                        mlp_width=cfg.mlp_width, activation=cfg.activation, mlp_batchnorm=cfg.mlp_batchnorm)
-    init_weights(model, cfg.init)
-    model.to(device).train()
-    opt = build_optimizer(cfg, model, spe)
-    sched = build_scheduler(cfg, opt, spe)
+    model, opt, sched = build_single_process(cfg, ds, device, spe)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if method == "per_sample":
         meter = per_sample_meter(model, b, [p for _, p in named])

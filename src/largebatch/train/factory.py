@@ -62,3 +62,18 @@ def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, spe: int):
     else:
         fn = schedules.polynomial(total, warm, power=cfg.poly_power, end_ratio=cfg.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(opt, fn)
+
+
+def build_single_process(cfg: TrainConfig, ds, device: torch.device, spe: int):
+    """Model (seeded with ``cfg.seed``, initialized, on ``device``, in train mode), optimizer and
+    scheduler of ``cfg`` for one process, without a run directory: the short measurements of
+    ``largebatch noise-scale`` and the batch-scaling study's trials."""
+    from .models import build_model, init_weights
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, ds.num_classes, ds.shape, stem=cfg.stem, mlp_depth=cfg.mlp_depth,
+                        mlp_width=cfg.mlp_width, activation=cfg.activation, mlp_batchnorm=cfg.mlp_batchnorm)
+    init_weights(model, cfg.init)
+    model.to(device).train()
+    opt = build_optimizer(cfg, model, spe)
+    return model, opt, build_scheduler(cfg, opt, spe)

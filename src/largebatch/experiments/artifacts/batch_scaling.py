@@ -78,8 +78,7 @@ def steps_to_target(out_dir: str, *, target: float, max_epochs: float, noise: bo
     from largebatch.train.config import resolve
     from largebatch.train.distributed import DistInfo, pick_device
     from largebatch.train.evaluate import evaluate
-    from largebatch.train.factory import build_optimizer, build_scheduler, steps_per_epoch
-    from largebatch.train.models import build_model, init_weights
+    from largebatch.train.factory import build_single_process, steps_per_epoch
 
     cfg = resolve(overrides={**fields, "out_dir": out_dir})
     device = pick_device(cfg.device)
@@ -87,13 +86,7 @@ def steps_to_target(out_dir: str, *, target: float, max_epochs: float, noise: bo
     b, n = cfg.batch_size, ds.train_x.shape[0]
     spe = steps_per_epoch(n, b, 1, True)
     max_steps = max(1, int(max_epochs * spe))
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, ds.num_classes, ds.shape, stem=cfg.stem, mlp_depth=cfg.mlp_depth,
-                        mlp_width=cfg.mlp_width, activation=cfg.activation, mlp_batchnorm=cfg.mlp_batchnorm)
-    init_weights(model, cfg.init)
-    model.to(device).train()
-    opt = build_optimizer(cfg, model, spe)
-    sched = build_scheduler(cfg, opt, spe)
+    model, opt, sched = build_single_process(cfg, ds, device, spe)
     params = [p for p in model.parameters() if p.requires_grad]
     meter = ns.MicroBatchNorms(params, b_small=b // 2, b_big=b) if noise else None
     ema = ns.NoiseScaleEMA(cfg.noise_scale_ema)
