@@ -42,13 +42,17 @@ def _quiet(s):
 
 
 def _snapshot(d):
-    """name -> sha256 of every file under ``d`` (what a refused invocation must leave as it was)."""
+    """name -> sha256 of every file under ``d``, and the target of every link (what a refused
+    invocation must leave as it was)."""
     out = {}
-    for root, _, files in os.walk(d):
-        for f in files:
+    for root, dirs, files in os.walk(d):
+        for f in files + [x for x in dirs if os.path.islink(os.path.join(root, x))]:
             p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, d)] = hashlib.sha256(fh.read()).hexdigest()
+            if os.path.islink(p):
+                out[os.path.relpath(p, d)] = "link: " + os.readlink(p)
+            else:
+                with open(p, "rb") as fh:
+                    out[os.path.relpath(p, d)] = hashlib.sha256(fh.read()).hexdigest()
     return out
 
 

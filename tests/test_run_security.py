@@ -21,14 +21,14 @@ from largebatch.cli import main
 from largebatch.optim import registry
 from largebatch.train import config as config_mod
 from largebatch.train import data, fsdp, loop, rundir
-from largebatch.train.config import TrainConfig
 from largebatch.train.loop import train
 from largebatch.train.rundir import read_table
+from test_run_safety import ARGS
+from test_run_safety import _cfg as safety_cfg
+from test_run_safety import _quiet, _same, _snapshot, _weights, digits  # noqa: F401 (digits: a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ARGS = ["train", "--dataset", "digits", "--mlp-width", "16", "--mlp-depth", "1", "--batch-size", "512",
-        "--optimizer", "lars", "--lr", "1", "--schedule", "none", "--stats-every", "1", "--no-progress"]
 PT_ARGS = ["pretrain", "--dataset", "digits", "--mlp-width", "16", "--mlp-depth", "1", "--projector", "16-16",
            "--batch-size", "512", "--knn-k", "20", "--no-progress"]
 
@@ -43,37 +43,8 @@ class Evil:
         return (open, (self.target, "w"))
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return data.load("digits")
-
-
 def _cfg(out, **kw):
-    base = dict(dataset="digits", model="mlp", mlp_depth=1, mlp_width=16, batch_size=512, epochs=3,
-                optimizer="lars", lr=1.0, schedule="none", out_dir=str(out), progress=False, stats_every=1)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _quiet(s):
-    pass
-
-
-def _snapshot(d):
-    out = {}
-    for root, dirs, files in os.walk(d):
-        for f in files + [x for x in dirs if os.path.islink(os.path.join(root, x))]:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, d)] = os.readlink(p) if os.path.islink(p) else open(p, "rb").read()
-    return out
-
-
-def _weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return safety_cfg(out, **{"epochs": 3, **kw})
 
 
 def _evil_checkpoint(path, mark):
