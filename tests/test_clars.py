@@ -225,31 +225,8 @@ def test_defaults_follow_spec():
     assert (d["eta"], d["momentum"], d["weight_decay"], d["eps"]) == (0.01, 0.9, 0.0, 0.0)
 
 
-def _ddp_worker(rank, world, port, result_dir, data, init):
-    import os
-
-    import torch.distributed as dist
-
-    from forked import init_gloo
-
-    init_gloo(rank, world, port)
-    try:
-        model = Net()
-        model.load_state_dict(init)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt = CLARS(param_groups(model, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=ddp)
-        for x, y in data:
-            opt.zero_grad()
-            xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
-            F.cross_entropy(ddp(xs), ys).backward()
-            opt.step()
-        torch.save({"w": model.state_dict(), "count": opt.last_persample.count.tolist()},
-                   os.path.join(result_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _zero_worker(rank, world, port, result_dir, data, init):
+def _ddp_worker(rank, world, port, result_dir, data, init, zero=False):
+    """CLARS under DDP on ``world`` forked Gloo ranks; ``zero``: inside ZeroRedundancyOptimizer."""
     import os
 
     import torch.distributed as dist
@@ -262,16 +239,20 @@ def _zero_worker(rank, world, port, result_dir, data, init):
         model = Net()
         model.load_state_dict(init)
         ddp = nn.parallel.DistributedDataParallel(model)
-        opt = ZeroRedundancyOptimizer(param_groups(model, weight_decay=WD), optimizer_class=CLARS, lr=LR,
-                                      momentum=MU, eta=ETA, model=ddp)
-        mine = {id(p) for g in opt.optim.param_groups for p in g["params"]}
+        kw = dict(lr=LR, momentum=MU, eta=ETA, model=ddp)
+        opt = (ZeroRedundancyOptimizer(param_groups(model, weight_decay=WD), optimizer_class=CLARS, **kw) if zero
+               else CLARS(param_groups(model, weight_decay=WD), **kw))
         for x, y in data:
             opt.zero_grad()
             xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
             F.cross_entropy(ddp(xs), ys).backward()
             opt.step()
-        torch.save({"w": model.state_dict(), "partial": len(mine) < len(list(model.parameters()))},
-                   os.path.join(result_dir, f"rank{rank}.pt"))
+        out = {"w": model.state_dict()}
+        if zero:
+            out["partial"] = sum(len(g["params"]) for g in opt.optim.param_groups) < len(list(model.parameters()))
+        else:
+            out["count"] = opt.last_persample.count.tolist()
+        torch.save(out, os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -287,7 +268,7 @@ def test_zero_redundancy_optimizer_equals_single_process(tmp_path):
     model = Net()
     init = copy.deepcopy(model.state_dict())
     data = batches(3, 8, seed=3)
-    mp.start_processes(_zero_worker, args=(2, free_port(), str(tmp_path), data, init), nprocs=2, join=True,
+    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path), data, init, True), nprocs=2, join=True,
                        start_method="fork")
     single = CLARS(param_groups(model, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=model)
     for x, y in data:
