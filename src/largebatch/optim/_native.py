@@ -213,21 +213,34 @@ _COUNTERS = ("step",)
 def _check_meta(opt, p: Tensor, g: Tensor, st: dict[str, Tensor]) -> None:
     """Refuse, before the kernel reads raw memory, a gradient or state tensor that does not
     match its parameter (metadata only: no read of a value, no sync): full-size state and the
-    gradient have the parameter's shape, dtype and device; counters are one-element int64
-    tensors. A state of another shape would make the kernel read and write out of bounds."""
-    for k, v in (("grad", g), *st.items()):
-        if isinstance(v, Tensor) and v.dim() == 0 and k != "grad":
-            ok = v.device == p.device and (k not in _COUNTERS or v.dtype == torch.int64)
-            want = "a 0-d int64 tensor" if k in _COUNTERS else "a 0-d tensor"
-        else:
-            ok = isinstance(v, Tensor) and v.shape == p.shape and v.dtype == p.dtype and v.device == p.device
-            want = f"a {p.dtype} tensor of shape {tuple(p.shape)} on {p.device}"
-        if not ok:
-            got = (f"a {v.dtype} tensor of shape {tuple(v.shape)} on {v.device}" if isinstance(v, Tensor)
-                   else f"a {type(v).__name__}")
-            index = next((j for j, q in enumerate(q for grp in opt.param_groups for q in grp["params"]) if q is p), "?")
-            raise ValueError(f"{type(opt).__name__}: parameter {index}: {'its gradient' if k == 'grad' else f'state {k!r}'} "
-                             f"is {got}, expected {want} (was the state loaded from another model or changed by hand?)")
+    gradient have the parameter's shape and dtype and, like the parameter, live on the CPU (the
+    native path's only device); counters are one-element int64 tensors. A state of another
+    shape would make the kernel read and write out of bounds. Runs every step: one comparison
+    per tensor, the message only on failure."""
+    shape, dtype = p.shape, p.dtype
+    if not (isinstance(g, Tensor) and g.shape == shape and g.dtype == dtype and g.is_cpu):
+        _refuse_meta(opt, p, "grad", g)
+    for k, v in st.items():
+        if not isinstance(v, Tensor) or not v.is_cpu:
+            _refuse_meta(opt, p, k, v)
+        if v.dim() == 0:
+            if k in _COUNTERS and v.dtype != torch.int64:
+                _refuse_meta(opt, p, k, v)
+        elif v.shape != shape or v.dtype != dtype:
+            _refuse_meta(opt, p, k, v)
+
+
+def _refuse_meta(opt, p: Tensor, k: str, v) -> None:
+    """The error of :func:`_check_meta`: which parameter, which tensor, what it is and should be."""
+    if isinstance(v, Tensor) and v.dim() == 0 and k != "grad":
+        want = "a 0-d int64 tensor" if k in _COUNTERS else "a 0-d tensor"
+    else:
+        want = f"a {p.dtype} tensor of shape {tuple(p.shape)} on {p.device}"
+    got = (f"a {v.dtype} tensor of shape {tuple(v.shape)} on {v.device}" if isinstance(v, Tensor)
+           else f"a {type(v).__name__}")
+    index = next((j for j, q in enumerate(q for grp in opt.param_groups for q in grp["params"]) if q is p), "?")
+    raise ValueError(f"{type(opt).__name__}: parameter {index}: {'its gradient' if k == 'grad' else f'state {k!r}'} "
+                     f"is {got}, expected {want} (was the state loaded from another model or changed by hand?)")
 
 
 MODE_FULL, MODE_SUMS, MODE_GIVEN = 0, 1, 2   # _native.cpp, struct Args::mode
