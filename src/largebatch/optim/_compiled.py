@@ -37,10 +37,10 @@ ratio needs the norms before the update), with no full-size temporary (LALC, who
   "no inf found" are two more 0-d kernel inputs: the unscaling fuses into the kernel's loops.
   A scaled step is one more compiled variant per class; the unscaled kernel is unchanged.
 
-Kernel variants and the first-use choice (issue 14, item 1). Which spelling of a kernel is
+Kernel variants and the first-use choice (docs/performance.md). Which spelling of a kernel is
 fastest depends on the CPU: on the project machine (AMD EPYC, AVX-512) norms accumulated in
 float64 cost no more than in float32, while on an Intel Xeon with AVX-512 and AMX (numbers
-reported in issue 14: 1 thread, 4 tensors of 2.36M elements, fused SGD 9 ms) the LARS kernel
+measured for docs/performance.md: 1 thread, 4 tensors of 2.36M elements, fused SGD 9 ms) the LARS kernel
 took 38.5 ms with float64 accumulation against 19.5 ms in float32, and 25 ms with 256-bit
 vectors against 37 ms at inductor's default 512 bits. So each kernel has variants
 (:data:`VARIANTS`), each its own compiled function (``_KERNELS[cls][variant]``,
@@ -51,7 +51,7 @@ vectors against 37 ms at inductor's default 512 bits. So each kernel has variant
   of 2.4M elements over six decades of magnitude is within 1e-6 of the float64 one, tested.
   Inductor's own float32 sum -- its cascade helper, kept in memory -- was 1.0e-6 off there and,
   in a standalone two-norm kernel on the AMD machine, 3x slower than either). float64 tensors
-  always accumulate in float64 (SPEC "Precision"): for them ``f32`` is ``f64``;
+  always accumulate in float64 (docs/algorithms.md section 8): for them ``f32`` is ``f64``;
 * vector width: inductor's default (the CPU's widest) or ``-256`` (``cpp.simdlen = 256``),
   offered only where the default is wider (``torch.backends.cpu.get_cpu_capability()`` is
   ``"AVX512"``; :func:`supported_variants`).
@@ -219,7 +219,7 @@ class _KernelPathF32(_KernelPath):
     sums in float64 (:func:`_chunked_sumsq`; relative error 3e-8 to 6e-8 against float64
     measured on 2.4M elements of mixed magnitudes, <= 1e-6 tested). Smaller tensors (a size
     guard: one more graph only if a bucket mixes both) and float64 tensors accumulate in
-    float64 exactly as in ``"f64"`` (SPEC "Precision")."""
+    float64 exactly as in ``"f64"`` (docs/algorithms.md section 8)."""
 
     @staticmethod
     def norm(x: Tensor) -> Tensor:

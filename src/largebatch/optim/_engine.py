@@ -14,14 +14,14 @@ Every layer-wise optimizer here is "a base direction + a layer-wise rule"
   ``"compiled"`` (``_compiled.py``, for classes that declare ``compilable = True``) and
   ``"native"`` (``_native.py``: the rule in C++, for classes that declare ``_native_rule``);
 * hands DTensor parameters (FSDP2, tensor parallelism) to ``_sharded.py``: the same
-  ``_update`` on the local shards, with the norms of the full tensors (SPEC "Notation") of
+  ``_update`` on the local shards, with the norms of the full tensors (docs/algorithms.md section 1) of
   all tensors of the step reduced in one collective (docs/algorithms.md, section 13).
 
 There is no host-device synchronization inside ``step()``: per-tensor decisions (zero norm
 rules, non-finite skips, clipping) are ``torch.where`` on device tensors, never a Python
 ``if`` on a tensor value. Python branches only look at hyper-parameters.
 
-Precision (SPEC "Precision", docs/algorithms.md section 8): ``_update`` computes in the
+Precision (docs/algorithms.md section 8): ``_update`` computes in the
 *compute dtype* of the parameters (:func:`compute_dtype`): their own for float32 / float64,
 float32 for float16 / bfloat16 (whose state is float32 too; the engine hands ``_update``
 float32 copies of weights and gradients and rounds the result back), and complex tensors

@@ -19,7 +19,7 @@
 // the reference does not make). Sums of squares accumulate in the dtype in LANES fixed lanes
 // over blocks of BLOCK elements, then in double, lane after lane and block after block: the
 // order is the source's, so the norms (and every result) are the same bits for any thread
-// count and any vector ISA. The per-tensor scalars follow SPEC "Precision": computed in the
+// count and any vector ISA. The per-tensor scalars follow docs/algorithms.md section 8: computed in the
 // parameters' dtype.
 #include <cmath>
 #include <cstdint>
@@ -480,7 +480,7 @@ struct Lamb : Base<T> {
           c1(static_cast<T>(1.0 - args.b1)), c2(static_cast<T>(1.0 - args.b2)),
           eps(static_cast<T>(args.eps)), wd(static_cast<T>(args.wd)) {}
 
-    // bias corrections at update number n: 1 - b^n = -expm1(n log b) in the dtype (SPEC "Precision")
+    // bias corrections at update number n: 1 - b^n = -expm1(n log b) in the dtype (docs/algorithms.md section 8)
     Corr corr(int64_t n) const {
         const T tn = static_cast<T>(n);
         const T bc1 = -std::expm1(tn * static_cast<T>(a.log_b1));

@@ -6,7 +6,7 @@ tensor, inside one OpenMP region, a first pass reads the tensor for its sums of 
 computed and dropped), the threads meet once, each computes the trust ratio and layer
 learning rate from the same sums, and a second pass updates the slice of the tensor the
 thread read in the first, which is still in its cache. A layer-wise step then costs about
-one trip through memory, like ``SGD(fused=True)`` (issue 14: the ``compiled`` path's speed
+one trip through memory, like ``SGD(fused=True)`` (docs/performance.md: the ``compiled`` path's speed
 depended on how inductor's loops met the CPU, 1.9x fused SGD on an AMD EPYC and 4x on an
 Intel Xeon; memory traffic is what every CPU shares). Measured: docs/performance.md.
 
@@ -19,7 +19,7 @@ Intel Xeon; memory traffic is what every CPU shares). Measured: docs/performance
 * The arithmetic follows each class's ``_update`` operation by operation in the parameters'
   dtype (no fused multiply-adds the reference does not make); norms accumulate in the dtype
   over 256-element blocks and in double across blocks; the scalars (trust ratio, ``lr_k``,
-  bias corrections) are computed in the dtype (SPEC "Precision"). Tested equal to the
+  bias corrections) are computed in the dtype (docs/algorithms.md section 8). Tested equal to the
   per-tensor reference in float64 at 1e-12 and in float32 (``tests/test_native.py``,
   ``tests/test_fast_paths.py``).
 * The rule is the one of the class that declares ``_native_rule`` in its own body

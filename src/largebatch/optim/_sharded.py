@@ -1,6 +1,6 @@
 """Sharded parameters (FSDP2 ``fully_shard``, tensor parallelism): one collective per step.
 
-Every rule reads norms of whole tensors (SPEC "Notation": ``||w||``, ``||g||`` of the full
+Every rule reads norms of whole tensors (docs/algorithms.md section 1: ``||w||``, ``||g||`` of the full
 tensor). For DTensor parameters (``Shard(d)``, ``Replicate()`` on any mesh) the engine
 never materializes a full tensor, and never lets DTensor dispatch reduce each norm on its
 own (one collective per tensor and norm). ``LayerwiseOptimizer.step`` hands every DTensor
@@ -23,7 +23,7 @@ bucket of the step (all groups) to :func:`run`, which works on the local shards
 3. the path's update (``per_tensor``, ``foreach``, ``compiled`` or ``native``) on the local
    shards with those norms (``LayerwiseOptimizer._given_update``; ``P.norm`` replays the reduced ones).
 
-Non-finite gradients (SPEC): a NaN or inf in any rank's shard makes that tensor's sum of
+Non-finite gradients (docs/algorithms.md section 1): a NaN or inf in any rank's shard makes that tensor's sum of
 squares NaN or inf on every rank after the reduction (squares are non-negative, so an inf
 cannot cancel), and every rank receives the same reduced vector: a tensor is skipped on
 every rank or on none, ``found_inf`` agrees, and the zero-norm rule reads the same norms.

@@ -192,7 +192,7 @@ class CLARS(_TrustMomentum):
                     missing_params.append(p)
                     missing.append(stats.names[j] if j is not None else f"{g.get('name', 'group')} {tuple(p.shape)}")
                 else:
-                    inputs[p] = n_k[j].to(compute_dtype(p.dtype))  # SPEC "Precision"
+                    inputs[p] = n_k[j].to(compute_dtype(p.dtype))  # docs/algorithms.md section 8
         if missing and all(float(g["lr"]) == 0 for g in self.param_groups if g["adapt"]):
             return self._step_without_statistics(missing_params, loss)   # (a read on the error path only)
         if missing:

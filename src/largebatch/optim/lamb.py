@@ -9,8 +9,8 @@ The rule (docs/algorithms.md, "LAMB")::
 
 ``t + 1`` is the tensor's number of applied updates (``state["step"]``, int64; a step
 skipped for a non-finite gradient does not count). The bias corrections ``1 - b^n`` are
-computed as ``-expm1(n * log(b))`` in the compute dtype, free of cancellation (SPEC
-"Precision"). Zero-norm rule: trust = 1 where ``||w|| == 0`` or ``||r|| == 0``.
+computed as ``-expm1(n * log(b))`` in the compute dtype, free of cancellation
+(docs/algorithms.md section 8). Zero-norm rule: trust = 1 where ``||w|| == 0`` or ``||r|| == 0``.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ class TVLARS(_TrustMomentum):
         return st
 
     def _lr_factor(self, group, st, P, dtype):
-        t = P.stack(st["optimizer_steps"]).to(dtype)     # phi(t) in the compute dtype (SPEC "Precision")
+        t = P.stack(st["optimizer_steps"]).to(dtype)     # phi(t) in the compute dtype (docs/algorithms.md section 8)
         return phi(t, group["lam"], group["alpha"], group["delay"], group["gamma_min"])
 
     def _update(self, group, w, g, st, w_norm, g_norm, fin, P):
