@@ -3,7 +3,8 @@
 // (docs/algorithms.md) in C++, built on first use with -O3 -march=native -fopenmp.
 //
 // Per tensor, inside one OpenMP region: pass 1 reads the tensor once for its sums of squares
-// (in double; float64 sums that over- or underflow are redone scaled, see norms_of)
+// (float32 blocks that may over- or underflow are redone in double, see block_sums; float64
+// sums that do are redone scaled, see norms_of)
 // (||w||^2, ||g||^2 and, for LALC / LAMB, ||h||^2 / ||r||^2 of the update direction, computed
 // and dropped), the threads meet at one barrier, every thread computes the tensor's scalars
 // (trust ratio, layer learning rate) from the same sums, and pass 2 applies the update to the
@@ -79,32 +80,31 @@ inline void branch(bool b, F&& f) {
 
 // Sums of squares of one block [b, be) (at most BLOCK elements) of w, of the unscaled gradient
 // and of the rule's x (the update direction of LALC / LAMB; 0 for the LARS family), x spelled
-// by the rule as a function of (i, unscaled g[i]) with its flags resolved (Rule::with_x).
-// LANES accumulators in double (float32 squares in double neither overflow nor underflow;
-// float64 ones are checked in norms_of), each summing every LANES-th element, then added in
-// lane order: the order is fixed by this source, not by the vector width the compiler picks,
-// so every CPU (AVX2, AVX-512, NEON or none) gets the same bits.
-template <class T, bool HS, class XF>
-inline void block_sums(const T* w, const T* g, T sc, const XF& xf, int64_t b, int64_t be, double* out) {
-    double aw[LANES] = {}, ag[LANES] = {}, ax[LANES] = {};
+// by the rule as a function of (i, unscaled g[i]) with its flags resolved (Rule::with_x), in
+// LANES accumulators of type A, each summing every LANES-th element, then added in lane order
+// in double: the order is fixed by this source, not by the vector width the compiler picks, so
+// every CPU (AVX2, AVX-512, NEON or none) gets the same bits.
+template <class A, class T, bool HS, class XF>
+inline void block_sums_in(const T* w, const T* g, T sc, const XF& xf, int64_t b, int64_t be, double* out) {
+    A aw[LANES] = {}, ag[LANES] = {}, ax[LANES] = {};
     const int64_t full = b + (be - b) / LANES * LANES;
     for (int64_t i = b; i < full; i += LANES) {
 #pragma omp simd
         for (int64_t j = 0; j < LANES; ++j) {
             const T gi = HS ? g[i + j] / sc : g[i + j];
-            const double wd = w[i + j], gd = gi, xd = xf(i + j, gi);
-            aw[j] += wd * wd;
-            ag[j] += gd * gd;
-            ax[j] += xd * xd;
+            const A wa = w[i + j], ga = gi, xa = xf(i + j, gi);
+            aw[j] += wa * wa;
+            ag[j] += ga * ga;
+            ax[j] += xa * xa;
         }
     }
     for (int64_t i = full; i < be; ++i) {
         const int64_t j = i - full;
         const T gi = HS ? g[i] / sc : g[i];
-        const double wd = w[i], gd = gi, xd = xf(i, gi);
-        aw[j] += wd * wd;
-        ag[j] += gd * gd;
-        ax[j] += xd * xd;
+        const A wa = w[i], ga = gi, xa = xf(i, gi);
+        aw[j] += wa * wa;
+        ag[j] += ga * ga;
+        ax[j] += xa * xa;
     }
     double sw = 0, sg = 0, sx = 0;
     for (int64_t j = 0; j < LANES; ++j) {
@@ -117,6 +117,25 @@ inline void block_sums(const T* w, const T* g, T sc, const XF& xf, int64_t b, in
     out[2] = sx;
 }
 
+// A float32 block is summed in float32 (the fast vector loop: one multiply-add per element and
+// sum, no conversion) and redone in double when one of its sums may have over- or underflowed:
+// not finite (a square or the sum beyond 3.4e38; NaN too), or below 2^-90, where the squares
+// under 2^-126 that lost bits (at most BLOCK of them, each off by less than 2^-126) could move the
+// sum by more than 2^-26 of itself (exact zeros are redone too; all-zero blocks are rare). The
+// decision is per block, so the bits stay the same for any thread count. float64 blocks are
+// summed in double; their tensor sums are checked in norms_of.
+template <class T, bool HS, bool HX, class XF>
+inline void block_sums(const T* w, const T* g, T sc, const XF& xf, int64_t b, int64_t be, double* out) {
+    if (std::is_same<T, double>::value) {
+        block_sums_in<double, T, HS>(w, g, sc, xf, b, be, out);
+        return;
+    }
+    block_sums_in<T, T, HS>(w, g, sc, xf, b, be, out);
+    bool redo = false;
+    for (int j = 0; j < (HX ? 3 : 2); ++j) redo = redo || !(out[j] >= 0x1p-90 && out[j] < INFINITY);
+    if (redo) block_sums_in<double, T, HS>(w, g, sc, xf, b, be, out);
+}
+
 // The block sums of the blocks [s, e) covers (s a multiple of BLOCK), into out[3 * block].
 template <class T, class Rule>
 void sums(const Rule& R, int64_t t, int64_t s, int64_t e, bool skipped, double* out) {
@@ -126,8 +145,8 @@ void sums(const Rule& R, int64_t t, int64_t s, int64_t e, bool skipped, double* 
     branch(R.has_scale, [&](auto HS) {
         R.with_x(t, skipped, [&](auto xf) {
             for (int64_t b = s; b < e; b += BLOCK)
-                block_sums<T, decltype(HS)::value>(w, g, sc, xf, b, b + BLOCK < e ? b + BLOCK : e,
-                                                   out + 3 * (b / BLOCK));
+                block_sums<T, decltype(HS)::value, Rule::kHasX>(w, g, sc, xf, b, b + BLOCK < e ? b + BLOCK : e,
+                                                                out + 3 * (b / BLOCK));
         });
     });
 }
