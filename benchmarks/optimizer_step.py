@@ -23,13 +23,10 @@ drift hits all alike. Reported: median and min-max in ms, and the ratio of the m
 the median of ``SGD(fused=True)`` (SGD-type rules: LARS, TVLARS, LALC) or
 ``Adam(fused=True)`` (Adam-type: LAMB) of the same run.
 
-Kernel variants (``largebatch/optim/_compiled.py``, docs/performance.md "Kernel variants and
-the first-use choice"): the ``compiled`` rows use the variant chosen on this machine (measured
-at the first step of each class, or read from the cache file; printed after each table, with
-the times it was chosen by). ``--variants`` adds one row per variant this CPU offers for each
-class, forced (``compiled[f32]``...), so that one run reports all of them side by side;
-``--fresh-choice`` ignores the cache file (a temporary one), so that the first step of each
-``compiled`` row includes the measurement. The header names the CPU model (``/proc/cpuinfo``),
+Kernel variants (``largebatch/optim/_compiled.py``, docs/performance.md "Kernel variants"):
+the ``compiled`` rows use the default variant (``f64``) or the one forced by
+``LARGEBATCH_KERNEL_VARIANT``. ``--variants`` adds one row per variant this CPU offers for each
+class, forced (``compiled[f32]``...), so that one run reports all of them side by side. The header names the CPU model (``/proc/cpuinfo``),
 its ISA level (``torch.backends.cpu.get_cpu_capability()``) and the thread count.
 
 Memory: peak extra memory of one step, i.e. the peak of bytes allocated through PyTorch's
@@ -40,7 +37,7 @@ buffers; memory taken outside it, e.g. by OpenMP runtimes, is not seen), on CUDA
 ``torch.cuda.max_memory_allocated``. The target is at most the largest parameter tensor.
 
     python benchmarks/optimizer_step.py [--quick] [--rounds N] [--sets resnet50,cifar-resnet18]
-                                        [--device cpu|cuda] [--threads N] [--variants] [--fresh-choice]
+                                        [--device cpu|cuda] [--threads N] [--variants]
 """
 
 from __future__ import annotations
@@ -202,18 +199,6 @@ def bench_set(set_name: str, rounds: int, device: torch.device, paths: list[str]
                 largest=largest, rows=rows)
 
 
-def chosen_variants() -> list[str]:
-    """One line per kernel choice made or read in this process (``_compiled.kernel_choices``)."""
-    lines = []
-    for key, c in sorted(_compiled.kernel_choices().items()):
-        cls, kind, dtype = key.split(" | ")[-3:]
-        times = c.get("times_us") or {}
-        timed = ", ".join(f"{v} {t:.0f} us" for v, t in sorted(times.items(), key=lambda kv: kv[1]))
-        lines.append(f"- {cls.rsplit('.', 1)[-1]} ({kind}, {dtype.replace('torch.', '')}): **{c['variant']}** "
-                     f"({c['source']}{'; ' + timed if timed else ''})")
-    return lines
-
-
 def cpu_description() -> str:
     """CPU model, ISA level, thread count (and the machine's CPU count)."""
     return (f"CPU {_compiled.cpu_model()}, ISA {torch.backends.cpu.get_cpu_capability()}, "
@@ -246,12 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--paths", default="per_tensor,foreach,compiled,native", help="largebatch paths to time")
     ap.add_argument("--variants", action="store_true",
                     help="also time every kernel variant this CPU offers, forced (rows compiled[VARIANT])")
-    ap.add_argument("--fresh-choice", action="store_true",
-                    help="ignore the kernel-choice cache file: measure the variants at the first step")
     args = ap.parse_args(argv)
-    if args.fresh_choice:
-        import tempfile
-        os.environ["LARGEBATCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="largebatch-bench-cache-")
     rounds = args.rounds or (5 if args.quick else 15)
     if rounds < 1:
         raise ValueError(f"invalid rounds={rounds}: expected an integer >= 1")
@@ -272,18 +252,13 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         forced = _compiled.forced_variant()
         print(f"kernel variants offered: {', '.join(_compiled.supported_variants())}; "
-              + (f"forced: {forced}" if forced else f"choice cache: {_compiled.cache_path()}"))
+              + f"compiled rows: {forced or _compiled.DEFAULT_VARIANT}" + (" (forced)" if forced else ""))
     for s in sets:
         t0 = time.time()
         res = bench_set(s, rounds, device, paths, variants=variants)
         print()
         print(markdown(res))
         print(f"\n({time.time() - t0:.0f} s for this set; first step includes compilation for the compiled path)")
-        chosen = chosen_variants()
-        if chosen:
-            print("\nkernel variant of the `compiled` rows, per optimizer (source; each variant's estimated "
-                  "kernel time per step of the bucket that decided, from timed calls on scratch copies of its "
-                  "largest tensor):\n" + "\n".join(chosen))
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"\nload average at end {load and ' '.join(f'{x:.2f}' for x in load)}")
     return 0

@@ -1,4 +1,4 @@
-"""Kernel variants of the compiled path and their first-use choice.
+"""Kernel variants of the compiled path.
 
 * Every variant (``_compiled.supported_variants()`` on this CPU), forced, for every compilable
   optimizer: equal to the per-tensor reference path (float32: as ``test_fast_paths.py``;
@@ -6,11 +6,8 @@
   accumulate in float64 whatever the variant), at 1 and 2 threads, with a GradScaler.
 * The chunked float32 norm (variant ``f32``) is accurate: relative error <= 1e-6 of the
   float64 norm on 2.4M-element tensors of mixed magnitudes.
-* The choice: the fastest variant by a fake timer wins, the user's tensors are not written
-  while timing, the choice is written to the cache file atomically, read back by the next
-  process, keyed by machine, threads, class and dtype; a corrupt file is ignored and
-  rewritten; ``LARGEBATCH_KERNEL_VARIANT`` / ``set_kernel_variant`` force a variant and
-  ``LARGEBATCH_NO_AUTOTUNE=1`` keeps ``f64``.
+* Forcing: ``f64`` runs by default (nothing measured, no file); ``LARGEBATCH_KERNEL_VARIANT`` /
+  ``set_kernel_variant`` / ``kernel_variant`` force another.
 
 Tensors of the compiled kernel hold at least 8192 elements here (``kernel_sized``), so that
 the chunked float32 norm runs (smaller tensors take a float64 norm in every variant).
@@ -18,7 +15,6 @@ the chunked float32 norm runs (smaller tensors take a float64 norm in every vari
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -51,12 +47,10 @@ def _dynamo_cache():
 
 
 @pytest.fixture(autouse=True)
-def fresh_choice(monkeypatch, tmp_path):
-    """No choice made yet, nothing forced, the cache in a fresh folder (not ~/.cache)."""
+def nothing_forced(monkeypatch, tmp_path):
+    """Nothing forced, the package's cache folder fresh (not ~/.cache)."""
     monkeypatch.setenv("LARGEBATCH_CACHE_DIR", str(tmp_path / "cache"))
-    for var in ("LARGEBATCH_KERNEL_VARIANT", "LARGEBATCH_NO_AUTOTUNE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(_compiled, "_CHOSEN", {})
+    monkeypatch.delenv("LARGEBATCH_KERNEL_VARIANT", raising=False)
     monkeypatch.setattr(_compiled, "_FORCED", None)
     monkeypatch.setattr(_compiled, "_FAILED", False)
     # a kernel past dynamo's recompile limit would run eagerly (correct, but not the variant)
@@ -254,73 +248,10 @@ def test_chunked_float32_norm_is_accurate(threads):
     assert "f32" in _compiled._SHARDED_KERNELS[(LAMB, "probe")]
 
 
-# ------------------------------------------------------------------------------ the choice
-def test_time_variants_takes_the_interleaved_minimum(monkeypatch):
-    """A fake clock: each call advances it by its variant's cost (plus noise in one round)."""
-    now = [0.0]
-    monkeypatch.setattr(_compiled, "_clock", lambda: now[0])
-    order = []
-    cost = {"f64": 3.0, "f32": 2.0, "f64-256": 4.0}
-    noise = {(1, "f32"): 5.0}
-    rounds = {v: 0 for v in cost}
-
-    def call(v):
-        def f():
-            order.append(v)
-            now[0] += cost[v] + noise.get((rounds[v], v), 0.0)
-            rounds[v] += 1
-        return f
-
-    best = _compiled._time_variants({v: call(v) for v in cost}, rounds=3)
-    assert best == {"f64": 3.0, "f32": 2.0, "f64-256": 4.0}
-    assert order == list(cost) * 4                    # one untimed call each, then interleaved rounds
-    assert _compiled._pick(best) == "f32"
-    assert _compiled._pick({"f64": 1.0, "f32": 0.99}) == "f64"        # within the margin: the default
-    assert _compiled._pick({"f64": 1.0, "f32-256": 0.5, "f32": 0.7}) == "f32-256"
-
-
-def test_bucket_estimate_weighs_fixed_costs(monkeypatch):
-    """Two lengths when the median tensor is under half the largest; a line through them."""
-    monkeypatch.setattr(_compiled, "TUNE_MAX_NUMEL", 1 << 22)
-    assert _compiled._tune_lengths([2_359_296]) == [2_359_296]
-    assert _compiled._tune_lengths([40_000, 147_456, 147_456, 2_359_296]) == [2_359_296, 147_456]
-    assert _compiled._tune_lengths([10_000, 20_000, 9_000_000]) == [1 << 22, 20_000]
-    assert _compiled._tune_lengths([20_000, 30_000]) == [30_000]
-    assert _compiled._tune_lengths([16_384, 16_384, 30_000]) == [30_000]
-    # "a": 10 us per call + 1 ns per element; "b": 50 us per call + 0.9 ns per element
-    times = {("a", 10**6): 1010e-6, ("a", 10**5): 110e-6, ("b", 10**6): 950e-6, ("b", 10**5): 140e-6}
-    few_big = _compiled._bucket_times(times, [10**6] * 4)
-    many_small = _compiled._bucket_times(times, [10**6] + [10**5] * 20)
-    assert few_big["b"] < few_big["a"] and many_small["a"] < many_small["b"]
-    assert _compiled._pick(few_big) == "b" and _compiled._pick(many_small) == "a"
-    one = _compiled._bucket_times({("a", 1000): 1.0}, [1000, 500])
-    assert one == {"a": 1.5}
-
-
-class FakeTimer:
-    """Replaces ``_time_variants``: runs every call (real kernels on the scratch tensors), checks
-    that the user's tensors are untouched, and reports made-up times (``winner`` fastest)."""
-
-    def __init__(self, monkeypatch, winner, watch):
-        self.winner, self.watch, self.calls = winner, watch, []
-        monkeypatch.setattr(_compiled, "_time_variants", self)
-
-    def __call__(self, calls, rounds):
-        before = [t.detach().clone() for t in self.watch()]
-        for call in calls.values():
-            call()
-            call()
-        for a, b in zip(before, self.watch()):
-            assert torch.equal(a, b), "timing wrote the user's tensors"
-        self.calls.append(list(dict.fromkeys(v for v, _ in calls)))     # keys: (variant, length)
-        return {(v, n): (1.0 if v == self.winner else 2.0 + i) * n for i, (v, n) in enumerate(calls)}
-
-
-def lars_run(steps=2, variant=None, opt_box=None):
+# ------------------------------------------------------------------------------ forcing
+def lars_run(steps=2, variant=None):
     ps = make_params()
     opt = LARS(groups(ps), lr=0.5, momentum=0.9, eta=0.02, path="compiled")
-    if opt_box is not None:
-        opt_box.append(opt)
     g = torch.Generator().manual_seed(1)
     with _compiled.kernel_variant(variant):
         for _ in range(steps):
@@ -330,203 +261,32 @@ def lars_run(steps=2, variant=None, opt_box=None):
     return ps, opt
 
 
-def user_tensors(opt):
-    """The weights, gradients and state of ``opt``: what timing must not write."""
-    ps = [p for grp in opt.param_groups for p in grp["params"]]
-    return ps + [p.grad for p in ps if p.grad is not None] + [v for st in opt.state.values() for v in st.values()]
-
-
-def test_first_use_measures_picks_fastest_and_caches(monkeypatch, kernel_sized):
-    monkeypatch.setattr(_compiled, "TUNE_MIN_NUMEL", 64)
-    winner = VARIANTS[-1]                     # "f32-256" on AVX-512, "f32" elsewhere
-    box = []
-    timer = FakeTimer(monkeypatch, winner, lambda: user_tensors(box[0]))
-    ps, opt = lars_run(opt_box=box)
-    # measured once: the adapted group's bucket decided, the excluded group's kernel tensor
-    # (8205 elements) took the class's choice
-    assert timer.calls == [list(VARIANTS)]
-    key = _compiled._choice_key(LARS, None, torch.float32)
-    choice = _compiled.kernel_choices()[key]
-    assert choice["variant"] == winner and choice["source"] == "measured"
-    assert set(choice["times_us"]) == set(VARIANTS)
-    ran(LARS, winner)
-    # the steps equal a run with the winner forced (timing changed nothing of the user's)
-    ps_f, _ = lars_run(variant=winner)
-    for k in ps:
-        assert torch.equal(ps[k], ps_f[k]), k
-    # the cache file: valid JSON, no temporary file left, keyed by machine, threads, class, dtype
-    path = _compiled.cache_path()
-    assert os.path.dirname(path) == os.environ["LARGEBATCH_CACHE_DIR"]
-    assert os.listdir(os.path.dirname(path)) == ["kernels.json"]
-    data = json.load(open(path))
-    assert data["format"] == 1 and data["choices"][key]["variant"] == winner
-    for part in (_compiled.cpu_model(), torch.backends.cpu.get_cpu_capability(), torch.__version__,
-                 f"{torch.get_num_threads()} threads", "largebatch.optim.lars.LARS", "update", "torch.float32"):
-        assert part in key, part
-
-    # a new process: the choice comes from the file, nothing is measured
-    monkeypatch.setattr(_compiled, "_CHOSEN", {})
-    timer.calls.clear()
-    lars_run(steps=1)
-    assert timer.calls == []
-    assert _compiled.kernel_choices()[key] == {"variant": winner, "source": "disk",
-                                               "times_us": data["choices"][key]["times_us"]}
-
-
-def test_cache_is_keyed_by_threads_and_class(monkeypatch, kernel_sized):
-    monkeypatch.setattr(_compiled, "TUNE_MIN_NUMEL", 64)
-    n = torch.get_num_threads()
-    keys = set()
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        try:
-            timer = FakeTimer(monkeypatch, "f64", lambda: [])
-            lars_run(steps=1)
-            assert len(timer.calls) == 1, threads           # another thread count: measured again
-            keys.add(_compiled._choice_key(LARS, None, torch.float32))
-        finally:
-            torch.set_num_threads(n)
-    assert len(keys) == 2
-    assert _compiled._choice_key(LAMB, None, torch.float32) not in keys
-    assert _compiled._choice_key(LARS, None, torch.float64) not in keys
-    assert _compiled._choice_key(LARS, "probe", torch.float32) not in keys
-    assert set(json.load(open(_compiled.cache_path()))["choices"]) == keys
-
-
-@pytest.mark.parametrize("corrupt", ['{"format": 1, "choices": {"x": ', "[1, 2]", '{"format": 7, "choices": {}}',
-                                     "\x00\xff garbage"])
-def test_corrupt_cache_is_ignored_and_rebuilt(corrupt, monkeypatch, kernel_sized):
-    monkeypatch.setattr(_compiled, "TUNE_MIN_NUMEL", 64)
-    path = _compiled.cache_path()
-    os.makedirs(os.path.dirname(path))
-    with open(path, "w") as f:
-        f.write(corrupt)
-    timer = FakeTimer(monkeypatch, "f32", lambda: [])
-    lars_run(steps=1)
-    assert len(timer.calls) == 1
-    data = json.load(open(path))
-    assert [v["variant"] for v in data["choices"].values()] == ["f32"]
-
-
-def test_cache_entry_with_unknown_variant_is_ignored(monkeypatch, kernel_sized):
-    monkeypatch.setattr(_compiled, "TUNE_MIN_NUMEL", 64)
-    key = _compiled._choice_key(LARS, None, torch.float32)
-    os.makedirs(os.path.dirname(_compiled.cache_path()))
-    with open(_compiled.cache_path(), "w") as f:
-        json.dump({"format": 1, "choices": {key: {"variant": "f16-1024"}}}, f)
-    timer = FakeTimer(monkeypatch, "f64", lambda: [])
-    lars_run(steps=1)
-    assert len(timer.calls) == 1
-    assert _compiled.kernel_choices()[key]["source"] == "measured"
-
-
-def test_cache_write_is_atomic(monkeypatch):
-    """A write that fails half-way leaves the previous file as it was, and no temporary file."""
-    _compiled._write_cache("a", {"variant": "f64"})
-    path = _compiled.cache_path()
-    before = open(path).read()
-
-    def broken_dump(obj, f, **kw):
-        f.write('{"format": 1, "choi')
-        raise OSError("disk full")
-
-    with monkeypatch.context() as m:
-        m.setattr(json, "dump", broken_dump)
-        _compiled._write_cache("b", {"variant": "f32"})   # skipped silently
-    assert open(path).read() == before
-    assert os.listdir(os.path.dirname(path)) == ["kernels.json"]
-    assert set(_compiled._read_cache()) == {"a"}
-    _compiled._write_cache("b", {"variant": "f32"})
-    assert set(_compiled._read_cache()) == {"a", "b"}
-
-
-def test_unwritable_cache_is_skipped(monkeypatch, kernel_sized, tmp_path):
-    monkeypatch.setattr(_compiled, "TUNE_MIN_NUMEL", 64)
-    (tmp_path / "file").write_text("")
-    monkeypatch.setenv("LARGEBATCH_CACHE_DIR", str(tmp_path / "file" / "sub"))   # cannot be created
-    timer = FakeTimer(monkeypatch, "f32", lambda: [])
-    lars_run(steps=1)
-    assert len(timer.calls) == 1
-    assert _compiled.kernel_choices()[_compiled._choice_key(LARS, None, torch.float32)]["variant"] == "f32"
-
-
-def test_small_tensors_and_no_autotune_use_the_default(monkeypatch, kernel_sized):
-    timer = FakeTimer(monkeypatch, "f32", lambda: [])
-    lars_run(steps=1)                                   # largest tensor < TUNE_MIN_NUMEL: no measurement
-    assert timer.calls == [] and _compiled.kernel_choices() == {}
-    monkeypatch.setattr(_compiled, "TUNE_MIN_NUMEL", 64)
-    monkeypatch.setenv("LARGEBATCH_NO_AUTOTUNE", "1")
-    lars_run(steps=1)
-    assert timer.calls == [] and _compiled.kernel_choices() == {}
-    assert not os.path.exists(_compiled.cache_path())
-    ran(LARS, "f64")
-
-
-def test_distributed_ranks_do_not_measure(monkeypatch, kernel_sized):
-    """Replicas must run the same kernel: in a process group nothing is measured or read (a
-    cache entry written by a single-process run is ignored); forcing still applies."""
-    assert not _compiled._replicated()                 # no process group in this test process
-    monkeypatch.setattr(_compiled, "TUNE_MIN_NUMEL", 64)
-    os.makedirs(os.path.dirname(_compiled.cache_path()))
-    with open(_compiled.cache_path(), "w") as f:
-        json.dump({"format": 1, "choices": {_compiled._choice_key(LARS, None, torch.float32): {"variant": "f32"}}}, f)
-    monkeypatch.setattr(_compiled, "_replicated", lambda: True)
-    timer = FakeTimer(monkeypatch, "f32", lambda: [])
-    ps, _ = lars_run(steps=2)
-    assert timer.calls == [] and _compiled.kernel_choices() == {}
-    ps_f, _ = lars_run(steps=2, variant="f64")
-    for k in ps:
-        assert torch.equal(ps[k], ps_f[k]), k
-    monkeypatch.setenv("LARGEBATCH_KERNEL_VARIANT", "f32")
-    assert _compiled._choose(LARS, None, torch.ones(1), 1 << 20, None) == "f32"
+def test_the_default_runs_without_a_measurement_or_a_file(kernel_sized, tmp_path, monkeypatch):
+    """Nothing forced: the ``f64`` kernel alone is compiled and run, nothing is timed and no
+    file is written (the former first-use measurement and its cache file are gone)."""
+    monkeypatch.setattr(_compiled, "_KERNELS", {})
+    lars_run(steps=2)
+    assert list(_compiled._KERNELS[LARS]) == ["f64"]
+    assert not os.path.exists(tmp_path / "cache")
 
 
 @pytest.mark.parametrize("variant", ["f32", VARIANTS[-1]])
 def test_forced_by_env_and_api(variant, monkeypatch, kernel_sized):
-    monkeypatch.setattr(_compiled, "TUNE_MIN_NUMEL", 64)
-    timer = FakeTimer(monkeypatch, "f64", lambda: [])
     monkeypatch.setenv("LARGEBATCH_KERNEL_VARIANT", variant)
     assert _compiled.forced_variant() == variant
     ps, _ = lars_run(steps=2)
-    assert timer.calls == [] and _compiled.kernel_choices() == {}       # forced: nothing measured
+    ran(LARS, variant)
     monkeypatch.delenv("LARGEBATCH_KERNEL_VARIANT")
     ps_api, _ = lars_run(steps=2, variant=variant)                      # kernel_variant() context
     for k in ps:
         assert torch.equal(ps[k], ps_api[k]), k
-    ran(LARS, variant)
     _compiled.set_kernel_variant("f64")
     monkeypatch.setenv("LARGEBATCH_KERNEL_VARIANT", variant)
     assert _compiled.forced_variant() == "f64"                           # the API wins over the env
     _compiled.set_kernel_variant(None)
     assert _compiled.forced_variant() == variant
+    monkeypatch.setenv("LARGEBATCH_KERNEL_VARIANT", "auto")             # the former autotuner's value
+    assert _compiled.forced_variant() is None
     monkeypatch.setenv("LARGEBATCH_KERNEL_VARIANT", "fast")
     with pytest.raises(ValueError, match="LARGEBATCH_KERNEL_VARIANT"):
         lars_run(steps=1)
-
-
-def test_variant_failing_to_compile_is_not_a_candidate(monkeypatch, kernel_sized):
-    monkeypatch.setattr(_compiled, "TUNE_MIN_NUMEL", 64)
-    real = _compiled._get_kernel
-
-    def get(cls, kind, variant):
-        if variant == "f32":
-            def k(*args):
-                raise torch._inductor.exc.CppCompileError(["g++"], "unsupported")
-            return k, None
-        return real(cls, kind, variant)
-
-    monkeypatch.setattr(_compiled, "_get_kernel", get)
-    timer = FakeTimer(monkeypatch, "f64", lambda: [])
-    lars_run(steps=1)
-    assert timer.calls == [[v for v in VARIANTS if v != "f32"]] and _compiled.available()
-
-
-def test_scratch_copies_are_fresh_and_bounded(monkeypatch):
-    monkeypatch.setattr(_compiled, "TUNE_MAX_NUMEL", 100)
-    p, g = torch.randn(300), torch.randn(300)
-    st = {"m": torch.randn(300), "step": torch.tensor(3)}
-    sp, sg, sst = _compiled._scratch(p, g, st)
-    assert sp.shape == sg.shape == sst["m"].shape == (100,) and sst["step"].shape == ()
-    for a, b in ((sp, p), (sg, g), (sst["m"], st["m"]), (sst["step"], st["step"])):
-        assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
-        assert torch.equal(a, b.reshape(-1)[:a.numel()].reshape(a.shape))

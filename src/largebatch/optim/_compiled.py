@@ -37,60 +37,31 @@ ratio needs the norms before the update), with no full-size temporary (LALC, who
   "no inf found" are two more 0-d kernel inputs: the unscaling fuses into the kernel's loops.
   A scaled step is one more compiled variant per class; the unscaled kernel is unchanged.
 
-Kernel variants and the first-use choice (docs/performance.md). Which spelling of a kernel is
-fastest depends on the CPU: on the project machine (AMD EPYC, AVX-512) norms accumulated in
-float64 cost no more than in float32, while on an Intel Xeon with AVX-512 and AMX (numbers
-measured for docs/performance.md: 1 thread, 4 tensors of 2.36M elements, fused SGD 9 ms) the LARS kernel
-took 38.5 ms with float64 accumulation against 19.5 ms in float32, and 25 ms with 256-bit
-vectors against 37 ms at inductor's default 512 bits. So each kernel has variants
-(:data:`VARIANTS`), each its own compiled function (``_KERNELS[cls][variant]``,
-``_SHARDED_KERNELS[(cls, kind)][variant]``):
+Kernel variants (docs/performance.md, "Kernel variants"). Which spelling of a kernel is fastest
+depends on the CPU: on an AMD EPYC (AVX-512) norms accumulated in float64 cost no more than in
+float32, while on an Intel Xeon with AVX-512 and AMX (1 thread, 4 tensors of 2.36M elements,
+fused SGD 9 ms) the LARS kernel took 38.5 ms with float64 accumulation against 19.5 ms in
+float32, and 25 ms with 256-bit vectors against 37 ms at inductor's default 512 bits. So each
+kernel has variants (:data:`VARIANTS`), each its own compiled function
+(``_KERNELS[cls][variant]``, ``_SHARDED_KERNELS[(cls, kind)][variant]``):
 
 * norm accumulation: ``f64`` (:class:`_KernelPath`, float64; the default) or ``f32``
   (:class:`_KernelPathF32`: float32 sums of 4096-element chunks, added in float64; the norm
-  of 2.4M elements over six decades of magnitude is within 1e-6 of the float64 one, tested.
-  Inductor's own float32 sum -- its cascade helper, kept in memory -- was 1.0e-6 off there and,
-  in a standalone two-norm kernel on the AMD machine, 3x slower than either). float64 tensors
-  always accumulate in float64 (docs/algorithms.md section 8): for them ``f32`` is ``f64``;
+  of 2.4M elements over six decades of magnitude is within 1e-6 of the float64 one, tested).
+  float64 tensors always accumulate in float64 (docs/algorithms.md section 8): for them
+  ``f32`` is ``f64``;
 * vector width: inductor's default (the CPU's widest) or ``-256`` (``cpp.simdlen = 256``),
   offered only where the default is wider (``torch.backends.cpu.get_cpu_capability()`` is
   ``"AVX512"``; :func:`supported_variants`).
 
-The choice, per optimizer class, kernel (update, or ``probe`` / ``given`` for sharded
-parameters), compute dtype and thread count (:func:`_choose`): at the first compiled step
-whose bucket holds a tensor of at least :data:`TUNE_MIN_NUMEL` elements, every variant is
-timed on scratch copies of the bucket's largest tensor (with its gradient and state; the
-user's tensors are never written): on its first :data:`TUNE_MAX_NUMEL` elements and, when the
-bucket's median tensor is under half of that, on a copy of the median's length too (a variant's
-fixed cost per call -- more loops, more OpenMP regions -- weighs with the number of tensors:
-on the AMD machine, 1 thread, ``f32`` was 2% faster than ``f64`` on 2.4M elements and 20%
-slower on 147K).
-One untimed call per variant and length (it compiles), then :data:`TUNE_ROUNDS` rounds
-interleaved, the minimum of each; a line through the two lengths estimates each variant's time
-for the whole bucket, and the fastest wins (``f64`` unless another is :data:`TUNE_MARGIN`
-faster). The choice is kept for the
-process and in :func:`cache_path` (``~/.cache/largebatch/kernels.json``; ``$LARGEBATCH_CACHE_DIR``
-or ``$XDG_CACHE_HOME`` move it), written atomically, keyed by CPU model, ISA level, torch
-version, thread count, class, kernel and dtype: later processes read it and compile one
-variant. A corrupt or unreadable file is ignored (and rewritten at the next measurement); delete
-it (or an entry) to measure again, e.g. after a measurement on a busy machine (each entry keeps
-its times and the load average). Buckets under the threshold use the choice already made in the
-process, else ``f64`` (a small tensor's call times its overhead, not its loops). In a
-``torch.distributed`` group of several processes nothing is measured or read: every process
-runs ``f64`` or the forced variant (replicas must compute the same norms bit for bit, and
-processes, or machines with their own cache files, could choose differently): set
-``LARGEBATCH_KERNEL_VARIANT`` for all ranks to use another one.
-
-* Cost, once per class and machine: compiling 2-4 variants instead of one, the timed calls
-  (tens of ms) and scratch memory of ``2 + #state`` copies of at most :data:`TUNE_MAX_NUMEL`
-  elements (64 MiB for LAMB in float32). Measured on the AMD machine (1 thread, load ~5, CIFAR
-  ResNet-18 parameters, docs/performance.md): the first LARS / LAMB step took 17-20 s with one
-  variant and 28-31 s measuring four with a cold inductor cache, 3.4-4.6 s and 4.7-6.5 s with a
-  warm one; a later process that reads the choice pays one variant's compile only.
-* Forcing: ``LARGEBATCH_KERNEL_VARIANT=f64|f32|f64-256|f32-256`` (or ``auto``), or
-  :func:`set_kernel_variant` / ``with kernel_variant("f32"):`` (the API wins over the variable);
-  a width the CPU lacks warns once and takes the default width. ``LARGEBATCH_NO_AUTOTUNE=1``:
-  ``f64`` without measuring. :func:`kernel_choices` lists the choices of the process.
+``f64`` runs unless a variant is forced: ``LARGEBATCH_KERNEL_VARIANT=f64|f32|f64-256|f32-256``
+(set it on every rank of a distributed run: replicas must compute the same norms), or
+:func:`set_kernel_variant` / ``with kernel_variant("f32"):`` (the API wins over the variable);
+a width the CPU lacks warns once and takes the default width. ``benchmarks/optimizer_step.py
+--variants`` times every variant of this CPU side by side. (An earlier version measured the
+variants at the first step and kept the choice in a cache file; since the package's own rules
+run on the ``"native"`` path, that machinery served only user subclasses and was removed:
+docs/performance.md.)
 
 Sharded (DTensor) parameters (``_sharded.py``) use two kernels per class around the step's
 one collective: ``probe`` (the local norms, for classes with norm operands: LAMB,
@@ -116,8 +87,7 @@ from torch import Tensor
 from ._paths import Foreach, PerTensor, TensorList
 
 __all__ = ["Compiled", "MIN_NUMEL", "MIN_TOTAL", "VARIANTS", "DEFAULT_VARIANT", "available", "default_path",
-           "supported_variants", "set_kernel_variant", "kernel_variant", "forced_variant", "kernel_choices",
-           "cache_path", "cpu_model"]
+           "supported_variants", "set_kernel_variant", "kernel_variant", "forced_variant", "cache_dir", "cpu_model"]
 
 #: tensors with fewer elements take the foreach path inside the compiled path
 MIN_NUMEL = 1 << 14
@@ -242,26 +212,11 @@ def _safe(x: Tensor, n: Tensor) -> Tensor:
 #: :class:`_KernelPathF32`) x the vector width of inductor's C++ (the CPU's widest by
 #: default; ``-256``: ``cpp.simdlen = 256``, offered on AVX-512 CPUs only)
 VARIANTS = ("f64", "f32", "f64-256", "f32-256")
-#: the variant used without a measurement (``LARGEBATCH_NO_AUTOTUNE=1``, small tensors)
+#: the variant that runs unless another is forced
 DEFAULT_VARIANT = "f64"
 _PATHS = {"f64": _KernelPath, "f32": _KernelPathF32}
 
-#: the choice is measured (or read from the disk cache) for a bucket whose largest eligible
-#: tensor has at least this many elements; smaller ones use the choice already made in this
-#: process, or :data:`DEFAULT_VARIANT` (a kernel call on a small tensor times its overhead)
-TUNE_MIN_NUMEL = 1 << 18
-#: the scratch copies the variants are timed on hold at most this many elements per tensor
-TUNE_MAX_NUMEL = 1 << 22
-#: timed calls per variant (after one untimed call that compiles), interleaved; the minimum
-TUNE_ROUNDS = 10
-#: the default variant is kept unless another one is faster by more than this fraction
-TUNE_MARGIN = 0.05
-#: part of every cache key: a change of the kernels' code that changes their speed bumps it
-_REVISION = 1
-
 _FORCED: str | None = None
-#: choices made in this process: cache key -> {"variant", "source", "times_us"}
-_CHOSEN: dict[str, dict[str, Any]] = {}
 _WARNED: set[str] = set()
 
 
@@ -296,7 +251,7 @@ def _effective(variant: str, dtype: torch.dtype) -> str:
 
 def set_kernel_variant(variant: str | None) -> None:
     """Force one kernel variant (one of :data:`VARIANTS`) for every class, or ``None``: back
-    to ``LARGEBATCH_KERNEL_VARIANT`` / the measured choice. Takes effect for the next step."""
+    to ``LARGEBATCH_KERNEL_VARIANT`` / :data:`DEFAULT_VARIANT`. Takes effect for the next step."""
     global _FORCED
     if variant is not None:
         _parse(variant)
@@ -325,15 +280,11 @@ def forced_variant() -> str | None:
     if _FORCED is not None:
         return _FORCED
     env = os.environ.get("LARGEBATCH_KERNEL_VARIANT", "")
-    if env in ("", "auto"):
+    if env in ("", "auto"):   # "auto": the former first-use measurement; now the default
         return None
     if env not in VARIANTS:
-        raise ValueError(f"invalid LARGEBATCH_KERNEL_VARIANT={env!r}: expected one of {VARIANTS} or 'auto'")
+        raise ValueError(f"invalid LARGEBATCH_KERNEL_VARIANT={env!r}: expected one of {VARIANTS}")
     return env
-
-
-def _autotune_enabled() -> bool:
-    return os.environ.get("LARGEBATCH_NO_AUTOTUNE", "") in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -350,153 +301,28 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-@functools.lru_cache(maxsize=None)
-def _machine() -> str:
-    import platform
-    return (f"{cpu_model()} ({platform.machine()}) | {torch.backends.cpu.get_cpu_capability()} | "
-            f"torch {torch.__version__}")
-
-
-def _machine_key() -> str:
-    return f"{_machine()} | {torch.get_num_threads()} threads | rev {_REVISION}"
-
-
-def _choice_key(cls: type, kind: str | None, dtype: torch.dtype) -> str:
-    """The cache key of a choice: the machine (CPU model, ISA, torch version, threads), the
-    optimizer class, the kernel (``update``, ``probe``, ``given``) and the compute dtype."""
-    return f"{_machine_key()} | {cls.__module__}.{cls.__qualname__} | {kind or 'update'} | {dtype}"
-
-
-def cache_path() -> str:
-    """Where measured choices are kept: ``$LARGEBATCH_CACHE_DIR/kernels.json``, else
-    ``$XDG_CACHE_HOME/largebatch/kernels.json``, else ``~/.cache/largebatch/kernels.json``."""
+def cache_dir() -> str:
+    """The folder of the package's build products (the native library, ``_native.py``):
+    ``$LARGEBATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME/largebatch``, else ``~/.cache/largebatch``."""
     d = os.environ.get("LARGEBATCH_CACHE_DIR")
-    if not d:
-        d = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                         "largebatch")
-    return os.path.join(d, "kernels.json")
+    if d:
+        return d
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                        "largebatch")
 
 
-def _read_cache() -> dict[str, dict[str, Any]]:
-    """The cache file's entries; ``{}`` for a missing, unreadable or corrupt file (it is
-    rewritten whole at the next choice)."""
-    import json
-    try:
-        with open(cache_path()) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.get("format") != 1 or not isinstance(data.get("choices"), dict):
-        return {}
-    return {k: v for k, v in data["choices"].items() if isinstance(v, dict) and v.get("variant") in VARIANTS}
-
-
-def _write_cache(key: str, entry: dict[str, Any]) -> None:
-    """Add ``key: entry`` to the cache file, atomically (a temporary file in the same folder,
-    then ``os.replace``): a concurrent reader sees the old file or the new one, never a part.
-    A cache that cannot be written (read-only home) is skipped silently."""
-    import json
-    import tempfile
-    path = cache_path()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        choices = _read_cache()
-        choices[key] = entry
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".kernels.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"format": 1, "choices": choices}, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError:
-        pass
-
-
-def kernel_choices() -> dict[str, dict[str, Any]]:
-    """The choices made in this process: cache key -> ``{"variant", "source", "times_us"}``
-    (``source``: ``"measured"`` or ``"disk"``; ``times_us``: each variant's estimated kernel
-    time for the bucket that decided, one call per kernel tensor, from its fastest calls on
-    the scratch tensors; recorded in the cache with the choice)."""
-    return {k: dict(v) for k, v in _CHOSEN.items()}
-
-
-def _clock() -> float:
-    import time
-    return time.perf_counter()
-
-
-def _time_variants(calls: dict[Any, Any], rounds: int) -> dict[Any, float]:
-    """Seconds per key (a variant and a length): the minimum of ``rounds`` timed calls of
-    ``calls[key]()``, the keys interleaved in each round (drift on a shared machine hits all
-    alike), after one untimed call of each."""
-    for call in calls.values():
-        call()
-    best = {v: float("inf") for v in calls}
-    for _ in range(rounds):
-        for v, call in calls.items():
-            t0 = _clock()
-            call()
-            best[v] = min(best[v], _clock() - t0)
-    return best
-
-
-def _pick(times: dict[str, float]) -> str:
-    """The fastest variant; the default one unless another is faster by :data:`TUNE_MARGIN`."""
-    fastest = min(times, key=times.__getitem__)
-    if DEFAULT_VARIANT in times and times[fastest] >= times[DEFAULT_VARIANT] * (1 - TUNE_MARGIN):
-        return DEFAULT_VARIANT
-    return fastest
-
-
-def _replicated() -> bool:
-    """Whether this process is one of several in a ``torch.distributed`` group: replicas (DDP)
-    must compute the same norms bit for bit, and a measurement (or a cache file) per process
-    or machine may choose differently, so they use the default or the forced variant."""
-    import torch.distributed as dist
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _choose(cls: type, kind: str | None, p: Tensor, largest: int, measure) -> str:
-    """The variant for a bucket of ``p``'s device and dtype: forced, else chosen before in
-    this process, else (for a bucket with a tensor of at least :data:`TUNE_MIN_NUMEL`
-    elements, on CPU) read from the disk cache or measured (``measure(variants) ->
-    {variant: seconds}``) and recorded in both; else :data:`DEFAULT_VARIANT`."""
-    dtype = p.dtype
+def _variant(dtype: torch.dtype) -> str:
+    """The variant for a bucket of ``dtype``: the forced one as it applies to ``dtype`` on this
+    CPU (warning once where its vector width is not offered), else :data:`DEFAULT_VARIANT`."""
     forced = forced_variant()
-    if forced is not None:
-        v = _effective(forced, dtype)
-        if _parse(v)[1] != _parse(forced)[1] and forced not in _WARNED:
-            _WARNED.add(forced)
-            warnings.warn(f"largebatch: kernel variant {forced!r}: this CPU "
-                          f"({torch.backends.cpu.get_cpu_capability()}) has no wider vectors; using {v!r}",
-                          RuntimeWarning, stacklevel=5)
-        return v
-    if not _autotune_enabled() or p.device.type != "cpu" or _replicated():
+    if forced is None:
         return DEFAULT_VARIANT
-    key = _choice_key(cls, kind, dtype)
-    chosen = _CHOSEN.get(key)
-    if chosen is not None:
-        return chosen["variant"]
-    if largest < TUNE_MIN_NUMEL:
-        return DEFAULT_VARIANT
-    cands = supported_variants(dtype)
-    entry = _read_cache().get(key)
-    if entry is not None and entry["variant"] in cands:
-        _CHOSEN[key] = {"variant": entry["variant"], "source": "disk", "times_us": entry.get("times_us")}
-        return entry["variant"]
-    if len(cands) == 1:
-        _CHOSEN[key] = {"variant": cands[0], "source": "only", "times_us": None}
-        return cands[0]
-    times = measure(cands)
-    v = _pick(times)
-    import datetime
-    us = {k: round(t * 1e6, 1) for k, t in times.items()}
-    _CHOSEN[key] = {"variant": v, "source": "measured", "times_us": us}
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # a busy machine measures noise
-    _write_cache(key, {"variant": v, "times_us": us, "load_average": load,
-                       "measured_on": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    v = _effective(forced, dtype)
+    if _parse(v)[1] != _parse(forced)[1] and forced not in _WARNED:
+        _WARNED.add(forced)
+        warnings.warn(f"largebatch: kernel variant {forced!r}: this CPU "
+                      f"({torch.backends.cpu.get_cpu_capability()}) has no wider vectors; using {v!r}",
+                      RuntimeWarning, stacklevel=5)
     return v
 
 
@@ -597,46 +423,6 @@ def _fits(p: Tensor, g: Tensor, st: dict[str, Tensor]) -> bool:
             and all(v.is_contiguous() for v in st.values()))
 
 
-def _tune_lengths(sizes: list[int]) -> list[int]:
-    """The lengths the variants are timed at, for a bucket of kernel tensors of ``sizes``: the
-    largest (at most :data:`TUNE_MAX_NUMEL`) and, when under half of it, the median size (at
-    least ``2 * CHUNK``): a variant's fixed cost per call weighs with the number of tensors."""
-    big = min(max(sizes), TUNE_MAX_NUMEL)
-    mid = min(max(sorted(sizes)[len(sizes) // 2], 2 * CHUNK), big)
-    return [big, mid] if mid < big // 2 else [big]
-
-
-def _bucket_times(times: dict[tuple[str, int], float], sizes: list[int]) -> dict[str, float]:
-    """Seconds per variant for one call on each tensor of ``sizes``, from the times at one or
-    two lengths (``times[variant, length]``): linear in the length through the two points
-    (a fixed cost per call and a cost per element), proportional with one."""
-    out = {}
-    for v in dict.fromkeys(v for v, _ in times):
-        pts = sorted((n, t) for (w, n), t in times.items() if w == v)
-        if len(pts) == 1:
-            (n1, t1), = pts
-            out[v] = sum(t1 * n / n1 for n in sizes)
-        else:
-            (n0, t0), (n1, t1) = pts[0], pts[-1]
-            per = (t1 - t0) / (n1 - n0)
-            out[v] = sum(max(t0 + per * (n - n0), 0.0) for n in sizes)
-    return out
-
-
-def _scratch(p: Tensor, g: Tensor, st: dict[str, Tensor], n: int | None = None):
-    """Fresh copies of the first ``n`` (at most :data:`TUNE_MAX_NUMEL`) elements of ``p``, ``g``
-    and each state tensor of ``p``'s size (others, e.g. 0-d step counters, whole), flat: what
-    the variants are timed on (the user's weights and state are never written for timing)."""
-    n = min(p.numel(), TUNE_MAX_NUMEL, n or p.numel())
-
-    def cut(t: Tensor) -> Tensor:
-        if t.numel() == p.numel() and t.dim() > 0:
-            return t.detach().reshape(-1)[:n].clone()
-        return t.detach().clone()
-
-    return cut(p), cut(g), {k: cut(v) for k, v in st.items()}
-
-
 def _compile_errors() -> tuple[type, ...]:
     """What a failed compilation raises (no C++ compiler, unsupported platform or dtype)."""
     import torch._dynamo.exc
@@ -712,29 +498,10 @@ def _run_split(opt, group, params, grads, states, kind: str | None, eager, extra
                 args += (extra[i].clone(),)
             return args + tail
 
-        def measure(variants):  # each variant on scratch copies of the largest tensor
-            i = max(big, key=lambda j: params[j].numel())
-            sizes = [params[j].numel() for j in big]
-            lengths = _tune_lengths(sizes)
-            scratch = {n: _scratch(params[i], grads[i], states[i], n) for n in lengths}
-            calls = {}
-            for v in variants:
-                try:
-                    kernel, algo = _get_kernel(cls, kind, v)
-                    for n in lengths:
-                        kernel(algo, hp, *args_of(*scratch[n], i))  # compiles
-                except Exception as e:
-                    if v == DEFAULT_VARIANT or not isinstance(e, _compile_errors()):
-                        raise
-                    continue  # e.g. a vector width the C++ compiler refuses: not a candidate
-                for n in lengths:
-                    calls[v, n] = lambda kernel=kernel, algo=algo, n=n: kernel(algo, hp, *args_of(*scratch[n], i))
-            return _bucket_times(_time_variants(calls, TUNE_ROUNDS), sizes)
-
         done = 0
         try:
             with torch._dynamo.config.patch(specialize_float=True):
-                variant = _choose(cls, kind, p0, max(params[i].numel() for i in big), measure)
+                variant = _variant(p0.dtype)
                 kernel, algo = _get_kernel(cls, kind, variant)
                 for i in big:
                     st = {k: _flat(v) for k, v in states[i].items()}
