@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from largebatch import noise_scale as ns
 from largebatch.experiments.engine import cpu_model
-from largebatch.train.models import build_model
+from largebatch.models import build_model
 
 
 

@@ -38,7 +38,7 @@ from largebatch.train.config import TrainConfig
 from largebatch.train.data import ArrayDataset, normalize
 from largebatch.train.factory import steps_per_epoch
 from largebatch.train.loop import train
-from largebatch.train.models import build_model
+from largebatch.models import build_model
 
 SETUPS = {
     # name: (model, image shape, classes, train images, global batch, epochs, lr)

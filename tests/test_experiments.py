@@ -96,7 +96,7 @@ def test_paper_commands_carry_the_papers_settings():
 
 
 def test_lalc_stem_and_normalization():
-    from largebatch.train.models import build_model
+    from largebatch.models import build_model
 
     m = build_model("resnet50", 10, (3, 32, 32), stem="imagenet-nopool")
     assert m.conv1.kernel_size == (7, 7) and m.conv1.stride == (1, 1) and isinstance(m.maxpool, torch.nn.Identity)
@@ -243,7 +243,7 @@ def test_fc_freeze_leaves_the_head_alone_for_its_epochs_then_trains_it(tmp_path)
     cfg = _digits(tmp_path, optimizer="sgd", lr=0.5, epochs=2, schedule="cosine", min_lr_ratio=1.0,
                   stop_after_epochs=1)
     torch.manual_seed(cfg.seed)
-    from largebatch.train.models import build_model
+    from largebatch.models import build_model
 
     head0 = build_model("mlp", 10, (1, 8, 8), mlp_depth=1, mlp_width=16)[-1].weight.detach().clone()
     r = train(cfg, task=clars.FreezeHead(1.0), log=lambda s: None)

@@ -316,7 +316,7 @@ def test_barlow_twins_model_and_backbones():
         backbone, feature_dim = build_backbone(name, shape, **kw)
         assert feature_dim == dim
         assert backbone(torch.randn(3, *shape)).shape == (3, dim)
-    from largebatch.train.models import build_model
+    from largebatch.models import build_model
 
     resnet = build_model("resnet18", 10, (3, 32, 32), stem="imagenet")
     same, d = feature_backbone(resnet)

@@ -125,7 +125,7 @@ def test_fsdp_bf16_parameters_keep_float32_master_weights(runs):
 
 
 def test_units_shard_blocks_and_layers():
-    from largebatch.train.models import build_model
+    from largebatch.models import build_model
 
     net = build_model("resnet20", 10, (3, 32, 32))
     kinds = [type(u).__name__ for u in fsdp.units(net)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from largebatch.train.models import MLP, build_model, init_weights
+from largebatch.models import MLP, build_model, init_weights
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -169,7 +169,7 @@ def test_many_layers_get_a_colour_bar_named_by_module(tmp_path, monkeypatch):
     the last, with integer ticks."""
     import csv
 
-    from largebatch.train.models import build_model
+    from largebatch.models import build_model
     from largebatch.train.plot import plot_layers
 
     (tmp_path / "config.yaml").write_text("model: resnet20\n")

@@ -155,7 +155,7 @@ class _KernelPath(PerTensor):
     @staticmethod
     def norm(x: Tensor) -> Tensor:
         # float32 squares summed in float64 neither overflow nor underflow; float64 data takes
-        # the scaled recomputation where its plain norm is not safe (_paths.norms)
+        # the scaled recomputation where its plain norm is not safe (largebatch._norms)
         n = torch.linalg.vector_norm(x, dtype=torch.float64)
         if x.dtype == torch.float64:
             return _safe(x, n)
@@ -200,8 +200,8 @@ class _KernelPathF32(_KernelPath):
 
 def _safe(x: Tensor, n: Tensor) -> Tensor:
     """``n`` (a float64 norm of ``x``), or where it is not a safe normal number the scaled
-    recomputation of ``_paths.norms`` (a ``torch.where`` inside the kernel)."""
-    from ._paths import _SAFE_LOW, _scaled_norms
+    recomputation of ``largebatch._norms.norms`` (a ``torch.where`` inside the kernel)."""
+    from .._norms import _SAFE_LOW, _scaled_norms
 
     bad = ~(n >= _SAFE_LOW[x.dtype]) | (n == float("inf"))
     return torch.where(bad, _scaled_norms([x])[0].to(n.dtype), n)

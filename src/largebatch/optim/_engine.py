@@ -58,6 +58,7 @@ from torch import Tensor
 
 from .._validation import HyperparameterError, check, check_nonneg
 from . import _compiled, _native, _sharded
+from .._dtensor import dtensor_type
 from ._paths import Foreach, PerTensor, Replay, TensorList
 
 __all__ = ["LayerwiseOptimizer", "HyperparameterError", "PATHS", "zero_norm_safe_ratio", "select",
@@ -491,7 +492,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._stats = []
         amp = self._amp()
         found_inf = None
-        dtensor = _sharded.dtensor_type() if self._shard_aware else None
+        dtensor = dtensor_type() if self._shard_aware else None
         sharded = []
         for group in self.param_groups:
             buckets: dict[tuple, list[Tensor]] = defaultdict(list)

@@ -9,15 +9,8 @@ supplies the few operations whose spelling differs between paths:
 * ``P.stack(x)``: 0-d state tensors (step counters) as a vector over the bucket;
 * ``P.zero_unless(mask, x)``: ``x`` where ``mask`` holds, zeros elsewhere;
 
-Norms never overflow or underflow for finite input (docs/algorithms.md, section 8): the
-plain norm (one pass, accumulated in the tensor's dtype) is kept where it is a normal number
-well inside the dtype's range; where it is not (``inf`` from squares above the range, or
-below :data:`_SAFE_LOW`, where squares may have underflowed, exact zeros included) the norm
-is recomputed as ``2^e * ||x / 2^e||`` with ``2^e`` the power of two of ``max |x|`` (BLAS
-``nrm2``'s scaling; the division is exact). On the CPU only those tensors are recomputed (a
-value of a CPU tensor is read: no device sync); on other devices and inside ``torch.compile``
-the recomputation is a ``torch.where`` (float32 and narrower on CUDA accumulate in float64
-instead: one pass). Non-finite input keeps a non-finite norm.
+Norms never overflow or underflow for finite input (docs/algorithms.md, section 8):
+:func:`largebatch._norms.norms` recomputes scaled the norms where one pass is not safe.
 
 ``PerTensor`` (the readable reference) hands ``_update`` one tensor at a time; ``Foreach``
 hands it :class:`TensorList` objects, whose methods are ``torch._foreach_*`` calls over
@@ -28,11 +21,12 @@ package rule spelled once more, in C++, tested equal to this one.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
 from torch import Tensor
+
+from .._norms import norms
 
 __all__ = ["TensorList", "PerTensor", "Foreach", "Replay", "norms"]
 
@@ -102,45 +96,6 @@ for _name in _BINARY + _UNARY:
     setattr(TensorList, f"{_name}_", _m_)
     setattr(TensorList, _name, _m)
 del _name, _m_, _m
-
-
-_INF = float("inf")
-#: plain norms at least this large lost nothing to underflowed squares (the lost mass is
-#: below ``numel * tiny``, relative ``eps`` for tensors of up to 2^40 elements); smaller
-#: ones, exact zeros included, are recomputed scaled
-_SAFE_LOW = {torch.float64: 2.0 ** -130, torch.float32: 2.0 ** -31, torch.float16: 2.0 ** -5,
-             torch.bfloat16: 2.0 ** -31}
-
-
-def _scaled_norms(ts: list[Tensor]) -> Tensor:
-    """``2^e * ||x / 2^e||`` per tensor, ``2^e`` the power of two of ``max |x|`` (clamped so
-    that ``2^-e`` is finite: subnormal maxima are scaled by the largest power the dtype has);
-    ``inf`` / NaN maxima give ``inf`` / NaN; empty tensors 0."""
-    ts = [t if t.numel() else t.new_zeros(1) for t in ts]
-    amax = torch.stack(torch._foreach_norm(ts, _INF))
-    top = math.frexp(torch.finfo(amax.dtype).max)[1] - 2    # 2^top and 2^-top are finite
-    _, e = torch.frexp(amax)
-    e = e.clamp(min=-top, max=top)
-    down = torch.ldexp(torch.ones_like(amax), -e)
-    n = torch.stack(torch._foreach_norm(torch._foreach_mul(ts, list(down.unbind()))))
-    return torch.where(torch.isfinite(amax), torch.ldexp(n, e), amax)
-
-
-def norms(ts: list[Tensor]) -> Tensor:
-    """The L2 norm of each tensor of ``ts`` (one dtype and device), 1-D in that dtype, free of
-    overflow and underflow for finite input (module docstring)."""
-    x0 = ts[0]
-    low = _SAFE_LOW.get(x0.dtype, 0.0)
-    if x0.device.type == "cuda" and x0.dtype != torch.float64 and not torch.compiler.is_compiling():
-        return torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)).to(x0.dtype)
-    n = torch.stack(torch._foreach_norm(ts))
-    bad = ~(n >= low) | (n == _INF)
-    if x0.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bad.any():            # a CPU tensor's value: no device sync
-            return n
-        idx = bad.nonzero().flatten().tolist()
-        return n.index_put((bad.nonzero().flatten(),), _scaled_norms([ts[i] for i in idx]))
-    return torch.where(bad, _scaled_norms(ts), n)
 
 
 def _stacked(rows) -> tuple:

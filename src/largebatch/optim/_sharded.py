@@ -42,47 +42,14 @@ already match. Parameters on several meshes get one collective per mesh.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._paths import PerTensor
+from .._dtensor import _sharded, _zero_copies, _all_reduce, dtensor_type
 
-__all__ = ["dtensor_type", "run", "global_sq_norms"]
-
-
-def dtensor_type():
-    """The ``DTensor`` class if ``torch.distributed.tensor`` is loaded, else ``None`` (no DTensor
-    can exist then; ``import largebatch`` does not import it)."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return getattr(mod, "DTensor", None)
-
-
-def _process_group(mesh):
-    """A process group spanning ``mesh``'s ranks (``None``: the default group)."""
-    import torch.distributed as dist
-
-    if mesh.ndim == 1:
-        return mesh.get_group()
-    if mesh.size() == dist.get_world_size():
-        return None
-    return mesh._flatten().get_group()
-
-
-def _contributes(mesh, placements) -> bool:
-    """Whether this rank's local sum of squares enters the sum over the mesh: not where it
-    holds a copy (coordinate != 0 along a ``Replicate`` dimension)."""
-    coord = mesh.get_coordinate()
-    for dim, pl in enumerate(placements):
-        if pl.is_replicate() and coord[dim] != 0:
-            return False
-    return True
-
-
-def _sharded(p) -> bool:
-    return any(pl.is_shard() for pl in p.placements)
+__all__ = ["run"]
 
 
 def _local_grad(p, DT) -> Tensor:
@@ -97,25 +64,6 @@ def _local_grad(p, DT) -> Tensor:
     if g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements):
         g = g.redistribute(p.device_mesh, p.placements)  # a collective of its own (not FSDP2 / TP)
     return g.to_local()
-
-
-def _zero_copies(sq: Tensor, params, cache: dict) -> Tensor:
-    """Rows of tensors this rank holds only a copy of set to exact zeros (device ops only)."""
-    keep = []
-    for p in params:
-        key = (p.device_mesh, tuple(p.placements))
-        if key not in cache:
-            cache[key] = _contributes(*key)
-        keep.append(cache[key])
-    if all(keep):
-        return sq
-    return torch.stack([row if k else torch.zeros_like(row) for row, k in zip(sq.unbind(0), keep)])
-
-
-def _all_reduce(flat: Tensor, mesh) -> None:
-    import torch.distributed as dist
-
-    dist.all_reduce(flat, group=_process_group(mesh))
 
 
 def run(opt, jobs: list[tuple[dict[str, Any], list[Tensor], Any]], amp=None) -> list[Tensor]:
@@ -195,31 +143,3 @@ def _norms_of_bands(sq: Tensor, dtype: torch.dtype) -> Tensor:
     two = lambda e: torch.tensor(e, dtype=torch.float64)  # noqa: E731
     return torch.where(hi >= 2.0 ** (2 * (120 - _BAND)), torch.ldexp(hi.sqrt(), two(_BAND)),
                        torch.where(mid >= 2.0 ** -900, mid.sqrt(), torch.ldexp(lo.sqrt(), two(-_BAND))))
-
-
-def _sq(t: Tensor) -> Tensor:
-    return PerTensor.norm(t).double().square()
-
-
-def global_sq_norms(tensors: list[Tensor]) -> list[Tensor]:
-    """Squared L2 norms (float64, 0-d) of whole tensors: plain tensors locally, DTensors
-    (any placements) from their local shards with one ``all_reduce`` per mesh for all of
-    them (the same scheme as :func:`run`). For diagnostics (``PerSampleStats.variance_factor``)."""
-    DT = dtensor_type()
-    out: list[Tensor | None] = [None] * len(tensors)
-    by_mesh: dict[Any, list[int]] = {}
-    cache: dict = {}
-    for i, t in enumerate(tensors):
-        if DT is not None and isinstance(t, DT):
-            by_mesh.setdefault(t.device_mesh, []).append(i)
-        else:
-            out[i] = _sq(t)
-    for mesh, idx in by_mesh.items():
-        parts = [tensors[i] for i in idx]
-        flat = torch.stack([_sq(t.to_local()) for t in parts])
-        if any(_sharded(t) for t in parts):
-            flat = _zero_copies(flat.unsqueeze(1), parts, cache).reshape(-1)
-            _all_reduce(flat, mesh)
-        for i, v in zip(idx, flat.unbind()):
-            out[i] = v
-    return out

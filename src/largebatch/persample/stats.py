@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .._dtensor import dtensor_type, global_sq_norms
+
 __all__ = ["PerSampleStats"]
 
 
@@ -64,8 +66,6 @@ class PerSampleStats:
             grads = [p.grad for p in self.params]
         if len(grads) != len(self.params):
             raise ValueError(f"grads: expected {len(self.params)} tensors, got {len(grads)}")
-        from ..optim._sharded import dtensor_type, global_sq_norms  # (optim imports persample)
-
         dev = self.sum_sq.device
         DT = dtensor_type()  # sharded gradients (FSDP2, tensor parallelism): full norms, one collective
         sharded = [i for i, g in enumerate(grads) if DT is not None and isinstance(g, DT)]

@@ -31,6 +31,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from .._dtensor import dtensor_type
 from .rules import SUPPORTED, UnsupportedLayerError, rule_for
 from .stats import PerSampleStats
 
@@ -46,8 +47,6 @@ def _full(v: Tensor, x: Tensor, grad: Tensor) -> Tensor:
     ``full_tensor()`` gives the squared norms of the full per-sample gradients (one
     collective per layer and backward when the layer's activations are sharded). FSDP2
     computes with unsharded parameters and plain activations: nothing to do."""
-    from ..optim._sharded import dtensor_type
-
     DT = dtensor_type()
     if DT is None:
         return v

@@ -1,6 +1,6 @@
 """Barlow Twins network: a backbone without its classification head, a projector, the loss (docs/algorithms.md section 11).
 
-The backbones are the harness's classifiers (``largebatch.train.models.build_model``: MLP, CIFAR
+The backbones are the harness's classifiers (``largebatch.models.build_model``: MLP, CIFAR
 ResNet-20/32/44/56, torchvision ResNet-18/34/50 with either stem) with the head, the last
 ``nn.Linear`` (``fc`` of the ResNets, the last layer of the ``MLP``), replaced by ``nn.Identity``:
 the backbone outputs the pooled features the head would have seen.
@@ -13,6 +13,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from .._validation import check_nonneg
+from ..models import build_model
 from .loss import barlow_twins_loss
 
 __all__ = ["Projector", "parse_projector", "BarlowTwins", "feature_backbone", "build_backbone"]
@@ -103,6 +104,4 @@ def feature_backbone(model: nn.Module) -> tuple[nn.Module, int]:
 def build_backbone(name: str, in_shape: tuple[int, int, int], **kwargs) -> tuple[nn.Module, int]:
     """``build_model(name, ...)`` of the harness without its head: ``(backbone, feature_dim)``.
     ``kwargs`` go to ``build_model`` (``stem``, ``mlp_depth``, ``mlp_width``, ...)."""
-    from ..train.models import build_model
-
     return feature_backbone(build_model(name, 10, in_shape, **kwargs))

@@ -64,7 +64,7 @@ def _pre_step_norms(opt) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor
 
 def _full(norms: list[torch.Tensor]) -> list[torch.Tensor]:
     """Norms of DTensor parameters (FSDP2) as plain tensors (the norms of the full tensors)."""
-    from largebatch.optim._sharded import dtensor_type
+    from largebatch._dtensor import dtensor_type
 
     DT = dtensor_type()
     return [n.full_tensor() if DT is not None and isinstance(n, DT) else n for n in norms]

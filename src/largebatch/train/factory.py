@@ -68,7 +68,7 @@ def build_single_process(cfg: TrainConfig, ds, device: torch.device, spe: int):
     """Model (seeded with ``cfg.seed``, initialized, on ``device``, in train mode), optimizer and
     scheduler of ``cfg`` for one process, without a run directory: the short measurements of
     ``largebatch noise-scale`` and the batch-scaling study's trials."""
-    from .models import build_model, init_weights
+    from ..models import build_model, init_weights
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, ds.num_classes, ds.shape, stem=cfg.stem, mlp_depth=cfg.mlp_depth,

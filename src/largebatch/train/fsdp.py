@@ -356,7 +356,7 @@ def _single_process_quiet():
 
 
 def _dtensor():
-    from largebatch.optim._sharded import dtensor_type
+    from largebatch._dtensor import dtensor_type
 
     return dtensor_type()
 

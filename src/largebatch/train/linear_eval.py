@@ -30,7 +30,7 @@ from . import data as data_mod
 from . import fsdp, safefile
 from .config import TrainConfig, load_file, resolve
 from .distributed import pick_device
-from .models import init_weights
+from ..models import init_weights
 from .rundir import RunDir, RunDirError
 
 FEATURES = ("pretrained", "random-init", "raw-pixels")

@@ -45,7 +45,7 @@ from .config import TrainConfig
 from .diagnostics import LayerStatsRecorder
 from .evaluate import autocast_for, evaluate
 from .factory import build_optimizer, build_scheduler, effective_lr, lr_applied, steps_per_epoch
-from .models import build_model, init_weights
+from ..models import build_model, init_weights
 from .rundir import METRIC_COLUMNS, RunDir, RunDirError, first_line
 
 CHECK_EVERY = 50  # steps between the (one-bool) checks for a non-finite loss

@@ -142,7 +142,7 @@ def layer_labels(run_dir: str, names: list[str]) -> dict[str, str]:
         import torch
 
         from .config import load_file
-        from .models import build_model
+        from ..models import build_model
 
         cfg = load_file(os.path.join(run_dir, "config.yaml"))
         with torch.device("meta"):

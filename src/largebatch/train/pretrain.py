@@ -41,7 +41,7 @@ from . import data as data_mod
 from . import distributed as dist_mod
 from .config import PretrainConfig, TrainConfig  # noqa: F401  (PretrainConfig: re-exported)
 from .loop import Task, _Setup
-from .models import init_weights
+from ..models import init_weights
 
 PRETRAIN_COLUMNS = ["epoch", "step", "lr", "train_loss", "knn_acc", "epoch_seconds", "images_per_s"]
 

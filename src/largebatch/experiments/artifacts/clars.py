@@ -114,7 +114,7 @@ def build_arch(arch: str, shape: tuple[int, int, int], num_classes: int, width: 
             d = body(torch.zeros(1, c, h, w)).shape[1]
         return nn.Sequential(*body, nn.Linear(d, 128), nn.Sigmoid(), nn.Linear(128, num_classes))
     if arch == "resnet8":
-        from largebatch.train.models import CifarResNet
+        from largebatch.models import CifarResNet
 
         return CifarResNet(8, num_classes, c)
     raise ValueError(f"arch: {arch!r} is not one of fcn5, cnn5, resnet8")
@@ -130,7 +130,7 @@ class VarianceProbe(Classification):
         self.arch, self.probe = arch, probe
 
     def build_model(self, cfg, ds) -> nn.Module:
-        from largebatch.train.models import init_weights
+        from largebatch.models import init_weights
 
         return init_weights(build_arch(self.arch, ds.shape, ds.num_classes), cfg.init)
 
