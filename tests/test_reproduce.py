@@ -238,3 +238,28 @@ def test_run_in_a_terminal_draws_a_bar_over_runs_and_one_per_run(tmp_path, capsy
     text = term.getvalue()
     assert "tvlars-ablation-init smoke" in text and "2/2" in text and "run" in text  # the bar over runs
     assert "it/s" in text or "s/it" in text  # a run's bar of steps
+
+
+def test_the_stamp_names_the_commits_that_started_the_runs(tmp_path, capsys, monkeypatch):
+    """Each run's marker records the commit that started it; a table collected by another
+    commit says which commits its runs started at (numbers of older code are not passed off as
+    the collector's)."""
+    import json
+
+    from largebatch._provenance import commit
+    from largebatch.experiments import engine
+
+    argv = ["reproduce", "tvlars-ablation-init", "--scale", "smoke", "--out", str(tmp_path)]
+    assert _run(argv + ["--run"], capsys)[0] == 0
+    markers = sorted(tmp_path.rglob(".largebatch-run"))
+    assert len(markers) == 4 and {json.loads(m.read_text())["commit"] for m in markers} == {commit()}
+    ctx = context(ARTIFACTS["tvlars-ablation-init"], "smoke", None, str(tmp_path), {})
+    assert "runs started at" not in engine.stamp(ctx)           # collected by the commit that ran them
+    old = json.loads(markers[0].read_text())
+    markers[0].write_text(json.dumps({**old, "commit": "0123456789"}))
+    m = json.loads(markers[1].read_text())
+    del m["commit"]                                              # a run of a version before the field
+    markers[1].write_text(json.dumps(m))
+    got = engine.stamp(ctx)
+    assert f"commit {commit()} (collected); runs started at {commit()} (2)" in got
+    assert "0123456789 (1)" in got and "not recorded (1)" in got

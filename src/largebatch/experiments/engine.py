@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
+from .._provenance import commit, cpu_model
+
 SCALES = ("paper", "mini", "smoke")
 ERROR_FILE = "reproduce-error.json"  # an exception stopped the run
 RESULT_FILE = "result.json"  # what a "call" run computed
@@ -409,39 +411,34 @@ def train_hours(results: list[Result]) -> float:
     return sum(float(h.get("epoch_seconds") or 0.0) for r in results for h in r.history) / 3600.0
 
 
-def commit() -> str:
-    """The git commit of this package's source tree (``+dirty`` with uncommitted changes), or ``unknown``."""
-    import subprocess
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "-C", here, "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no", "--", "."],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def stamp(ctx: Ctx | None = None) -> str:
     """Commit, CPU model (and cores), torch version, date and seeds: printed with every collected table."""
     import torch
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{cpu_model()} x {os.cpu_count()} cores"
     seeds = f"; seeds {','.join(map(str, ctx.seeds)) or '-'}" if ctx is not None else ""
-    return f"commit {commit()}; {dev}; torch {torch.__version__}; {datetime.now():%Y-%m-%d %H:%M}{seeds}"
+    ran = run_commits(ctx) if ctx is not None else {}
+    here = commit()
+    runs = "" if not ran or set(ran) == {here} else "; runs started at " + ", ".join(
+        f"{c} ({n})" for c, n in sorted(ran.items(), key=lambda kv: -kv[1]))
+    return (f"commit {here}{' (collected)' if runs else ''}{runs}; {dev}; torch {torch.__version__}; "
+            f"{datetime.now():%Y-%m-%d %H:%M}{seeds}")
+
+
+def run_commits(ctx: Ctx) -> dict[str, int]:
+    """How many of the artifact's existing training runs each commit started (the ``commit`` of
+    their ``.largebatch-run`` marker; ``not recorded`` for runs of versions before it)."""
+    out: dict[str, int] = {}
+    for r in ctx.grid():
+        if r.kind == "call":
+            continue
+        try:
+            with open(os.path.join(ctx.path(r), ".largebatch-run")) as f:
+                c = json.load(f).get("commit") or "not recorded"
+        except (OSError, ValueError, AttributeError):
+            continue
+        out[c] = out.get(c, 0) + 1
+    return out
 
 
 def machine() -> str:

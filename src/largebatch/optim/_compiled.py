@@ -75,7 +75,6 @@ for all tensors at once); ``path="compiled"`` would compile through inductor/Tri
 
 from __future__ import annotations
 
-import functools
 import os
 import types
 import warnings
@@ -84,6 +83,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._provenance import cpu_model
 from ._paths import Foreach, PerTensor, TensorList
 
 __all__ = ["Compiled", "MIN_NUMEL", "MIN_TOTAL", "VARIANTS", "DEFAULT_VARIANT", "available", "default_path",
@@ -285,20 +285,6 @@ def forced_variant() -> str | None:
     if env not in VARIANTS:
         raise ValueError(f"invalid LARGEBATCH_KERNEL_VARIANT={env!r}: expected one of {VARIANTS}")
     return env
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
 
 
 def cache_dir() -> str:

@@ -359,9 +359,10 @@ class RunDir:
             m = self.marker()
             if m is None or m.get("command") != self.command:
                 from largebatch import __version__
+                from largebatch._provenance import commit
 
                 safefile.write_text(os.path.join(self.path, MARKER), json.dumps(
-                    {"tool": "largebatch", "command": self.command, "version": __version__}) + "\n")
+                    {"tool": "largebatch", "command": self.command, "version": __version__, "commit": commit()}) + "\n")
             config_mod.save(cfg, os.path.join(self.path, "config.yaml"))
         except OSError as e:
             self.close()
