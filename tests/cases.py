@@ -54,6 +54,8 @@ class OptimInfo:
             resume tests (default: ``kw``).
         generic: keyword overrides of ``kw``, each a configuration of the generic contract
             tests (``test_optim_generic``; default: ``kw`` itself).
+        client: the configuration of the real-client tests (``test_integrations``: DCP, ZeRO,
+            Lightning, accelerate, timm; default: ``kw``).
         paths: the execution paths it runs on; default: what the class declares
             (``per_tensor``, ``foreach``, ``compiled`` if ``compilable``, ``native`` if it has a
             C++ rule).
@@ -76,6 +78,7 @@ class OptimInfo:
     float64: tuple[dict[str, Any], ...] = ()
     native: tuple[dict[str, Any], ...] = ()
     generic: tuple[dict[str, Any], ...] = ({},)
+    client: dict[str, Any] | None = None
     paths: tuple[str, ...] | None = None
     spot_check: bool = False
     persample: bool = False
@@ -90,6 +93,8 @@ class OptimInfo:
             object.__setattr__(self, "paths", tuple(p for p in PATHS if p in declared))
         if not self.native and "native" in self.paths:
             object.__setattr__(self, "native", (self.kw,))
+        if self.client is None:
+            object.__setattr__(self, "client", self.kw)
 
     @property
     def name(self) -> str:
@@ -156,7 +161,7 @@ ROWS = [
                    dict(lr=0.05, betas=(0.8, 0.9), eps=1e-4, max_trust=1.0)),
         float64=(dict(lr=0.05, betas=(0.9, 0.99999)),),   # 1 - b2 in float32 is 1.4e-3 off
         native=(dict(lr=0.05, betas=(0.8, 0.99), max_trust=2.0),),
-        generic=({}, dict(weight_decay=1e-2, max_trust=None, betas=(0.5, 0.9))),
+        generic=({}, dict(weight_decay=1e-2, max_trust=None, betas=(0.5, 0.9))), client=dict(lr=0.05),
         spot_check=True, fuzz=_fuzz_lamb,
         known=(Known("test_norms_neither_overflow_nor_underflow",
                      "LAMB's v = b2 v + (1 - b2) g^2 is element-wise: inductor forms g * g first, which "
@@ -164,7 +169,7 @@ ROWS = [
                      dict(path="compiled", dtype=torch.float32, scale=1e20)),)),
     OptimInfo(
         CLARS, None, dict(lr=0.5, momentum=0.9, eta=0.02),
-        generic=({}, dict(momentum=0.0, weight_decay=1e-2)),
+        generic=({}, dict(momentum=0.0, weight_decay=1e-2)), client=dict(lr=0.5, eta=0.05),
         persample=True, lr_in_velocity=True),
 ]
 
