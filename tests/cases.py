@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from largebatch.optim import CLARS, LALC, LAMB, LARS, PATHS, TVLARS, LayerwiseOptimizer, LSignum, _native
+from largebatch.optim import CLARS, LALC, LAMB, LARS, PATHS, TVLARS, LayerwiseOptimizer, _native
 from largebatch.persample import PerSampleStats
 
 #: the paths that run without compiling (each compile costs seconds on 2 cores)
@@ -167,10 +167,6 @@ ROWS = [
                      "LAMB's v = b2 v + (1 - b2) g^2 is element-wise: inductor forms g * g first, which "
                      "overflows float32 beyond 1.8e19 (eager and native scale by 1 - b2 first); not a norm",
                      dict(path="compiled", dtype=torch.float32, scale=1e20)),)),
-    OptimInfo(LSignum, "lsignum", dict(lr=0.01, beta=0.9, eta=0.02),
-              known=(Known("test_norms_neither_overflow_nor_underflow", "sign(m) drops the gradient's scale: "
-                           "the trust ratio of a 1e-30 gradient overflows float32 in the second step",
-                           dict(dtype=torch.float32, scale=1e-30)),)),
     OptimInfo(
         CLARS, None, dict(lr=0.5, momentum=0.9, eta=0.02),
         generic=({}, dict(momentum=0.0, weight_decay=1e-2)), client=dict(lr=0.5, eta=0.05),

@@ -117,11 +117,3 @@ class Reference:
                 lr_k = min(lr, eta * wn / (hn + eps))
         st.setdefault("lr_k", []).append(lr_k)
         return w - lr_k * h
-
-    # the toy sign-momentum rule (docs/algorithms.md, "LSignum")
-    def _lsignum(self, w, g, st, lr, adapt, wd):
-        hp = self.hp
-        beta, eta, eps = hp.get("beta", 0.9), hp.get("eta", 1e-3), hp.get("eps", 0.0)
-        m = beta * st.get("m", torch.zeros_like(w)) + (1 - beta) * (g + wd * w)
-        st["m"] = m
-        return w - lr * _lars_trust(w, g, adapt, wd, eta, eps) * torch.sign(m)

@@ -33,7 +33,6 @@ from .clars import CLARS
 from .lalc import LALC
 from .lamb import LAMB
 from .lars import LARS
-from .lsignum import LSignum
 from .tvlars import TVLARS
 
 __all__ = ["OptimizerInfo", "OPTIMIZERS", "register", "get", "markdown_table"]
@@ -211,11 +210,6 @@ register(OptimizerInfo(
     fixed={"loss_reduction": "sum"}, persample=True, lr_scaling="sqrt",
     # default eta 0.01 (CLARS paper): lr 0.4 gives the same lr * eta as the LARS recipes
     demo=(dict(lr=0.4, lr_scaling="none", warmup=0.0),)))
-
-register(OptimizerInfo(
-    "lsignum", LSignum, {"momentum": "beta", "eta": "eta", "eps": "eps"},
-    "toy: sign of the momentum, times the LARS trust ratio",
-    demo=(dict(lr=0.01, lr_scaling="none", warmup=0.0),)))
 
 from . import paper_variants  # noqa: E402 - the TVLARS papers' LAMB and LARS: lamb-pto, lars-flash
 
