@@ -3,13 +3,16 @@
 configurations, the execution paths it runs on and its known failures. Every test that runs
 over the optimizers reads it: the reference (``test_optim_reference``), native
 (``test_native``), precision (``test_precision``), behaviour, fast-path, generic contract
-(``test_optim_generic``), mixed-precision (``test_amp``) and sharded (``test_sharded``)
-modules. Rule-specific tests (``test_clars``, LALC's clipping, ...) stay in their modules.
+(``test_optim_generic``), mixed-precision (``test_amp``), sharded (``test_sharded``) and
+real-client (``test_integrations``) modules; ``test_registry`` checks that every registered
+package optimizer has a row. Rule-specific tests (``test_clars``, LALC's clipping, ...) stay
+in their modules.
 
 Adding an optimizer to the package (docs/optimizers.md, "Adding an optimizer"): its module,
-its registry entry, its float64 formula in ``reference.py`` and one row here; the minimal row
-is ``OptimInfo(MyOpt, "myopt", dict(lr=...))``, the fields below default to one base
-configuration everywhere and the paths the class declares."""
+its registry entry (``optim/registry.py``), its float64 formula in ``reference.py`` (from its
+section of docs/algorithms.md) and one row in :data:`ROWS`, before the per-sample rows; the
+minimal row is ``OptimInfo(MyOpt, "myopt", dict(lr=...))``: the fields below default to the
+base configuration everywhere and to the paths the class declares."""
 
 from __future__ import annotations
 
