@@ -46,3 +46,20 @@ def kernel_sized(monkeypatch):
 
     monkeypatch.setattr(_compiled, "MIN_NUMEL", 64)
     monkeypatch.setattr(_compiled, "MIN_TOTAL", 64)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The known failures of the optimizer table (``cases.OptimInfo.known``): a test
+    parametrized by a row's ``name`` and the failure's parameter values is marked xfail and
+    not run."""
+    import sys
+
+    cases = sys.modules.get("cases")   # imported by the modules that run over the table
+    if cases is None:
+        return
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        row = cases.TABLE.get(params.get("name")) if isinstance(params.get("name"), str) else None
+        for known in row.known if row is not None else ():
+            if known.test == item.originalname and all(params.get(k, object()) == v for k, v in known.params.items()):
+                item.add_marker(pytest.mark.xfail(reason=known.reason, run=False))

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from forked import count_all_reduce, free_port, init_gloo
-from cases import OPTIMIZERS, make
+from cases import TABLE, make, with_paths
 from largebatch.optim import CLARS, param_groups
-from largebatch.optim._engine import PATHS, LayerwiseOptimizer
+from largebatch.optim._engine import LayerwiseOptimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread", "kernel_sized")
 
-NAMES = [*OPTIMIZERS, "CLARS"]
+NAMES = list(TABLE)
 SCALE = 2.0 ** 10
 STEPS, INF_STEP, MICRO, CLIP = 4, 2, 2, 0.5
 
@@ -72,9 +72,7 @@ def make_model(dtype=torch.float32):
 
 def build(name, model, path, **clars_kw):
     groups = param_groups(model, weight_decay=1e-3)  # ndim <= 1 excluded (adapt=False)
-    if name == "CLARS":
-        return CLARS(groups, lr=0.5, eta=0.02, model=model, path=path, **clars_kw)
-    return make(name, groups, path=path)
+    return make(name, groups, model, path=path, **clars_kw)
 
 
 def batch(t, dtype):
@@ -91,7 +89,7 @@ def run(name, path, *, scaler=None, unscale=False, clip=False, dtype=torch.float
     (``unscale_persample``, the loop's way), or via ``loss_scale`` after ``unscale_``."""
     model = make_model(dtype)
     kw = {}
-    if name == "CLARS":
+    if TABLE[name].persample:
         if unscale_persample is None:
             unscale_persample = scaler is not None and not unscale
         kw = dict(loss_scale=1.0 / MICRO, unscale_persample=unscale_persample)
@@ -102,7 +100,7 @@ def run(name, path, *, scaler=None, unscale=False, clip=False, dtype=torch.float
         if t in skip:
             continue
         opt.zero_grad()
-        if name == "CLARS" and scaler is not None and not unscale_persample:
+        if TABLE[name].persample and scaler is not None and not unscale_persample:
             opt.persample.loss_scale = scaler.get_scale() / MICRO  # the tracker's contract
         for xs, ys in zip(x.chunk(MICRO), y.chunk(MICRO)):
             loss = F.cross_entropy(model(xs), ys) / MICRO
@@ -179,8 +177,7 @@ def test_protocol_attributes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name,path", with_paths(NAMES))
 def test_scaler_step_equals_unscaled_run(name, path, dtype, spy):
     ref = run(name, path, dtype=dtype)
     scaler = scaler_for()
@@ -196,8 +193,7 @@ def test_scaler_step_equals_unscaled_run(name, path, dtype, spy):
     torch.testing.assert_close(got[1].layer_stats()["g_norm"], ref[1].layer_stats()["g_norm"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name,path", with_paths(NAMES))
 def test_float16_parameters(name, path, spy):
     """float16 parameters: GradScaler's unscale pass raises on float16 gradients ("Attempting to
     unscale FP16 gradients"); its inf check does not. The scaled run matches the unscaled one
@@ -214,8 +210,7 @@ def test_float16_parameters(name, path, spy):
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name,path", with_paths(NAMES))
 def test_step_with_inf_is_skipped_entirely(name, path, bad):
     """Weights and every state tensor untouched (LAMB's / LALC's ``step``, TVLARS's
     ``optimizer_steps`` included: under a GradScaler the step did not happen), the scale backs
@@ -241,8 +236,7 @@ def test_step_with_inf_is_skipped_entirely(name, path, bad):
     assert_same(run(name, path, skip=(INF_STEP,)), got)
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name,path", with_paths(NAMES))
 def test_unscale_then_clip_then_step(name, path, spy):
     """``scaler.unscale_(opt)`` before ``scaler.step(opt)`` (clipping): the scaler passes no
     ``grad_scale`` (the gradients are unscaled already) and its ``found_inf``."""
@@ -255,8 +249,7 @@ def test_unscale_then_clip_then_step(name, path, spy):
                 run(name, path, scaler=scaler_for(), unscale=True, clip=True, bad=float("inf")))
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name,path", with_paths(NAMES))
 def test_unscaling_outside_the_step_when_switched_off(name, path, spy):
     """``opt.amp_unscale_in_step = False`` (Lightning's ``16-mixed`` with ``gradient_clip_val``
     refuses optimizers whose ``_step_supports_amp_scaling`` is set): the scaler's standard path,
@@ -312,13 +305,12 @@ def test_clars_unscale_persample_without_scaler_is_a_plain_step():
 
 # ---------------------------------------------------------------------------- CUDA: no syncs
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("path", ["foreach", "compiled"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name,path", with_paths(NAMES, ("foreach", "compiled")))
 def test_cuda_scaled_step_has_no_host_sync(name, path):
     """``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()`` without a single
     device-to-host synchronization (``torch.cuda.set_sync_debug_mode("error")`` raises on one)."""
     model = make_model().cuda()
-    kw = dict(loss_scale=1.0 / MICRO, unscale_persample=True) if name == "CLARS" else {}
+    kw = dict(loss_scale=1.0 / MICRO, unscale_persample=True) if TABLE[name].persample else {}
     opt = build(name, model, path, **kw)
     for group in opt.param_groups:  # a device lr: the compiled path copies a float lr to the device
         group["lr"] = torch.tensor(float(group["lr"]), device="cuda")
@@ -364,7 +356,7 @@ def _sharded_run(name, path, rank=0, world=1, mesh=None, calls=None):
         for layer in (model[0], model[2], model[4]):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
-    kw = dict(loss_scale=1.0 if mesh is not None else 0.5, unscale_persample=True) if name == "CLARS" else {}
+    kw = dict(loss_scale=1.0 if mesh is not None else 0.5, unscale_persample=True) if TABLE[name].persample else {}
     opt = build(name, model, path, **kw)
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE) if mesh is not None else None
     found, n_calls = [], []
@@ -400,7 +392,7 @@ def _sharded_worker(rank, world, port, out):
     _compiled.MIN_NUMEL = _compiled.MIN_TOTAL = 64
     calls = count_all_reduce()
     mesh = init_device_mesh("cpu", (world,))
-    res = {(n, p): _sharded_run(n, p, rank, world, mesh, calls) for n in NAMES for p in PATHS}
+    res = {(n, p): _sharded_run(n, p, rank, world, mesh, calls) for n, p in with_paths(NAMES)}
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -412,8 +404,7 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name,path", with_paths(NAMES))
 def test_sharded_scaled_run_and_one_rank_inf(ranks, name, path):
     """Scaled steps on the local shards equal the unscaled single process; an inf in one rank's
     shard skips the step on both ranks (DTensor reduces the scaler's inf check over the mesh),
@@ -424,5 +415,5 @@ def test_sharded_scaled_run_and_one_rank_inf(ranks, name, path):
         for k, w in ref["params"].items():
             torch.testing.assert_close(got["params"][k], w, rtol=1e-9, atol=1e-12, msg=f"rank {r}: {k}")
         assert got["found_inf"] == [t == INF_STEP for t in range(STEPS)], f"rank {r}"
-        assert got["calls"] == [1 + (name == "CLARS")] * STEPS, f"rank {r}"
+        assert got["calls"] == [1 + TABLE[name].persample] * STEPS, f"rank {r}"   # CLARS: + its statistics
         assert got["scale"] == SCALE / 2, f"rank {r}"

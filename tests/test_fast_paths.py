@@ -16,11 +16,11 @@ from torch import nn
 
 import inspect
 
-from cases import OPTIMIZERS
+from cases import TABLE, names
 from largebatch.optim import LAMB, LARS, _compiled
-from largebatch.optim._engine import PATHS
 
-CASES = {name: (cls, kw) for name, (cls, _, kw) in OPTIMIZERS.items()}
+#: the rows on the compiled path that need no model: name -> (class, base configuration)
+CASES = {name: (TABLE[name].cls, TABLE[name].kw) for name in names(path="compiled", model_free=True)}
 NESTEROV = {name for name, (cls, _) in CASES.items() if "nesterov" in inspect.signature(cls).parameters}
 
 
@@ -80,10 +80,11 @@ def assert_same_run(ref, got, atol=1e-6, rtol=1e-5):
                                        msg=f"layer stat {key}")
 
 
-@pytest.mark.parametrize("name,cfg", [(n, 1) for n in CASES] + [("LARS", 2), ("LALC", 2)])
+@pytest.mark.parametrize("name,cfg", [(n, 1) for n in CASES] + [(n, 2) for n in CASES if n in NESTEROV])
 def test_paths_equal_reference(name, cfg, kernel_sized):
+    """Group configuration 1, and 2 (the groups' ``nesterov`` swapped) where groups have one."""
     ref = run(name, cfg, "per_tensor")
-    for path in PATHS[1:]:
+    for path in (p for p in TABLE[name].paths if p != "per_tensor"):
         got = run(name, cfg, path)
         assert_same_run(ref, got)
     # the compiled run really used a kernel (no silent fallback to foreach)

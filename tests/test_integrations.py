@@ -1,4 +1,4 @@
-"""The five optimizers inside real clients (docs/integrations.md): ``torch.distributed.checkpoint``
+"""The optimizers of the table (``cases.TABLE``, each row's ``client`` configuration) inside real clients (docs/integrations.md): ``torch.distributed.checkpoint``
 (plain, and FSDP2 on 2 Gloo processes), ``ZeroRedundancyOptimizer`` (2 Gloo processes),
 Lightning (fit / checkpoint / resume; 16-bit mixed precision with a ``GradScaler``, with and
 without gradient clipping), accelerate (``prepare``, ``save_state`` / ``load_state``, clipping)
@@ -23,15 +23,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import largebatch.optim as lbo
+from cases import TABLE
 from forked import free_port
-from largebatch.optim import param_groups
+from largebatch.optim import param_groups, registry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NAMES = ["LARS", "LAMB", "TVLARS", "LALC", "CLARS"]
+#: the rows of the table, the per-sample ones (CLARS) last
+NAMES = sorted(TABLE, key=lambda n: TABLE[n].persample)
 #: constructor keywords besides the param groups (and CLARS's ``model=``)
-KW = {"LARS": dict(lr=0.5, eta=0.02), "LAMB": dict(lr=0.05), "TVLARS": dict(lr=2.0, eta=0.02, lam=0.05, delay=1),
-      "LALC": dict(lr=0.5, eta=0.02), "CLARS": dict(lr=0.5, eta=0.05)}
+KW = {n: TABLE[n].client for n in NAMES}
+#: the name each is registered under (``largebatch train --optimizer``; timm: ``lb`` + it)
+REGISTERED = {n: next(i.name for i in registry.OPTIMIZERS.values() if i.cls is TABLE[n].cls) for n in NAMES}
 B = 16  # global batch
 
 
@@ -42,9 +45,9 @@ def _net(seed=0, dtype=torch.float32):
 
 def _opt(name, net, params=None, **kw):
     """``name`` over ``param_groups(net)`` (biases and LayerNorm: adapt=False); CLARS attached to ``net``."""
-    extra = {"model": net} if name == "CLARS" else {}
-    return getattr(lbo, name)(param_groups(net, weight_decay=1e-3) if params is None else params,
-                              **KW[name], **extra, **kw)
+    extra = {"model": net} if TABLE[name].persample else {}
+    return TABLE[name].cls(param_groups(net, weight_decay=1e-3) if params is None else params,
+                           **{**KW[name], **extra, **kw})
 
 
 def _batch(t, dtype=torch.float32):
@@ -193,8 +196,8 @@ def _zero_worker(rank, world, port, root):
                 net = _net(0, torch.float64)
                 ddp = DDP(net)
                 if zero:
-                    kw = {**KW[name], **({"model": net} if name == "CLARS" else {})}
-                    opt = ZeroRedundancyOptimizer(param_groups(net, weight_decay=1e-3), getattr(lbo, name), **kw)
+                    kw = {**KW[name], **({"model": net} if TABLE[name].persample else {})}
+                    opt = ZeroRedundancyOptimizer(param_groups(net, weight_decay=1e-3), TABLE[name].cls, **kw)
                 else:
                     opt = _opt(name, net)
                 _train(ddp, opt, range(4), rank, world, torch.float64)
@@ -251,7 +254,7 @@ def _lightning_module(name, clip_amp=False):
             return opt
 
         def on_before_backward(self, loss):
-            if clip_amp and name == "CLARS":  # the scale the per-sample hooks will see (docs/integrations.md)
+            if clip_amp and TABLE[name].persample:  # the scale the per-sample hooks will see (docs/integrations.md)
                 self.optimizers().optimizer.persample.loss_scale = self.trainer.precision_plugin.scaler.get_scale()
 
     return Module()
@@ -289,12 +292,12 @@ def _manual_amp(name, clip):
     scaler = torch.amp.GradScaler("cpu")
     if clip:
         opt._step_supports_amp_scaling = False
-    elif name == "CLARS":
+    elif TABLE[name].persample:
         opt.unscale_persample = True  # in-step unscaling: n_k unscaled with the gradients
     for _ in range(2):
         for x, y in _loader():
             opt.zero_grad()
-            if name == "CLARS" and clip:
+            if TABLE[name].persample and clip:
                 opt.persample.loss_scale = scaler.get_scale()
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = F.cross_entropy(net(x), y)
@@ -361,7 +364,7 @@ def test_timm_register_builds_our_optimizers_from_timm_groups():
     from timm.optim import create_optimizer_v2, list_optimizers
 
     names = lbo.timm_register()
-    assert names == ["lblars", "lblamb", "lbtvlars", "lblalc", "lbclars"]
+    assert sorted(names) == sorted(f"lb{REGISTERED[n]}" for n in NAMES)   # every row, nothing else
     assert lbo.timm_register() == names and set(names) <= set(list_optimizers())
     assert type(create_optimizer_v2(_net(), "lars", lr=0.1)).__module__.startswith("timm")  # timm's own kept
 
@@ -408,11 +411,11 @@ def test_timm_create_optimizer_v2_with_layer_decay(name):
 
     lbo.timm_register()
     vit = _tiny_vit()
-    extra = {"model": vit} if name == "CLARS" else {}
+    extra = {"model": vit} if TABLE[name].persample else {}
     kw = {k: v for k, v in KW[name].items() if k != "lr"}
-    opt = create_optimizer_v2(vit, f"lb{name.lower()}", lr=KW[name]["lr"], weight_decay=0.05, layer_decay=0.75,
+    opt = create_optimizer_v2(vit, f"lb{REGISTERED[name]}", lr=KW[name]["lr"], weight_decay=0.05, layer_decay=0.75,
                               **kw, **extra)
-    assert type(opt) is getattr(lbo, name)
+    assert type(opt) is TABLE[name].cls
     scales = sorted({g["lr_scale"] for g in opt.param_groups})
     assert scales == pytest.approx([0.75 ** k for k in range(3, -1, -1)])  # patch embed, 2 blocks, head
     adapt = {n: g["adapt"] for g in opt.param_groups for p in g["params"] for n, q in vit.named_parameters() if p is q}

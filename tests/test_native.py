@@ -1,11 +1,12 @@
 """The ``native`` path (``optim/_native.py``, ``_native.cpp``).
 
-* float64: every configuration of ``test_optim_reference.CASES`` against the independent
-  float64 reference (``reference.py``) at 1e-12, on tensors split among the threads
+* float64: every configuration the table (``cases.TABLE``) compares with the reference (its
+  base and ``reference`` configurations) against the independent float64 reference
+  (``reference.py``) at 1e-12, on tensors split among the threads
   (>= ``SPLIT`` elements) and whole ones, with 1 and 2 threads, a learning-rate schedule,
   and non-finite gradients in a split and in a whole tensor (left untouched);
-* float32: equal to the per-tensor reference path, weights, state, step counters and the
-  layer statistics (those of skipped tensors included);
+* float32 (the table's ``native`` configurations): equal to the per-tensor reference path,
+  weights, state, step counters and the layer statistics (those of skipped tensors included);
 * a GradScaler's inputs: a scaled step equals the unscaled one bitwise, ``found_inf`` leaves
   everything as it was;
 * the library: built once and reused, a failed build warns once and falls back; the rule is
@@ -21,10 +22,9 @@ import pytest
 import torch
 from torch import nn
 
-from cases import make
-from largebatch.optim import LALC, LAMB, LARS, TVLARS, _native
+from cases import REFERENCE_CASES, REFERENCE_IDS, TABLE, make, names
+from largebatch.optim import LALC, LARS, _native
 from largebatch.optim._engine import HyperparameterError
-from test_optim_reference import CASES, LR
 from test_precision import step_beside_reference
 
 SPLIT = 1 << 15          # _native.cpp: tensors at least this large are split among the threads
@@ -91,10 +91,12 @@ def ran_native():
     assert _native._LIB is not None and _native.available()
 
 
-@pytest.mark.parametrize("cls,algo,kw", CASES, ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(CASES)])
-def test_float64_matches_reference(cls, algo, kw, threads, kernel_sized):
+@pytest.mark.parametrize("name,j,kw", [c for c in REFERENCE_CASES if "native" in TABLE[c[0]].paths],
+                         ids=[i for c, i in zip(REFERENCE_CASES, REFERENCE_IDS) if "native" in TABLE[c[0]].paths])
+def test_float64_matches_reference(name, j, kw, threads, kernel_sized):
+    cls, algo = TABLE[name].cls, TABLE[name].rule
     kw = dict(kw)
-    lr = kw.pop("lr", LR[algo])
+    lr = kw.pop("lr")
     ps = make_params(torch.float64)
     opt = cls(groups(ps, 5e-3), lr=lr, path="native", **kw)
 
@@ -107,11 +109,11 @@ def test_float64_matches_reference(cls, algo, kw, threads, kernel_sized):
     ran_native()
 
 
-NAMED = {"LARS": (LARS, dict(lr=1.0, eta=0.02, nesterov=True, trust_clip=True, eps=1e-3)),
-         "TVLARS": (TVLARS, dict(lr=1.0, eta=0.02, lam=0.2, delay=2)),
-         "LALC": (LALC, dict(lr=0.5, eta=0.05, dampening=0.2)),
-         "LALC-nesterov": (LALC, dict(lr=0.5, eta=0.05, nesterov=True)),
-         "LAMB": (LAMB, dict(lr=0.05, betas=(0.8, 0.99), max_trust=2.0))}
+#: the rows on the native path that need no model, and their ``native`` configurations
+NATIVE = names(path="native", model_free=True)
+NAMED = {f"{n}-{j}": (TABLE[n].cls, kw) for n in NATIVE for j, kw in enumerate(TABLE[n].native)}
+#: the rows the costly checks run on (``spot_check``)
+SPOT = names(path="native", model_free=True, where=lambda r: r.spot_check)
 
 
 def assert_runs_close(a, b, rtol, atol):
@@ -166,15 +168,15 @@ def test_grad_scaler_inputs(name, kernel_sized):
 
 
 def test_library_is_built_once_and_reused(kernel_sized, monkeypatch):
-    run(LARS, NAMED["LARS"][1], "native", torch.float32)
+    run(LARS, TABLE["LARS"].native[0], "native", torch.float32)
     path = _native.library_path()
     assert path.endswith(".so") and _native._LIB is not None
     import os
     assert os.path.exists(path)
     monkeypatch.setattr(_native, "_LIB", None)
     monkeypatch.setattr(_native, "_build", lambda path: pytest.fail("rebuilt an existing library"))
-    got = run(LARS, NAMED["LARS"][1], "native", torch.float32)
-    assert_runs_close(got, run(LARS, NAMED["LARS"][1], "per_tensor", torch.float32), rtol=2e-5, atol=1e-6)
+    got = run(LARS, TABLE["LARS"].native[0], "native", torch.float32)
+    assert_runs_close(got, run(LARS, TABLE["LARS"].native[0], "per_tensor", torch.float32), rtol=2e-5, atol=1e-6)
     ran_native()
 
 
@@ -185,16 +187,16 @@ def test_failed_build_warns_once_and_falls_back(kernel_sized, monkeypatch, tmp_p
     monkeypatch.setattr(_native, "_FAILED", False)
     _native.library_path.cache_clear()
     try:
-        ref = run(LALC, NAMED["LALC"][1], "compiled", torch.float32)
+        ref = run(LALC, TABLE["LALC"].native[0], "compiled", torch.float32)
         with pytest.warns(RuntimeWarning, match="native optimizer path is unavailable"):
-            got = run(LALC, NAMED["LALC"][1], "native", torch.float32)
+            got = run(LALC, TABLE["LALC"].native[0], "native", torch.float32)
         assert_runs_close(got, ref, rtol=0, atol=0)          # it ran the compiled path
         assert not _native.available()
         opt = LALC([nn.Parameter(torch.ones(3))], lr=0.1)
         assert opt._path_for(torch.device("cpu")) == "compiled"
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            run(LALC, NAMED["LALC"][1], "native", torch.float32)   # no second warning, no second try
+            run(LALC, TABLE["LALC"].native[0], "native", torch.float32)   # no second warning, no second try
     finally:
         _native.library_path.cache_clear()
 
@@ -244,11 +246,13 @@ def test_same_bits_for_any_thread_count_and_vector_isa(name, kernel_sized, monke
 def test_optimizers_command_names_each_cpu_path(capsys):
     from largebatch.cli import main
     from largebatch.optim import registry
-    assert {n: registry.OPTIMIZERS[n].cpu_path for n in ("sgd", "lars", "tvlars", "lalc", "lamb", "clars")} == {
-        "sgd": "torch", "lars": "native", "tvlars": "native", "lalc": "native", "lamb": "native", "clars": "native"}
+    by_class = {info.cls: info for info in registry.OPTIMIZERS.values()}
+    assert registry.OPTIMIZERS["sgd"].cpu_path == "torch"
+    for name, row in TABLE.items():   # every row is registered, on the fastest path it runs on
+        assert by_class[row.cls].cpu_path == next(p for p in ("native", "compiled", "foreach") if p in row.paths), name
     assert main(["optimizers"]) == 0
     out = capsys.readouterr().out
-    assert out.count("CPU path: native") == 5 and "native path (C++ kernels):" in out
+    assert out.count("CPU path: native") == len(names(path="native")) and "native path (C++ kernels):" in out
 
 
 @pytest.mark.parametrize("name", list(NAMED))
@@ -290,11 +294,11 @@ def test_state_dict_resume_is_bitwise(name, kernel_sized):
             assert torch.equal(opt.state[ps[k]][key], v), (k, key)
 
 
-@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+@pytest.mark.parametrize("name", SPOT)
 def test_channels_last_and_strided_tensors(name, kernel_sized, monkeypatch):
     """Channels-last weights (and their gradients and state) go through the kernel; a weight
     whose gradient has other strides, and a transposed one, take foreach in the same step."""
-    cls, kw = NAMED[name]
+    cls, kw = TABLE[name].cls, TABLE[name].native[0]
     calls = []
     orig = cls._masked_update
 
@@ -346,13 +350,15 @@ def test_read_only_cache_folder_builds_in_a_temporary_one(kernel_sized, monkeypa
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            run(LARS, NAMED["LARS"][1], "native", torch.float32)
+            run(LARS, TABLE["LARS"].native[0], "native", torch.float32)
         ran_native()
         assert len(os.listdir(tmp_path / "tmp" / f"largebatch-{os.getuid()}" / "native")) == 1
     finally:
         _native.library_path.cache_clear()
 
 
+#: the rows with random configurations (``fuzz``)
+FUZZED = names(path="native", model_free=True, where=lambda r: r.fuzz is not None)
 FUZZ_SIZES = [0, 1, 15, 16, 17, 1023, 1024, 1025, 2047, SPLIT - 1, SPLIT, SPLIT + 1, 2 * SPLIT + 1000]
 
 
@@ -363,20 +369,9 @@ def test_random_configurations_match_per_tensor_in_float64(seed, kernel_sized):
     kernel (empty, one element, around LANES, BLOCK and SPLIT): float64 native == per_tensor."""
     rng = torch.Generator().manual_seed(100 + seed)
     pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=rng))]  # noqa: E731
-    name = pick(["LARS", "TVLARS", "LALC", "LAMB"])
+    name = pick(FUZZED)
     mu = pick([0.0, 0.9])
-    if name == "LARS":
-        cls, kw = LARS, dict(lr=0.7, momentum=mu, eta=pick([1e-3, 0.05]), nesterov=mu > 0 and bool(seed % 2),
-                             trust_clip=pick([False, True]), eps=pick([0.0, 1e-4]))
-    elif name == "TVLARS":
-        cls, kw = TVLARS, dict(lr=1.3, momentum=mu, eta=0.02, lam=pick([0.0, 0.3]), delay=pick([0, 2]))
-    elif name == "LALC":
-        nest = mu > 0 and bool(seed % 2)
-        cls, kw = LALC, dict(lr=0.4, momentum=mu, eta=pick([0.01, 0.5]), nesterov=nest,
-                             dampening=0.0 if nest or mu == 0 else pick([0.0, 0.4]))
-    else:
-        cls, kw = LAMB, dict(lr=0.03, betas=pick([(0.9, 0.999), (0.0, 0.5)]), max_trust=pick([None, 0.7]),
-                             eps=pick([1e-6, 1e-3]))
+    cls, kw = TABLE[name].cls, TABLE[name].fuzz(pick, seed, mu)
     sizes = [pick(FUZZ_SIZES) for _ in range(5)]
     wds = [pick([0.0, 3e-3]) for _ in range(2)]
     scale = pick([None, 512.0])
@@ -419,11 +414,12 @@ def test_random_configurations_match_per_tensor_in_float64(seed, kernel_sized):
 
 
 @pytest.mark.parametrize("scale", [1e200, 1e-200, 0.0])
-@pytest.mark.parametrize("name", ["LARS", "LAMB", "LALC"])
+@pytest.mark.parametrize("name", names(path="native", model_free=True, where=lambda r: r.spot_check or r.derived_norms))
 def test_scaled_norms_on_a_tensor_split_among_threads(name, scale, kernel_sized):
     """float64 sums of squares that over- or underflow (or are exactly 0) are redone scaled by
     one thread while the others wait (_native.cpp, norms_of): a tensor large enough to be split
-    between 2 threads gives the per-tensor path's result, no tensor skipped."""
+    between 2 threads gives the per-tensor path's result, no tensor skipped. The spot-check rows
+    and those with a norm of a derived tensor (LAMB's ``r``, LALC's ``h``)."""
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -443,7 +439,7 @@ def test_scaled_norms_on_a_tensor_split_among_threads(name, scale, kernel_sized)
 
 
 @pytest.mark.parametrize("scale", [1e-22, 3e19])
-@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+@pytest.mark.parametrize("name", SPOT)
 def test_float32_blocks_that_over_or_underflow_are_redone_in_double(name, scale, kernel_sized):
     """float32 blocks are summed in float32 and redone in double when a sum may have over- or
     underflowed (_native.cpp, block_sums): a gradient that is 0 except in the first block of each

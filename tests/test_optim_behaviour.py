@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from cases import OPTIMIZERS, make
+from cases import EAGER_PATHS as PATHS
+from cases import TABLE, make, names
 from largebatch.optim import LALC, LAMB, LARS, TVLARS, param_groups
 
-ALL = {name: (lambda ps, _n=name, **k: make(_n, ps, **k)) for name in OPTIMIZERS}
-PATHS = ["per_tensor", "foreach"]
+#: the rows of the table that need no model
+ALL = {name: (lambda ps, _n=name, **k: make(_n, ps, **k)) for name in names(model_free=True)}
 
 
 def make_model():
@@ -160,7 +161,7 @@ def test_scheduler_drives_lr(name):
     assert opt.param_groups[0]["lr"] == 0.0
     moved = not torch.equal(before, flat(model))
     # LARS/TVLARS keep coasting on a velocity that already holds lr; LAMB/LALC step by lr_k * direction = 0
-    assert moved == (name in ("LARS", "TVLARS"))
+    assert moved == TABLE[name].lr_in_velocity
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -326,12 +327,13 @@ def test_load_state_dict_refuses_another_class_and_bad_groups():
         torch.manual_seed(0)
         model = make_model()
         opt = cls(param_groups(model, weight_decay=1e-3), lr=0.1, **kw)
-        if cls is CLARS:
+        if persample[cls]:
             opt.attach(model)
         train(model, opt, 2, seed=0)
         return model, opt
 
-    classes = [LARS, TVLARS, LAMB, LALC, CLARS]
+    classes = [row.cls for row in TABLE.values()]   # every row, its constructor's defaults
+    persample = {row.cls: row.persample for row in TABLE.values()}
     saved = {cls: trained(cls)[1].state_dict() for cls in classes}
     refused = 0
     for a in classes:
@@ -350,7 +352,7 @@ def test_load_state_dict_refuses_another_class_and_bad_groups():
             after = opt.state_dict()  # untouched by the refused load
             assert all(torch.equal(before["state"][i][k], after["state"][i][k])
                        for i in before["state"] for k in before["state"][i])
-    assert refused == 19
+    assert refused == len(classes) ** 2 - len(classes) - 1
     for key, bad in (("momentum", 1.5), ("lr", -3.0)):
         _, opt = trained(LARS)
         sd = opt.state_dict()

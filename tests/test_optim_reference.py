@@ -1,33 +1,14 @@
-"""Each optimizer against the independent float64 reference (tests/reference.py)."""
+"""Each optimizer of the table (``cases.TABLE``: its base configuration and its ``reference``
+ones) against the independent float64 reference (tests/reference.py) on the eager paths; the
+native path runs the same configurations in float64 in test_native.py."""
 
 import pytest
 import torch
 from torch import nn
 
-from cases import OPTIMIZERS
-from largebatch.optim import LALC, LAMB, LARS, TVLARS, param_groups
+from cases import EAGER_PATHS, REFERENCE_CASES, REFERENCE_IDS, TABLE, names, reference_configs
+from largebatch.optim import LALC, LARS, param_groups
 from reference import Reference
-
-PATHS = ["per_tensor", "foreach"]
-
-# Further configurations of the same rules (class, reference algo, optimizer kwargs); lr/eta
-# chosen so that updates are large enough to test. Every row of cases.OPTIMIZERS comes first.
-VARIANTS = [
-    (LARS, "lars", dict(momentum=0.9, eta=0.02)),
-    (LARS, "lars", dict(momentum=0.9, eta=0.02, nesterov=True)),
-    (LARS, "lars", dict(momentum=0.0, eta=0.02)),
-    (LARS, "lars", dict(momentum=0.8, eta=0.5, trust_clip=True, eps=1e-3)),
-    (TVLARS, "tvlars", dict(momentum=0.9, eta=0.02, lam=0.2, alpha=0.5, delay=3, gamma_min=0.05)),
-    (TVLARS, "tvlars", dict(momentum=0.0, eta=0.02, lam=0.1)),
-    (LAMB, "lamb", dict(betas=(0.9, 0.99), eps=1e-6)),
-    (LAMB, "lamb", dict(betas=(0.8, 0.9), eps=1e-4, max_trust=1.0)),
-    (LALC, "lalc", dict(momentum=0.9, eta=0.05)),
-    (LALC, "lalc", dict(momentum=0.9, eta=0.05, nesterov=True)),
-    (LALC, "lalc", dict(momentum=0.9, eta=0.05, dampening=0.3)),
-    (LALC, "lalc", dict(momentum=0.0, eta=0.05)),
-]
-LR = {"lars": 1.0, "tvlars": 1.0, "lamb": 0.05, "lalc": 0.5}
-CASES = [(cls, algo, kw) for cls, algo, kw in OPTIMIZERS.values()] + VARIANTS
 
 
 def make_model():
@@ -38,11 +19,12 @@ def make_model():
     )
 
 
-def run_against_reference(cls, algo, kw, path, wd, steps=10, model=None, grad_hook=None, lr=None):
+def run_against_reference(cls, algo, kw, path, wd, steps=10, model=None, grad_hook=None):
+    """``kw``: constructor keywords, ``lr`` included (``cases.TABLE``)."""
     torch.manual_seed(0)
     model = model or make_model()
     kw = dict(kw)
-    lr = kw.pop("lr", LR[algo]) if lr is None else lr
+    lr = kw.pop("lr")
     opt = cls(param_groups(model, weight_decay=wd), lr=lr, path=path, **kw)
     opt.track_stats = True
     # lr changed mid-run by a scheduler: halved at step 4, halved again at step 7
@@ -69,11 +51,11 @@ def run_against_reference(cls, algo, kw, path, wd, steps=10, model=None, grad_ho
     return model, opt, ref, moved
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", EAGER_PATHS)
 @pytest.mark.parametrize("wd", [0.0, 5e-3])
-@pytest.mark.parametrize("cls,algo,kw", CASES, ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(CASES)])
-def test_matches_reference(cls, algo, kw, path, wd):
-    _, _, _, moved = run_against_reference(cls, algo, kw, path, wd)
+@pytest.mark.parametrize("name,j,kw", REFERENCE_CASES, ids=REFERENCE_IDS)
+def test_matches_reference(name, j, kw, path, wd):
+    _, _, _, moved = run_against_reference(TABLE[name].cls, TABLE[name].rule, kw, path, wd)
     assert moved > 1e-4  # the comparison is not vacuous: weights really moved
 
 
@@ -85,11 +67,13 @@ def zero_layer_model():
     return m
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("cls,algo,kw", [VARIANTS[0], VARIANTS[4], VARIANTS[6], VARIANTS[8]],
-                         ids=["LARS", "TVLARS", "LAMB", "LALC"])
-def test_zero_norms_give_trust_one(cls, algo, kw, path):
-    model, opt, _, _ = run_against_reference(cls, algo, kw, path, wd=0.0, steps=1, model=zero_layer_model())
+@pytest.mark.parametrize("path", EAGER_PATHS)
+@pytest.mark.parametrize("name", names(rule=True))
+def test_zero_norms_give_trust_one(name, path):
+    """Its first further reference configuration (else the base one), one step."""
+    row = TABLE[name]
+    kw = reference_configs(name)[1 if row.reference else 0]
+    model, opt, _, _ = run_against_reference(row.cls, row.rule, kw, path, wd=0.0, steps=1, model=zero_layer_model())
     stats = opt.layer_stats()
     adapted = stats["adapt"]
     assert adapted.sum() == 4
@@ -101,7 +85,7 @@ def test_zero_norms_give_trust_one(cls, algo, kw, path):
     assert model[9].weight.abs().sum() > 0  # the zero weight moved (trust 1, not 0)
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", EAGER_PATHS)
 def test_lalc_never_exceeds_lr(path):
     for eta in (1e-3, 0.05, 10.0):  # mostly clipped, mixed, never clipped
         torch.manual_seed(0)

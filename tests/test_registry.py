@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from cases import TABLE
 from largebatch.cli import main
 from largebatch.optim import _compiled, param_groups, registry
 from largebatch.optim import PATHS, LayerwiseOptimizer, check_nonneg, check_unit, select, zero_norm_safe_ratio
@@ -147,6 +148,17 @@ def test_docs_table_is_the_registry():
     assert block.strip() == registry.markdown_table(), "regenerate with `largebatch optimizers --markdown`"
 
 
+def test_every_optimizer_class_of_the_package_is_exported():
+    """``largebatch.optim.<class>`` for each of the package's registry entries (the docs' table
+    names them so), without a list to keep in ``optim/__init__.py``."""
+    import largebatch.optim as optim
+
+    ours = [i.cls for i in registry.OPTIMIZERS.values() if i.cls.__module__.startswith("largebatch.")]
+    assert {c.__name__ for c in ours} >= {"LARS", "LAMB", "TVLARS", "LALC", "CLARS", "PaperLAMB", "PaperLARS"}
+    for cls in ours:
+        assert getattr(optim, cls.__name__) is cls and cls.__name__ in optim.__all__, cls.__name__
+
+
 def test_config_accepts_exactly_what_the_class_accepts():
     for name, info in registry.OPTIMIZERS.items():
         for fld, arg in info.args.items():
@@ -173,4 +185,12 @@ def test_compiled_path_is_declared_per_class():
         Sub(p, lr=0.1, path="compiled")
     with pytest.raises(ValueError, match="^optimizer_path:"):
         resolve(overrides={"optimizer": "sgd", "optimizer_path": "foreach"})
-    assert {n for n, i in registry.OPTIMIZERS.items() if i.compiled} == {"lars", "lamb", "tvlars", "lalc", "clars"}
+    compiled = {i.cls for i in registry.OPTIMIZERS.values() if i.compiled and i.cls.__module__.startswith("largebatch.")}
+    assert compiled == {r.cls for r in TABLE.values() if "compiled" in r.paths}
+
+
+def test_every_registered_layerwise_optimizer_has_a_test_table_row():
+    """The package's optimizers are the rows of tests/cases.py: each is tested by every module
+    that reads the table (a registry entry without a row would go untested)."""
+    package = {i.cls for i in registry.OPTIMIZERS.values() if i.layerwise and i.cls.__module__.startswith("largebatch.")}
+    assert package == {r.cls for r in TABLE.values()}

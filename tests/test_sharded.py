@@ -37,14 +37,13 @@ from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 
 from forked import count_all_reduce, free_port, init_gloo
-from cases import OPTIMIZERS, make
-from largebatch.optim import CLARS, param_groups
+from cases import TABLE, make, names, with_paths
+from largebatch.optim import param_groups
 from largebatch.optim.lars import _TrustMomentum
-from largebatch.optim._engine import PATHS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NAMES = [*OPTIMIZERS, "CLARS"]
+NAMES = list(TABLE)
 SETTINGS = ["fsdp", "tp", "replicate", "hsdp-2x1", "hsdp-1x2"]
 MESH = {"hsdp-2x1": (2, 1), "hsdp-1x2": (1, 2)}   # others: (2,)
 STEPS, NAN_STEP, COUNT_STEP, B = 5, 2, 3, 8
@@ -80,9 +79,7 @@ def _loss(setting, out, y):
 
 def _optimizer(name, model, path, **clars_kw):
     groups = param_groups(model, weight_decay=1e-3)   # ndim <= 1 excluded (adapt=False)
-    if name == "CLARS":
-        return CLARS(groups, lr=0.5, eta=0.02, model=model, path=path, **clars_kw)
-    return make(name, groups, path=path)
+    return make(name, groups, model, path=path, **clars_kw)
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,7 +87,7 @@ def _reference(setting, name):
     """One process, per-tensor path: final weights and the last step's CLARS n_k."""
     model = _model(setting)
     fsdp = _data_parallel(setting)
-    opt = _optimizer(name, model, "per_tensor", **({"loss_scale": 0.5} if fsdp and name == "CLARS" else {}))
+    opt = _optimizer(name, model, "per_tensor", **({"loss_scale": 0.5} if fsdp and TABLE[name].persample else {}))
     opt.track_stats = True
     params = dict(model.named_parameters())
     for t in range(STEPS):
@@ -105,7 +102,7 @@ def _reference(setting, name):
             k, idx = NAN_AT[setting]
             params[k].grad[idx] = float("nan")
         opt.step()
-    stats = opt.last_persample if name == "CLARS" else None
+    stats = opt.last_persample if TABLE[name].persample else None
     return ({k: p.detach().clone() for k, p in params.items()}, _layer_stats(opt),
             stats and (stats.mean_norm(), stats.variance_factor()))
 
@@ -173,7 +170,7 @@ def _run(setting, name, path, rank, world, mesh, calls):
     return {"params": {k: p.full_tensor() for k, p in params.items()}, "found_inf": found,
             "all_reduce_calls": n_calls, "comm_debug_count": comm, "layer_stats": _layer_stats(opt),
             "clars": ((opt.last_persample.mean_norm(), opt.last_persample.variance_factor())
-                      if name == "CLARS" else None),
+                      if TABLE[name].persample else None),
             "placements": {k: tuple(p.placements) for k, p in params.items()},
             "local_shapes": {k: tuple(p.to_local().shape) for k, p in params.items()}}
 
@@ -221,7 +218,7 @@ def _worker(rank, world, port, out):
     calls = count_all_reduce()
     meshes = {s: init_device_mesh("cpu", MESH[s], mesh_dim_names=("replicate", "shard")) if s in MESH
               else init_device_mesh("cpu", (world,)) for s in SETTINGS}
-    res = {(s, n, p): _run(s, n, p, rank, world, meshes[s], calls) for s in SETTINGS for n in NAMES for p in PATHS}
+    res = {(s, n, p): _run(s, n, p, rank, world, meshes[s], calls) for s in SETTINGS for n, p in with_paths(NAMES)}
     res["undeclared_norm_error"] = _undeclared_norm_error(meshes["fsdp"], rank, world)
     res["kernels"] = sorted((cls.__name__, kind) for cls, kind in _compiled._SHARDED_KERNELS)
     res["compile_ok"] = _compiled.available()
@@ -252,8 +249,7 @@ def test_placements_are_the_ones_under_test(ranks):
         assert set(ranks[0][(s, "LARS", "foreach")]["placements"].values()) == {(Replicate(), Shard(0))}
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name,path", with_paths(NAMES))
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_sharded_equals_one_process(ranks, setting, name, path):
     ref, stats, clars = _reference(setting, name)
@@ -265,16 +261,15 @@ def test_sharded_equals_one_process(ranks, setting, name, path):
         torch.testing.assert_close(got["layer_stats"], stats, rtol=1e-9, atol=1e-12, equal_nan=True)
         # the NaN in one rank's shard skipped the tensor on both ranks (in the weights above too)
         assert got["found_inf"] == [t == NAN_STEP for t in range(STEPS)], f"rank {r}"
-        if name == "CLARS":  # n_k: per-sample norms of the full per-sample gradients, over all
+        if TABLE[name].persample:  # CLARS's n_k: per-sample norms of the full per-sample gradients, over all
             # samples; M_k (CLARS paper Fig. 2) from the sharded .grad (the last step's, no NaN)
             torch.testing.assert_close(got["clars"], clars, rtol=1e-9, atol=0)
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name,path", with_paths(NAMES))
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_one_collective_per_step_for_all_norms(ranks, setting, name, path):
-    want = (0 if setting == "replicate" else 1) + (name == "CLARS")  # CLARS: + its statistics
+    want = (0 if setting == "replicate" else 1) + TABLE[name].persample  # CLARS: + its statistics
     for r, res in enumerate(ranks):
         got = res[(setting, name, path)]
         assert got["all_reduce_calls"] == [want] * STEPS, f"rank {r}"
@@ -284,7 +279,9 @@ def test_one_collective_per_step_for_all_norms(ranks, setting, name, path):
 def test_compiled_path_ran_its_kernels(ranks):
     for res in ranks:
         assert res["compile_ok"]
-        want = {(n, "given") for n in NAMES} | {("LAMB", "probe"), ("LALC", "probe")}
+        # "probe": the local norms of the rows whose _update takes a derived tensor's norm (LAMB, LALC)
+        want = ({(TABLE[n].cls.__name__, "given") for n in names(path="compiled")}
+                | {(TABLE[n].cls.__name__, "probe") for n in names(path="compiled", where=lambda r: r.derived_norms)})
         assert want <= set(res["kernels"])
 
 
@@ -358,8 +355,8 @@ def _extreme_worker(rank, world, port, out):
     _compiled.MIN_NUMEL = _compiled.MIN_TOTAL = 64
     mesh = init_device_mesh("cpu", (world,))
     res = {(n, p, str(d), f): _run3(n, p, d, f, rank, world, mesh)
-           for n in OPTIMIZERS for p in PATHS for d, f in EXTREME
-           if f == 1.0 or p != "compiled" or n in ("LARS", "LAMB")}
+           for n, p in with_paths(names(model_free=True)) for d, f in EXTREME
+           if f == 1.0 or p != "compiled" or TABLE[n].spot_check}
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -372,14 +369,14 @@ def extreme_ranks(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype,factor", EXTREME, ids=[f"{d}-{f:g}".replace("torch.", "") for d, f in EXTREME])
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name,path", with_paths(names(model_free=True)))
 def test_float32_and_extreme_magnitudes_equal_one_process(extreme_ranks, name, path, dtype, factor):
     """FSDP2 with uneven shards in float32, and gradients whose squares leave the dtype's
     range: the step equals one process's (per-tensor path), no tensor is skipped."""
     key = (name, path, str(dtype), factor)
     if key not in extreme_ranks[0]:
-        pytest.skip("compiled: LARS and LAMB cover the kernels at extreme magnitudes (compiles cost seconds)")
+        pytest.skip("compiled: the spot-check rows (LARS, LAMB) cover the kernels at extreme magnitudes "
+                    "(compiles cost seconds)")
     ref, found = _run3(name, "per_tensor", dtype, factor)
     assert not any(found)
     tol = dict(rtol=1e-10, atol=0) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)

@@ -27,9 +27,17 @@ from .lars import LARS
 from .registry import OPTIMIZERS, OptimizerInfo, register
 from .tvlars import TVLARS
 
+#: the optimizer classes of this package's registry entries (registry.py) beside the five above
+#: (the papers' variants ``PaperLAMB``, ``PaperLARS``; a new module's class): exported with their
+#: entry, no edit here
+_REGISTERED = {info.cls.__name__: info.cls for info in OPTIMIZERS.values()
+               if info.cls.__module__.startswith(__name__ + ".")}
+globals().update(_REGISTERED)
+
 __all__ = [
-    # the optimizers
+    # the optimizers (registry entries of this package)
     "LARS", "LAMB", "TVLARS", "LALC", "CLARS",
+    *sorted(set(_REGISTERED) - {"LARS", "LAMB", "TVLARS", "LALC", "CLARS"}),
     # parameter groups
     "param_groups", "describe_groups", "split_parameters",
     # the registry

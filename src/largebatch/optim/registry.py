@@ -12,9 +12,11 @@ exactly the same values), and its CPU path (``native`` for a class with a C++ ru
 
 The config (``train/config.py``), the optimizer factory (``train/factory.py``), the demo
 (``experiments/demo.py``), ``largebatch groups`` and ``largebatch optimizers`` (the table
-in docs/optimizers.md) read :data:`OPTIMIZERS`. Adding an optimizer: one module, one
-:func:`register` call (below, or in your own code), one reference formula and one row in
-the tests' tables (docs/optimizers.md, "Adding an optimizer").
+in docs/optimizers.md) read :data:`OPTIMIZERS`; ``largebatch.optim`` exports the package's
+classes from it. Adding an optimizer to the package: its module, one :func:`register` call
+below (with its import), its reference formula (``tests/reference.py``, its section of
+docs/algorithms.md) and one row in ``tests/cases.py``; then regenerate the table of
+docs/optimizers.md (docs/optimizers.md, "Adding an optimizer").
 """
 
 from __future__ import annotations
