@@ -180,10 +180,6 @@ ROWS = [
 TABLE: dict[str, OptimInfo] = {row.name: row for row in ROWS}
 assert len(TABLE) == len(ROWS), "two rows of one class"
 
-#: the rows with a ``reference.Reference`` rule, as ``name -> (class, rule, base configuration)``
-#: (tests/test_kernel_variants.py reads this view)
-OPTIMIZERS = {n: (r.cls, r.rule, r.kw) for n, r in TABLE.items() if r.rule is not None}
-
 
 def names(*, path: str | None = None, rule: bool = False, model_free: bool = False,
           where: Callable[[OptimInfo], bool] | None = None) -> list[str]:

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cases import OPTIMIZERS
+from cases import TABLE, names
 from largebatch.optim import CLARS, LAMB, LARS, _compiled, param_groups
 from test_fast_paths import assert_same_run
 from test_precision import inf_in_fc_at_step_2, step_beside_reference
 
-CASES = {name: (cls, kw) for name, (cls, _, kw) in OPTIMIZERS.items()}
+CASES = {n: (TABLE[n].cls, TABLE[n].kw) for n in names(path="compiled", rule=True)}
 VARIANTS = _compiled.supported_variants()
 #: (optimizer, variant) pairs of the forced-variant tests: every variant for LARS and LAMB (the
 #: SGD-type and Adam-type kernels); TVLARS and LALC, whose kernels add a factor to LARS's, take
@@ -168,7 +168,7 @@ def test_float64_forced_variant_matches_reference(name, variant, kernel_sized):
     cls, kw = CASES[name]
     kw = dict(kw)
     lr = kw.pop("lr")
-    algo = OPTIMIZERS[name][1]
+    algo = TABLE[name].rule
     ps = make_params(torch.float64)
     opt = cls(groups(ps), lr=lr, path="compiled", **kw)
     with _compiled.kernel_variant(variant):
