@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser, artifact: str | None = None, 
     parser.add_argument("--collect", action="store_true", help="write results.md (paper beside measured) and the figure")
     parser.add_argument("--retry-failed", action="store_true", help="with --run: run failed runs again")
     parser.add_argument("--seeds", type=_seeds, default=None, metavar="N",
-                        help="seeds 0 .. N-1 (default: the scale's, 3 at mini)")
+                        help="seeds 0 .. N-1 (default: the scale's, 5 at mini)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"root of the artifacts' folders (default: {DEFAULT_OUT})")
     parser.add_argument("--only", default=None, metavar="PATTERNS",
                         help="only the runs whose names match these comma-separated shell patterns")
