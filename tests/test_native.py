@@ -413,56 +413,55 @@ def test_random_configurations_match_per_tensor_in_float64(seed, kernel_sized):
             torch.testing.assert_close(sa[key], sb[key], rtol=1e-12, atol=1e-14, equal_nan=True, msg=key)
 
 
+@pytest.fixture
+def two_threads():
+    """Two OpenMP threads, so that a large tensor is split between them (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("scale", [1e200, 1e-200, 0.0])
 @pytest.mark.parametrize("name", names(path="native", model_free=True, where=lambda r: r.spot_check or r.derived_norms))
-def test_scaled_norms_on_a_tensor_split_among_threads(name, scale, kernel_sized):
+def test_scaled_norms_on_a_tensor_split_among_threads(name, scale, kernel_sized, two_threads):
     """float64 sums of squares that over- or underflow (or are exactly 0) are redone scaled by
     one thread while the others wait (_native.cpp, norms_of): a tensor large enough to be split
     between 2 threads gives the per-tensor path's result, no tensor skipped. The spot-check rows
     and those with a norm of a derived tensor (LAMB's ``r``, LALC's ``h``)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        out = {}
-        for path in ("native", "per_tensor"):
-            gen = torch.Generator().manual_seed(0)
-            w = nn.Parameter(torch.randn(256, 160, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
-            opt = make(name, [w], path=path)
-            for _ in range(2):
-                w.grad = scale * torch.randn(256, 160, generator=gen, dtype=torch.float64)
-                opt.step()
-                assert not bool(opt.found_inf)
-            out[path] = w.detach()
-        torch.testing.assert_close(out["native"], out["per_tensor"], rtol=1e-12, atol=1e-13)
-    finally:
-        torch.set_num_threads(n)
+    out = {}
+    for path in ("native", "per_tensor"):
+        gen = torch.Generator().manual_seed(0)
+        w = nn.Parameter(torch.randn(256, 160, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+        opt = make(name, [w], path=path)
+        for _ in range(2):
+            w.grad = scale * torch.randn(256, 160, generator=gen, dtype=torch.float64)
+            opt.step()
+            assert not bool(opt.found_inf)
+        out[path] = w.detach()
+    torch.testing.assert_close(out["native"], out["per_tensor"], rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("scale", [1e-22, 3e19])
 @pytest.mark.parametrize("name", SPOT)
-def test_float32_blocks_that_over_or_underflow_are_redone_in_double(name, scale, kernel_sized):
+def test_float32_blocks_that_over_or_underflow_are_redone_in_double(name, scale, kernel_sized, two_threads):
     """float32 blocks are summed in float32 and redone in double when a sum may have over- or
     underflowed (_native.cpp, block_sums): a gradient that is 0 except in the first block of each
     thread's slice, at a magnitude whose float32 squares underflow (1e-22) or overflow (3e19),
     gives the per-tensor path's norms (scaled in float64) on a tensor split between 2 threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        out = {}
-        for path in ("native", "per_tensor"):
-            gen = torch.Generator().manual_seed(0)
-            w = nn.Parameter(torch.randn(256, 160, generator=torch.Generator().manual_seed(1)))
-            opt = make(name, [w], path=path)
-            opt.track_stats = True
-            for _ in range(2):
-                g = torch.zeros(256 * 160)
-                for start in (0, 20480):   # the first block of each thread's slice
-                    g[start:start + 1024] = scale * torch.randn(1024, generator=gen)
-                w.grad = g.view(256, 160)
-                opt.step()
-            out[path] = (w.detach(), opt.layer_stats())
-        torch.testing.assert_close(out["native"][0], out["per_tensor"][0], rtol=1e-5, atol=1e-6)
-        for key in ("w_norm", "g_norm", "trust", "lr"):
-            torch.testing.assert_close(out["native"][1][key], out["per_tensor"][1][key], rtol=1e-5, atol=0, msg=key)
-    finally:
-        torch.set_num_threads(n)
+    out = {}
+    for path in ("native", "per_tensor"):
+        gen = torch.Generator().manual_seed(0)
+        w = nn.Parameter(torch.randn(256, 160, generator=torch.Generator().manual_seed(1)))
+        opt = make(name, [w], path=path)
+        opt.track_stats = True
+        for _ in range(2):
+            g = torch.zeros(256 * 160)
+            for start in (0, 20480):   # the first block of each thread's slice
+                g[start:start + 1024] = scale * torch.randn(1024, generator=gen)
+            w.grad = g.view(256, 160)
+            opt.step()
+        out[path] = (w.detach(), opt.layer_stats())
+    torch.testing.assert_close(out["native"][0], out["per_tensor"][0], rtol=1e-5, atol=1e-6)
+    for key in ("w_norm", "g_norm", "trust", "lr"):
+        torch.testing.assert_close(out["native"][1][key], out["per_tensor"][1][key], rtol=1e-5, atol=0, msg=key)
