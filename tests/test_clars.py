@@ -257,10 +257,9 @@ def _ddp_worker(rank, world, port, result_dir, data, init, zero=False):
         dist.destroy_process_group()
 
 
-def test_zero_redundancy_optimizer_equals_single_process(tmp_path):
-    """Under ZeroRedundancyOptimizer each rank's CLARS holds a part of the model: every rank still
-    all-reduces the statistics of the same tensors (before: of its own partition, so the ranks'
-    collectives had different sizes), and the result is one process's."""
+def _ddp_beside_one_process(tmp_path, *extra):
+    """Two forked DDP ranks (``_ddp_worker``, results in ``tmp_path``) and one process over the
+    same 3 batches from the same initial weights; returns the one-process model."""
     import torch.multiprocessing as mp
 
     from forked import free_port
@@ -268,13 +267,21 @@ def test_zero_redundancy_optimizer_equals_single_process(tmp_path):
     model = Net()
     init = copy.deepcopy(model.state_dict())
     data = batches(3, 8, seed=3)
-    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path), data, init, True), nprocs=2, join=True,
+    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path), data, init, *extra), nprocs=2, join=True,
                        start_method="fork")
     single = CLARS(param_groups(model, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=model)
     for x, y in data:
         single.zero_grad()
         F.cross_entropy(model(x), y).backward()
         single.step()
+    return model
+
+
+def test_zero_redundancy_optimizer_equals_single_process(tmp_path):
+    """Under ZeroRedundancyOptimizer each rank's CLARS holds a part of the model: every rank still
+    all-reduces the statistics of the same tensors (before: of its own partition, so the ranks'
+    collectives had different sizes), and the result is one process's."""
+    model = _ddp_beside_one_process(tmp_path, True)
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt")
         assert got["partial"]
@@ -301,21 +308,7 @@ def test_step_traces_with_fullgraph():
 
 
 def test_two_process_ddp_equals_single_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    from forked import free_port
-
-    port = free_port()
-    model = Net()
-    init = copy.deepcopy(model.state_dict())
-    data = batches(3, 8, seed=3)
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path), data, init), nprocs=2, join=True,
-                       start_method="fork")
-    single = CLARS(param_groups(model, weight_decay=WD), lr=LR, momentum=MU, eta=ETA, model=model)
-    for x, y in data:
-        single.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        single.step()
+    model = _ddp_beside_one_process(tmp_path)
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt")
         assert got["count"] == [8.0, 8.0, 8.0]  # per-sample counts summed over ranks

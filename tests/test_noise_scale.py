@@ -112,7 +112,9 @@ def test_two_batch_estimator_micro_batches_converges():
     _check_converges(out, DELTA)
 
 
-def test_per_sample_estimator_converges():
+def _per_sample_estimates(sizes=None):
+    """600 batches of 16 through ``PerSampleNorms``; the estimates with the meter's batch sizes,
+    or with ``sizes`` ``(b_small, b_big)`` in their place."""
     gen = torch.Generator().manual_seed(3)
     model = Split(DELTA).double()
     meter = ns.PerSampleNorms(model, b_big=16)
@@ -122,26 +124,19 @@ def test_per_sample_estimator_converges():
         meter.loss_scale = 1 / 16
         (_loss_sum(model, x, y) / 16).backward()
         small, big = meter.measure()
-        out.append(ns.unbiased_estimates(small, big, meter.b_small, meter.b_big))
+        out.append(ns.unbiased_estimates(small, big, *(sizes or (meter.b_small, meter.b_big))))
         model.zero_grad(set_to_none=True)
     meter.remove()
-    _check_converges(out, DELTA)
+    return out
+
+
+def test_per_sample_estimator_converges():
+    _check_converges(_per_sample_estimates(), DELTA)
 
 
 def test_a_wrong_batch_size_is_detected():
     """The tolerance is tight enough to fail an estimator fed the wrong batch size."""
-    gen = torch.Generator().manual_seed(3)
-    model = Split(DELTA).double()
-    meter = ns.PerSampleNorms(model, b_big=16)
-    out = []
-    for _ in range(600):
-        x, y = _batch(gen, 16)
-        meter.loss_scale = 1 / 16
-        (_loss_sum(model, x, y) / 16).backward()
-        small, big = meter.measure()
-        out.append(ns.unbiased_estimates(small, big, 1, 12))  # wrong: the batch had 16 samples
-        model.zero_grad(set_to_none=True)
-    meter.remove()
+    out = _per_sample_estimates(sizes=(1, 12))  # wrong: the batch had 16 samples
     with pytest.raises(AssertionError):
         _check_converges(out, DELTA)
 

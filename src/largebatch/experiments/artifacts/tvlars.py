@@ -241,7 +241,7 @@ def table1_collect(ctx: Ctx, results: list[E.Result]) -> str:
     claims, samples = [], {}
     for col in s["data"]:
         for b in s["batches"]:
-            lr, c = _mid(ctx, b), f"{col}, B = {b}"
+            lr, c = _fixed_lr(ctx, "clf", b), f"{col}, B = {b}"
             claims.append(V.Claim(f"tvlars-vs-lars-b{b}", "TVLARS (no warm-up) matches or beats LARS + warm-up (Table 1)",
                                   "tvlars", "lars", "noninferior", 1.0, cell=f"{c}, lr {lr:g}"))
             samples[f"{c}, lr {lr:g}"] = {o: acc(results, problem="clf", column=col, batch=b, optimizer=o, lr=lr)
@@ -254,7 +254,7 @@ def table1_collect(ctx: Ctx, results: list[E.Result]) -> str:
                 samples[c] = {f"lr {lr}": acc(results, problem="clf", column=col, batch=16384, optimizer=lamb, lr=lr)
                               for lr in (15, 19)}
         for b in s["ssl"]["batches"]:
-            lr, c = s["ssl"]["lrs"][b][0], f"Barlow Twins {col}, B = {b}"
+            lr, c = _fixed_lr(ctx, "ssl", b), f"Barlow Twins {col}, B = {b}"
             claims.append(V.Claim(f"bt-tvlars-vs-lars-b{b}", "Barlow Twins: TVLARS beats LARS + warm-up (Table 1)",
                                   "tvlars", "lars", "greater", 1.0, cell=f"{c}, lr {lr:g}"))
             samples[f"{c}, lr {lr:g}"] = {o: E.values(E.where(results, problem="ssl", column=col, batch=b, optimizer=o, lr=lr),
